@@ -1,0 +1,155 @@
+package sockfsm
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/sockfsm/sockfsm/fsm"
+)
+
+// Default values for Config. Where a default comes from elsewhere, the
+// comment says where.
+const (
+	// DefaultIdleTimeout is nginx's client_body_timeout and keepalive
+	// order of magnitude: a minute of silence while Receiving.
+	DefaultIdleTimeout = 60 * time.Second
+	// DefaultWriteTimeout is nginx's send_timeout.
+	DefaultWriteTimeout = 60 * time.Second
+	// DefaultLingerTimeout is nginx's lingering_timeout.
+	DefaultLingerTimeout = 5 * time.Second
+	// DefaultLingerTime is nginx's lingering_time.
+	DefaultLingerTime = 30 * time.Second
+	// DefaultLingerBytes bounds what is read and discarded after our FIN.
+	// nginx has no byte bound; 1 MiB is ample for a peer still finishing a
+	// request and stops one that streams forever.
+	DefaultLingerBytes = 1 << 20
+	// DefaultReadBufferSize is the size of the per-connection read buffer,
+	// the largest chunk handed to OnData.
+	DefaultReadBufferSize = 16 << 10
+	// DefaultMaxPendingOutput caps output queued and not yet flushed.
+	DefaultMaxPendingOutput = 1 << 20
+)
+
+// Config holds a connection's timeouts and limits, and a server's. The zero
+// value is ready to use: every field has a default.
+//
+// Durations and byte limits follow one scheme: zero means the default,
+// a negative value means off (no bound). WriteTimeout and LingerTime cannot
+// be turned off: without them a peer that never reads, or never stops
+// sending after our FIN, would hold the connection forever.
+type Config struct {
+	// IdleTimeout ends a connection that sends nothing for this long while
+	// Receiving: the engine half-closes it gracefully. Default 60s.
+	IdleTimeout time.Duration
+	// WriteTimeout bounds each flush of queued output. A peer that does not
+	// read it in time is aborted (RST). Default 60s; cannot be off.
+	WriteTimeout time.Duration
+	// LingerTimeout bounds each read after our half-close. Default 5s.
+	LingerTimeout time.Duration
+	// LingerTime bounds the whole linger after our half-close. Default 30s;
+	// cannot be off.
+	LingerTime time.Duration
+	// LingerBytes bounds the bytes read after our half-close. Default 1 MiB.
+	LingerBytes int64
+	// MaxLifetime, when on, starts a graceful close of a connection that has
+	// been open this long. Default off: a peer that keeps talking keeps its
+	// connection. Use it against peers that trickle input forever.
+	MaxLifetime time.Duration
+
+	// ReadBufferSize is the largest chunk of input handed to the handler.
+	// Default 16 KiB.
+	ReadBufferSize int
+	// MaxPendingOutput caps output queued by the handler and not yet
+	// flushed; Write beyond it returns ErrOutputFull. Default 1 MiB.
+	MaxPendingOutput int
+
+	// MaxConns caps a Server's open connections; at the cap the server
+	// stops accepting until one closes. Zero means unlimited.
+	MaxConns int
+
+	// OnStateChange, if set, is called on every transition, from the
+	// connection's goroutine, before the handler hears of it. It must not
+	// block.
+	OnStateChange func(c ConnInfo, from, to fsm.State, ev fsm.Event)
+	// Logger receives the engine's logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// ErrInvalidConfig is matched by every error Config.Validate returns.
+var ErrInvalidConfig = errors.New("sockfsm: invalid config")
+
+// Validate reports whether c is usable.
+func (c Config) Validate() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidConfig}, args...)...)
+	}
+	switch {
+	case c.WriteTimeout < 0:
+		return bad("WriteTimeout cannot be off: a peer that stops reading would hold the connection forever")
+	case c.LingerTime < 0:
+		return bad("LingerTime cannot be off: a peer that never sends FIN would hold the connection forever")
+	case c.ReadBufferSize < 0:
+		return bad("ReadBufferSize %d is negative", c.ReadBufferSize)
+	case c.MaxPendingOutput < 0:
+		return bad("MaxPendingOutput %d is negative", c.MaxPendingOutput)
+	case c.MaxConns < 0:
+		return bad("MaxConns %d is negative", c.MaxConns)
+	}
+	return nil
+}
+
+// limits is a validated Config with defaults filled in; a zero duration or
+// byte count in limits means off.
+type limits struct {
+	idle, write, lingerTimeout, lingerTime, lifetime time.Duration
+	lingerBytes                                      int64
+	readBuf, maxOut                                  int
+}
+
+func dur(v, def time.Duration) time.Duration {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return 0
+	}
+	return v
+}
+
+func (c Config) limits() limits {
+	l := limits{
+		idle:          dur(c.IdleTimeout, DefaultIdleTimeout),
+		write:         dur(c.WriteTimeout, DefaultWriteTimeout),
+		lingerTimeout: dur(c.LingerTimeout, DefaultLingerTimeout),
+		lingerTime:    dur(c.LingerTime, DefaultLingerTime),
+		lifetime:      dur(c.MaxLifetime, 0),
+		lingerBytes:   int64(dur(time.Duration(c.LingerBytes), DefaultLingerBytes)),
+		readBuf:       c.ReadBufferSize,
+		maxOut:        c.MaxPendingOutput,
+	}
+	if l.readBuf == 0 {
+		l.readBuf = DefaultReadBufferSize
+	}
+	if l.maxOut == 0 {
+		l.maxOut = DefaultMaxPendingOutput
+	}
+	return l
+}
+
+// CloseBound returns the longest a connection can stay open after the
+// peer's last input (or after it was accepted, if the peer sent nothing),
+// whatever the peer does next: a flush bounded by WriteTimeout, an idle
+// period bounded by IdleTimeout, then a linger bounded by LingerTime. If
+// MaxLifetime is on, the connection also closes within MaxLifetime +
+// WriteTimeout + LingerTime of being accepted. The second result is false
+// when IdleTimeout is off, in which case a silent peer is not bounded
+// except by MaxLifetime.
+func (c Config) CloseBound() (time.Duration, bool) {
+	l := c.limits()
+	if l.idle == 0 {
+		return 0, false
+	}
+	return l.write + l.idle + l.lingerTime, true
+}

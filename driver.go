@@ -1,0 +1,204 @@
+package sockfsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync/atomic"
+	"time"
+)
+
+// Transport is the connection the engine's driver consumes. Every adapter in
+// github.com/sockfsm/sockfsm/transport satisfies it.
+//
+// Deadline expiry must make Read and Write return an error matching
+// os.ErrDeadlineExceeded; end of input must be io.EOF; the peer's reset
+// should match syscall.ECONNRESET. SetReadDeadline and SetWriteDeadline may
+// be called from another goroutine while Read or Write is blocked, and must
+// then take effect on the blocked call (as they do on net.Conn).
+type Transport interface {
+	Read(p []byte) (int, error)
+	Write(p []byte) (int, error)
+	// CloseWrite shuts down the sending side: our FIN.
+	CloseWrite() error
+	// Close closes the connection gracefully.
+	Close() error
+	// Abort closes the connection with RST.
+	Abort() error
+	SetReadDeadline(t time.Time) error
+	SetWriteDeadline(t time.Time) error
+	LocalAddr() net.Addr
+	RemoteAddr() net.Addr
+}
+
+// past is a deadline in the past, used to wake a blocked read or write.
+var past = time.Unix(1, 0)
+
+// driver runs one Engine over one Transport: the thin I/O loop around the
+// pure engine. Other goroutines talk to it only through the two request
+// flags and the transport's deadlines.
+type driver struct {
+	t   Transport
+	e   Engine
+	now func() time.Time
+	buf []byte
+
+	shutdownReq, abortReq atomic.Bool
+	shutdownDone, abortDone bool
+	transportClosed         bool
+}
+
+func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger, now func() time.Time) {
+	d.t = t
+	d.now = now
+	d.buf = make([]byte, lim.readBuf)
+	d.e.init(lim, h, info, cfg.OnStateChange, log)
+}
+
+// requestShutdown asks the loop for a graceful close, waking an idle read.
+// Safe for concurrent use.
+func (d *driver) requestShutdown() {
+	d.shutdownReq.Store(true)
+	d.t.SetReadDeadline(past)
+}
+
+// requestAbort asks the loop to abort, waking any blocked read or write.
+// Safe for concurrent use.
+func (d *driver) requestAbort() {
+	d.abortReq.Store(true)
+	d.t.SetReadDeadline(past)
+	d.t.SetWriteDeadline(past)
+}
+
+// pending reports whether a request arrived that the loop has not applied.
+func (d *driver) pending() bool {
+	return (d.abortReq.Load() && !d.abortDone) || (d.shutdownReq.Load() && !d.shutdownDone)
+}
+
+func (d *driver) apply() {
+	if d.abortReq.Load() && !d.abortDone {
+		d.abortDone = true
+		d.e.Abort(d.now())
+	}
+	if d.shutdownReq.Load() && !d.shutdownDone {
+		d.shutdownDone = true
+		d.e.Shutdown(d.now())
+	}
+}
+
+// run drives the engine until the connection is closed. A panic that escapes
+// the engine (from the OnStateChange hook, say) aborts the transport.
+func (d *driver) run(log *slog.Logger) (info CloseInfo) {
+	defer func() {
+		if r := recover(); r != nil {
+			if !d.transportClosed {
+				d.transportClosed = true
+				d.t.Abort()
+			}
+			info = d.e.CloseInfo()
+			info.Reason, info.Err = ReasonHandlerPanic, &PanicError{Value: r, Stack: debug.Stack()}
+			if log != nil {
+				log.Error("panic in connection", "panic", r, "stack", string(debug.Stack()))
+			}
+		}
+	}()
+	for {
+		// Requests are applied before each operation; a request that
+		// arrives after the deadline is set is seen by pending() before
+		// the call blocks, and one that arrives later wakes it.
+		d.apply()
+		a := d.e.Next(d.now())
+		switch a.Op {
+		case OpRead:
+			d.t.SetReadDeadline(a.Deadline)
+			if d.pending() {
+				continue
+			}
+			n, err := d.t.Read(d.buf)
+			if err != nil && d.pending() {
+				d.apply() // woken: the request explains the error
+			}
+			d.e.ReadDone(d.now(), d.buf[:n], err)
+		case OpWrite:
+			d.t.SetWriteDeadline(a.Deadline)
+			if d.abortReq.Load() && !d.abortDone {
+				continue
+			}
+			n, err := d.t.Write(a.Data)
+			if err != nil && d.abortReq.Load() && !d.abortDone {
+				d.apply()
+			}
+			d.e.WriteDone(d.now(), n, err)
+		case OpCloseWrite:
+			d.e.CloseWriteDone(d.now(), d.t.CloseWrite())
+		case OpClose, OpAbort:
+			var err error
+			if !d.transportClosed {
+				d.transportClosed = true
+				if a.Op == OpAbort {
+					err = d.t.Abort()
+				} else {
+					err = d.t.Close()
+				}
+			}
+			d.e.CloseDone(d.now(), err)
+		case OpDone:
+			return d.e.CloseInfo()
+		default:
+			panic(fmt.Sprintf("sockfsm: engine returned unknown op %d", a.Op))
+		}
+	}
+}
+
+// ServeConn runs the engine over t with handler h until the connection is
+// closed, and returns how it ended. When ctx ends, the connection is aborted
+// (ReasonShutdownDeadline). The transport is closed exactly once, by
+// ServeConn. It returns an error only if cfg is invalid or h is nil, and
+// then closes t.
+func ServeConn(ctx context.Context, t Transport, h Handler, cfg Config) (CloseInfo, error) {
+	if err := cfg.Validate(); err != nil {
+		t.Close()
+		return CloseInfo{}, err
+	}
+	if h == nil {
+		t.Close()
+		return CloseInfo{}, ErrNoHandler
+	}
+	info := ConnInfo{LocalAddr: t.LocalAddr(), RemoteAddr: t.RemoteAddr()}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	d := &driver{}
+	d.init(t, cfg.limits(), h, info, &cfg, log, time.Now)
+	stop := context.AfterFunc(ctx, d.requestAbort)
+	defer stop()
+	return d.run(log), nil
+}
+
+// logClose logs how a connection ended.
+func logClose(log *slog.Logger, info CloseInfo) {
+	ctx := context.Background()
+	switch {
+	case errors.Is(info.Err, ErrHandlerPanic):
+		var pe *PanicError
+		errors.As(info.Err, &pe)
+		stack := ""
+		if pe != nil {
+			stack = string(pe.Stack)
+		}
+		log.Error("handler panic: connection aborted", "err", info.Err, "stack", stack)
+	case info.Reason.Abortive():
+		log.LogAttrs(ctx, slog.LevelInfo, "connection aborted",
+			slog.String("reason", info.Reason.String()), slog.Any("err", info.Err),
+			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten))
+	case log.Enabled(ctx, slog.LevelDebug):
+		log.LogAttrs(ctx, slog.LevelDebug, "connection closed",
+			slog.String("reason", info.Reason.String()), slog.String("linger", info.Linger.String()),
+			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten),
+			slog.Int64("discarded", info.Discarded), slog.Duration("duration", info.Duration))
+	}
+}

@@ -1,0 +1,524 @@
+package sockfsm
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/sockfsm/sockfsm/fsm"
+)
+
+// Op is an I/O operation the engine asks its driver to perform.
+type Op uint8
+
+// The operations. After performing one, the driver reports its result with
+// the matching method: ReadDone, WriteDone, CloseWriteDone or CloseDone.
+const (
+	// OpRead: read into a buffer of any size, with the read deadline
+	// Action.Deadline (zero: none); report with ReadDone.
+	OpRead Op = iota + 1
+	// OpWrite: write Action.Data with the write deadline Action.Deadline;
+	// report with WriteDone.
+	OpWrite
+	// OpCloseWrite: half-close the transport (CloseWrite); report with
+	// CloseWriteDone.
+	OpCloseWrite
+	// OpClose: close the transport gracefully; report with CloseDone.
+	OpClose
+	// OpAbort: abort the transport (RST); report with CloseDone.
+	OpAbort
+	// OpDone: nothing more; the connection is closed and the handler told.
+	OpDone
+)
+
+var opNames = [...]string{"", "read", "write", "close-write", "close", "abort", "done"}
+
+// String returns the operation's name.
+func (o Op) String() string {
+	if int(o) < len(opNames) {
+		return opNames[o]
+	}
+	return "Op(?)"
+}
+
+// Action is the engine's next request to its driver.
+type Action struct {
+	Op       Op
+	Data     []byte    // OpWrite: the bytes to write
+	Deadline time.Time // OpRead, OpWrite: the deadline to set; zero means none
+}
+
+// closeKind is what closing the handler or the engine has asked for.
+type closeKind uint8
+
+const (
+	closeNone closeKind = iota
+	closeHalf           // our FIN; input still goes to the handler
+	closeFull           // our FIN; input is discarded until the peer's FIN
+)
+
+// Engine is the lifecycle of one connection, with no I/O of its own, in the
+// manner of etcd raft's RawNode: a driver asks it for the next operation
+// (Next), performs it on a transport, and reports the result (ReadDone,
+// WriteDone, CloseWriteDone, CloseDone). Every method takes the current
+// time, so an Engine runs on a virtual clock as well as on the real one.
+//
+// ServeConn and Server are the engine's drivers; use Engine directly only
+// to drive connections from an event loop of your own. An Engine is not safe
+// for concurrent use.
+type Engine struct {
+	m    fsm.Machine
+	conn Conn
+	info ConnInfo
+	lim  limits
+	log  *slog.Logger
+
+	h        Handler
+	hOpen    OpenHandler
+	hPeer    PeerCloseHandler
+	hClose   CloseHandler
+	onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event)
+
+	now        time.Time // the time of the step in progress
+	start      time.Time
+	recvSince  time.Time // Receiving entered or input last read: idle base
+	sendSince  time.Time // Sending entered: write deadline base
+	halfAt     time.Time // HalfClosed entered: LingerTime base
+	lastLinger time.Time // last read while HalfClosed: LingerTimeout base
+
+	out      []byte // queued output; out[outOff:] is not yet written
+	outOff   int
+	closeReq closeKind
+	reason   Reason
+	err      error
+	linger   LingerEnd
+	finSent  bool
+	// finWhileHalf: the peer's FIN arrived while we lingered.
+	finWhileHalf bool
+	closed       bool // the driver reported CloseDone
+	notified     bool // OnClose was called
+
+	bytesIn, bytesOut, discarded, lingerRead int64
+}
+
+// NewEngine returns an engine in Accepted for one connection. It returns an
+// error matching ErrInvalidConfig if cfg is invalid. cfg.MaxConns is
+// ignored.
+func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if h == nil {
+		return nil, ErrNoHandler
+	}
+	e := &Engine{}
+	e.init(cfg.limits(), h, info, cfg.OnStateChange, cfg.Logger)
+	return e, nil
+}
+
+func (e *Engine) init(lim limits, h Handler, info ConnInfo, onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event), log *slog.Logger) {
+	e.conn.e = e
+	e.lim = lim
+	e.h = h
+	e.hOpen, _ = h.(OpenHandler)
+	e.hPeer, _ = h.(PeerCloseHandler)
+	e.hClose, _ = h.(CloseHandler)
+	e.info = info
+	e.onChange = onChange
+	e.log = log
+}
+
+// State returns the connection's lifecycle state.
+func (e *Engine) State() fsm.State { return e.m.State() }
+
+// Info identifies the connection.
+func (e *Engine) Info() ConnInfo { return e.info }
+
+// Conn returns the handler's view of the connection.
+func (e *Engine) Conn() *Conn { return &e.conn }
+
+// fire applies ev: the one place the state changes (smoltcp's set_state).
+// An illegal event is an engine bug; the connection is aborted with
+// ReasonInternal.
+func (e *Engine) fire(ev fsm.Event) bool {
+	from, err := e.m.Fire(ev)
+	if err != nil {
+		e.internal(err)
+		return false
+	}
+	to := e.m.State()
+	switch {
+	case to == fsm.Receiving && (from != fsm.Receiving || ev == fsm.Input):
+		e.recvSince = e.now
+	case to == fsm.Sending && from != fsm.Sending:
+		e.sendSince = e.now
+	case to == fsm.HalfClosed && from != fsm.HalfClosed:
+		e.halfAt, e.lastLinger = e.now, e.now
+	}
+	if e.onChange != nil {
+		e.onChange(e.info, from, to, ev)
+	}
+	if e.log != nil && e.log.Enabled(context.Background(), slog.LevelDebug) {
+		e.log.LogAttrs(context.Background(), slog.LevelDebug, "state change",
+			slog.String("from", from.String()), slog.String("to", to.String()), slog.String("event", ev.String()))
+	}
+	return true
+}
+
+func (e *Engine) internal(err error) {
+	if e.m.State() == fsm.Closed {
+		if e.err == nil {
+			e.reason, e.err = ReasonInternal, err
+		}
+		return
+	}
+	e.reason, e.err = ReasonInternal, err
+	e.dropOutput()
+	e.fire(fsm.Abort) // legal from every state but Closed, so this cannot recurse
+}
+
+// abort closes the connection with RST; it does nothing once Closed.
+func (e *Engine) abort(r Reason, err error) {
+	if e.m.State() == fsm.Closed {
+		return
+	}
+	e.reason, e.err = r, err
+	e.dropOutput()
+	e.fire(fsm.Abort)
+}
+
+func (e *Engine) dropOutput() {
+	e.out = e.out[:0]
+	e.outOff = 0
+}
+
+// requestClose asks for a graceful close of the given kind. A full close
+// overrides a half-close; the first reason given is kept.
+func (e *Engine) requestClose(k closeKind, r Reason) error {
+	if e.m.State() == fsm.Closed {
+		return nil
+	}
+	if k > e.closeReq {
+		e.closeReq = k
+	}
+	if e.reason == ReasonNone {
+		e.reason = r
+	}
+	return nil
+}
+
+func (e *Engine) write(p []byte) (int, error) {
+	if e.closeReq != closeNone {
+		return 0, ErrShutdown
+	}
+	switch e.m.State() {
+	case fsm.Receiving, fsm.Sending:
+	default:
+		return 0, ErrShutdown
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err := len(p), error(nil)
+	if room := e.lim.maxOut - (len(e.out) - e.outOff); n > room {
+		n, err = room, ErrOutputFull
+	}
+	if n <= 0 {
+		return 0, ErrOutputFull
+	}
+	if !e.fire(fsm.Output) {
+		return 0, ErrShutdown
+	}
+	e.out = append(e.out, p[:n]...)
+	return n, err
+}
+
+// Start fires Start and calls the handler's OnOpen. Next calls it if the
+// driver has not.
+func (e *Engine) Start(now time.Time) {
+	if e.m.State() != fsm.Accepted {
+		return
+	}
+	e.now, e.start = now, now
+	if e.fire(fsm.Start) && e.hOpen != nil {
+		e.callOpen()
+	}
+}
+
+// Next returns the operation the driver must perform next. Deadlines that
+// have passed by now take effect first.
+func (e *Engine) Next(now time.Time) Action {
+	e.now = now
+	for {
+		switch e.m.State() {
+		case fsm.Accepted:
+			e.Start(now)
+		case fsm.Receiving:
+			if e.closeReq != closeNone {
+				e.fire(fsm.HalfClose) // everything queued was flushed
+				continue
+			}
+			dl := e.receiveDeadline()
+			if !dl.IsZero() && !now.Before(dl) {
+				e.receiveTimeout(now)
+				continue
+			}
+			return Action{Op: OpRead, Deadline: dl}
+		case fsm.Sending:
+			dl := e.sendSince.Add(e.lim.write)
+			if !now.Before(dl) {
+				e.abort(ReasonWriteTimeout, ErrWriteTimeout)
+				continue
+			}
+			return Action{Op: OpWrite, Data: e.out[e.outOff:], Deadline: dl}
+		case fsm.HalfClosed:
+			if !e.finSent {
+				return Action{Op: OpCloseWrite}
+			}
+			if e.m.PeerFIN() {
+				if e.finWhileHalf {
+					e.linger = LingerPeerFIN
+				}
+				e.fire(fsm.Close)
+				continue
+			}
+			if e.lim.lingerBytes > 0 && e.lingerRead >= e.lim.lingerBytes {
+				e.linger = LingerBytes
+				e.fire(fsm.Close)
+				continue
+			}
+			dl, end := e.lingerDeadline()
+			if !now.Before(dl) {
+				e.linger = end
+				e.fire(fsm.Close)
+				continue
+			}
+			return Action{Op: OpRead, Deadline: dl}
+		case fsm.Closed:
+			if e.closed {
+				return Action{Op: OpDone}
+			}
+			if e.reason.Abortive() {
+				return Action{Op: OpAbort}
+			}
+			return Action{Op: OpClose}
+		default:
+			e.internal(&fsm.TransitionError{From: e.m.State()})
+		}
+	}
+}
+
+func (e *Engine) receiveDeadline() time.Time {
+	var dl time.Time
+	if e.lim.idle > 0 {
+		dl = e.recvSince.Add(e.lim.idle)
+	}
+	if e.lim.lifetime > 0 {
+		if l := e.start.Add(e.lim.lifetime); dl.IsZero() || l.Before(dl) {
+			dl = l
+		}
+	}
+	return dl
+}
+
+func (e *Engine) receiveTimeout(now time.Time) {
+	if e.lim.lifetime > 0 && !now.Before(e.start.Add(e.lim.lifetime)) {
+		e.requestClose(closeFull, ReasonMaxLifetime)
+		return
+	}
+	e.requestClose(closeFull, ReasonIdleTimeout)
+}
+
+func (e *Engine) lingerDeadline() (time.Time, LingerEnd) {
+	dl, end := e.halfAt.Add(e.lim.lingerTime), LingerTime
+	if e.lim.lingerTimeout > 0 {
+		if t := e.lastLinger.Add(e.lim.lingerTimeout); t.Before(dl) {
+			dl, end = t, LingerTimeout
+		}
+	}
+	return dl, end
+}
+
+// ReadDone reports the result of OpRead: the bytes read (the driver's
+// buffer may be reused once ReadDone returns) and the error.
+func (e *Engine) ReadDone(now time.Time, p []byte, err error) {
+	e.now = now
+	if len(p) > 0 && e.m.State() != fsm.Closed {
+		e.input(p)
+	}
+	if err == nil || e.m.State() == fsm.Closed {
+		return
+	}
+	switch {
+	case errors.Is(err, io.EOF):
+		e.peerFIN()
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// A deadline passed (or the driver woke the read): Next checks the timers.
+	case isReset(err):
+		e.abort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
+	default:
+		e.abort(ReasonReadError, errors.Join(ErrIO, err))
+	}
+}
+
+func (e *Engine) input(p []byte) {
+	n := int64(len(p))
+	if !e.fire(fsm.Input) {
+		return
+	}
+	e.bytesIn += n
+	if e.m.State() == fsm.HalfClosed {
+		e.lingerRead += n
+		e.lastLinger = e.now
+		if e.closeReq == closeFull {
+			e.discarded += n
+			return
+		}
+	}
+	e.callData(p)
+}
+
+func (e *Engine) peerFIN() {
+	e.finWhileHalf = e.m.State() == fsm.HalfClosed
+	if !e.fire(fsm.PeerFIN) {
+		return
+	}
+	if e.hPeer != nil {
+		e.callPeerClose()
+	}
+	e.requestClose(closeFull, ReasonPeerClosed)
+}
+
+// WriteDone reports the result of OpWrite: how many bytes were written and
+// the error.
+func (e *Engine) WriteDone(now time.Time, n int, err error) {
+	e.now = now
+	if e.m.State() != fsm.Sending {
+		return
+	}
+	if n > len(e.out)-e.outOff {
+		n = len(e.out) - e.outOff
+	}
+	if n > 0 {
+		e.outOff += n
+		e.bytesOut += int64(n)
+	}
+	if e.outOff == len(e.out) {
+		e.dropOutput()
+		e.fire(fsm.Flushed)
+		return
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		e.abort(ReasonWriteTimeout, errors.Join(ErrWriteTimeout, err))
+	case isReset(err):
+		e.abort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
+	default:
+		e.abort(ReasonWriteError, errors.Join(ErrIO, err))
+	}
+}
+
+// CloseWriteDone reports the result of OpCloseWrite.
+func (e *Engine) CloseWriteDone(now time.Time, err error) {
+	e.now = now
+	if e.m.State() != fsm.HalfClosed {
+		return
+	}
+	e.finSent = true
+	e.halfAt, e.lastLinger = now, now
+	switch {
+	case err == nil:
+	case isReset(err):
+		e.abort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
+	default:
+		e.abort(ReasonWriteError, errors.Join(ErrIO, err))
+	}
+}
+
+// CloseDone reports that OpClose or OpAbort was performed. The handler's
+// OnClose is called now, once.
+func (e *Engine) CloseDone(now time.Time, _ error) {
+	e.now = now
+	if e.m.State() != fsm.Closed || e.closed {
+		return
+	}
+	e.closed = true
+	if !e.notified {
+		e.notified = true
+		if e.hClose != nil {
+			e.callClose(e.CloseInfo())
+		}
+	}
+}
+
+// Shutdown asks for a graceful close on behalf of the server: queued output
+// is flushed, then the engine half-closes and lingers. Input read after
+// Shutdown is discarded.
+func (e *Engine) Shutdown(now time.Time) {
+	e.now = now
+	e.requestClose(closeFull, ReasonShutdown)
+}
+
+// Abort closes the connection with RST at once, with reason
+// ReasonShutdownDeadline and cause ErrShutdownDeadline.
+func (e *Engine) Abort(now time.Time) {
+	e.now = now
+	e.abort(ReasonShutdownDeadline, ErrShutdownDeadline)
+}
+
+// CloseInfo says how the connection ended, or how it stands so far.
+func (e *Engine) CloseInfo() CloseInfo {
+	return CloseInfo{
+		Reason:       e.reason,
+		Err:          e.err,
+		Linger:       e.linger,
+		PeerFIN:      e.m.PeerFIN(),
+		BytesRead:    e.bytesIn,
+		BytesWritten: e.bytesOut,
+		Discarded:    e.discarded,
+		Duration:     e.now.Sub(e.start),
+	}
+}
+
+// The handler's callbacks. A panic aborts the connection.
+
+func (e *Engine) recoverHandler() {
+	if r := recover(); r != nil {
+		e.abort(ReasonHandlerPanic, &PanicError{Value: r, Stack: debug.Stack()})
+	}
+}
+
+func (e *Engine) callOpen() {
+	defer e.recoverHandler()
+	e.hOpen.OnOpen(&e.conn)
+}
+
+func (e *Engine) callData(p []byte) {
+	defer e.recoverHandler()
+	e.h.OnData(&e.conn, p)
+}
+
+func (e *Engine) callPeerClose() {
+	defer e.recoverHandler()
+	e.hPeer.OnPeerClose(&e.conn)
+}
+
+func (e *Engine) callClose(info CloseInfo) {
+	defer func() {
+		if r := recover(); r != nil && e.log != nil {
+			e.log.Error("handler panic in OnClose", "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	e.hClose.OnClose(&e.conn, info)
+}
+
+// isReset reports whether err is the peer's RST.
+func isReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED)
+}

@@ -1,0 +1,50 @@
+package sockfsm
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Sentinel errors. Match them with errors.Is.
+var (
+	// ErrShutdown is returned by Conn.Write once the connection is
+	// half-closed, closing or closed: nothing more may be sent.
+	ErrShutdown = errors.New("sockfsm: write after shutdown")
+	// ErrOutputFull is returned by Conn.Write beyond MaxPendingOutput.
+	ErrOutputFull = errors.New("sockfsm: output buffer full")
+	// ErrServerClosed is returned by Serve and ListenAndServe after
+	// Shutdown or Close.
+	ErrServerClosed = errors.New("sockfsm: server closed")
+	// ErrNoHandler is returned by Serve when Server.NewHandler is nil.
+	ErrNoHandler = errors.New("sockfsm: no handler")
+
+	// ErrPeerReset is the cause of a connection the peer reset.
+	ErrPeerReset = errors.New("sockfsm: connection reset by peer")
+	// ErrWriteTimeout is the cause of a connection whose peer did not read
+	// its output within WriteTimeout.
+	ErrWriteTimeout = errors.New("sockfsm: write timeout")
+	// ErrAborted is the cause of a connection the handler aborted.
+	ErrAborted = errors.New("sockfsm: aborted by handler")
+	// ErrHandlerPanic is the cause of a connection whose handler panicked.
+	ErrHandlerPanic = errors.New("sockfsm: handler panic")
+	// ErrShutdownDeadline is the cause of a connection aborted because the
+	// server's shutdown deadline passed, the server was closed, or the
+	// context given to ServeConn ended.
+	ErrShutdownDeadline = errors.New("sockfsm: aborted at shutdown deadline")
+	// ErrIO is the cause of a connection aborted after a read, write or
+	// half-close error; the transport's error is joined to it.
+	ErrIO = errors.New("sockfsm: i/o error")
+)
+
+// PanicError is the cause of a connection whose handler panicked. It
+// matches ErrHandlerPanic.
+type PanicError struct {
+	Value any
+	Stack []byte
+}
+
+// Error implements error.
+func (e *PanicError) Error() string { return fmt.Sprintf("sockfsm: handler panic: %v", e.Value) }
+
+// Is reports whether target is ErrHandlerPanic.
+func (e *PanicError) Is(target error) bool { return target == ErrHandlerPanic }

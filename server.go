@@ -1,0 +1,298 @@
+package sockfsm
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/sockfsm/sockfsm/transport"
+)
+
+// Accept back-off bounds for temporary accept errors (EMFILE, ENFILE,
+// ECONNABORTED, ...): the first wait, doubled on each consecutive error up to
+// the maximum. net/http uses the same values.
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+)
+
+// Server accepts connections and runs each one on the engine with a handler
+// from NewHandler. Set its fields before the first call to Serve; do not
+// copy it after.
+type Server struct {
+	// Config holds the connections' timeouts and limits and MaxConns.
+	Config Config
+	// NewHandler returns the handler of a new connection. It is called on
+	// the accepting goroutine and must not block.
+	NewHandler func(ConnInfo) Handler
+
+	nextID atomic.Uint64
+
+	mu        sync.Mutex
+	inited    bool
+	sem       chan struct{} // MaxConns slots; nil when unlimited
+	done      chan struct{} // closed when shutting down
+	listeners map[net.Listener]struct{}
+	conns     map[*driver]struct{}
+	waiters   []chan struct{} // closed when conns becomes empty
+	closing   bool            // Shutdown or Close was called
+	killing   bool            // connections are being aborted
+}
+
+func (s *Server) initLocked() {
+	if s.inited {
+		return
+	}
+	s.inited = true
+	if s.Config.MaxConns > 0 {
+		s.sem = make(chan struct{}, s.Config.MaxConns)
+	}
+	s.done = make(chan struct{})
+	s.listeners = map[net.Listener]struct{}{}
+	s.conns = map[*driver]struct{}{}
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Config.Logger != nil {
+		return s.Config.Logger
+	}
+	return slog.Default()
+}
+
+// ListenAndServe listens on the TCP address addr and calls Serve.
+func (s *Server) ListenAndServe(addr string) error {
+	if err := s.Config.Validate(); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	return s.Serve(ln)
+}
+
+// Serve accepts connections on ln and serves each on its own goroutine. It
+// returns ErrServerClosed after Shutdown or Close, and closes ln. At
+// MaxConns open connections it stops accepting until one closes. Temporary
+// accept errors are retried after a back-off from 5 ms doubling to 1 s.
+func (s *Server) Serve(ln net.Listener) error {
+	if err := s.Config.Validate(); err != nil {
+		ln.Close()
+		return err
+	}
+	if s.NewHandler == nil {
+		ln.Close()
+		return ErrNoHandler
+	}
+	s.mu.Lock()
+	s.initLocked()
+	if s.closing {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+
+	lim := s.Config.limits()
+	log := s.logger()
+	var backoff time.Duration
+	for {
+		if s.sem != nil {
+			select {
+			case s.sem <- struct{}{}:
+			case <-s.done:
+				return ErrServerClosed
+			}
+		}
+		c, err := ln.Accept()
+		if err != nil {
+			s.release()
+			select {
+			case <-s.done:
+				return ErrServerClosed
+			default:
+			}
+			if !temporary(err) {
+				return err
+			}
+			backoff = min(max(2*backoff, acceptBackoffMin), acceptBackoffMax)
+			log.Warn("accept error; retrying", "err", err, "backoff", backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-s.done:
+				t.Stop()
+				return ErrServerClosed
+			}
+			continue
+		}
+		backoff = 0
+		s.serve(c, lim, log)
+	}
+}
+
+func (s *Server) release() {
+	if s.sem != nil {
+		<-s.sem
+	}
+}
+
+// temporary reports whether an accept error is worth retrying.
+func temporary(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ECONNABORTED, syscall.ENOBUFS, syscall.ENOMEM, syscall.EINTR} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// serve starts the goroutine of one accepted connection.
+func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
+	t, err := transport.Wrap(c)
+	if err != nil {
+		log.Error("cannot serve connection", "err", err)
+		c.Close()
+		s.release()
+		return
+	}
+	info := ConnInfo{ID: s.nextID.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
+	clog := log.With(slog.Uint64("conn", info.ID), slog.String("remote", info.RemoteAddr.String()))
+	h, err := s.newHandler(info)
+	if err != nil {
+		clog.Error("NewHandler failed; connection aborted", "err", err)
+		t.Abort()
+		s.release()
+		return
+	}
+	d := &driver{}
+	d.init(t, lim, h, info, &s.Config, clog, time.Now)
+
+	s.mu.Lock()
+	s.conns[d] = struct{}{}
+	if s.closing {
+		d.shutdownReq.Store(true)
+	}
+	if s.killing {
+		d.abortReq.Store(true)
+	}
+	s.mu.Unlock()
+
+	go func() {
+		defer s.release()
+		logClose(clog, d.run(clog))
+		s.mu.Lock()
+		delete(s.conns, d)
+		if len(s.conns) == 0 {
+			for _, w := range s.waiters {
+				close(w)
+			}
+			s.waiters = nil
+		}
+		s.mu.Unlock()
+	}()
+}
+
+func (s *Server) newHandler(info ConnInfo) (h Handler, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = &PanicError{Value: r}
+		}
+	}()
+	h = s.NewHandler(info)
+	if h == nil {
+		return nil, ErrNoHandler
+	}
+	return h, nil
+}
+
+// stopLocked stops accepting: it marks the server closing and closes its
+// listeners.
+func (s *Server) stopLocked() {
+	s.initLocked()
+	if !s.closing {
+		s.closing = true
+		close(s.done)
+	}
+	for ln := range s.listeners {
+		ln.Close()
+	}
+}
+
+// drained returns a channel closed when no connection is open.
+func (s *Server) drainedLocked() <-chan struct{} {
+	ch := make(chan struct{})
+	if len(s.conns) == 0 {
+		close(ch)
+	} else {
+		s.waiters = append(s.waiters, ch)
+	}
+	return ch
+}
+
+func (s *Server) abortAll() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.killing = true
+	for d := range s.conns {
+		d.requestAbort()
+	}
+	return s.drainedLocked()
+}
+
+// Shutdown stops the server gracefully. It stops accepting at once, asks
+// idle connections to half-close, and lets busy ones flush the output in
+// flight before they half-close; every connection then lingers within its
+// bounds and closes. If ctx ends first, Shutdown aborts (RST) whatever is
+// left. Either way it returns only when every connection is closed: nil if
+// all closed gracefully, ctx's error otherwise.
+//
+// Handlers run on the connections' goroutines; a handler that blocks
+// forever holds Shutdown too.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.stopLocked()
+	for d := range s.conns {
+		d.requestShutdown()
+	}
+	drained := s.drainedLocked()
+	s.mu.Unlock()
+
+	select {
+	case <-drained:
+		return nil
+	case <-ctx.Done():
+	}
+	<-s.abortAll()
+	return ctx.Err()
+}
+
+// Close stops accepting and aborts every connection at once (RST), and
+// returns when they are closed. Prefer Shutdown.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.stopLocked()
+	s.mu.Unlock()
+	<-s.abortAll()
+	return nil
+}
+
+// NumConns returns the number of open connections.
+func (s *Server) NumConns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}

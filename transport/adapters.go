@@ -1,0 +1,88 @@
+package transport
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+)
+
+// TCP adapts c: CloseWrite sends our FIN and Abort sets SO_LINGER 0 before
+// closing, so that the kernel sends RST and discards unsent data.
+func TCP(c *net.TCPConn) Conn { return tcpConn{c} }
+
+type tcpConn struct{ *net.TCPConn }
+
+// Abort implements Conn.
+func (c tcpConn) Abort() error {
+	lerr := c.SetLinger(0)
+	if err := c.Close(); err != nil {
+		return err
+	}
+	return lerr // closed, but gracefully
+}
+
+// Unix adapts c: CloseWrite shuts down our sending side. Unix sockets have no
+// RST, so Abort is the same as Close. (On Linux, closing a Unix socket that
+// holds unread input still makes the peer's Read fail with ECONNRESET.)
+func Unix(c *net.UnixConn) Conn { return unixConn{c} }
+
+type unixConn struct{ *net.UnixConn }
+
+// Abort implements Conn.
+func (c unixConn) Abort() error { return c.Close() }
+
+// TLS adapts c.
+//
+// CloseWrite sends a TLS close_notify alert and then shuts down the sending
+// side of the underlying connection, so the peer also sees a FIN: tls.Conn's
+// own CloseWrite sends only the alert. If the underlying connection is not
+// one Wrap supports, only the alert is sent. Since close_notify requires a
+// completed handshake, CloseWrite first runs the handshake if it has not run
+// yet, as Read and Write do, and returns its error if it fails, having sent
+// nothing. tls.Conn's CloseWrite also leaves the write deadline in the past.
+//
+// Abort aborts the underlying connection (RST on TCP) without sending
+// close_notify; later calls on c fail because that connection is closed.
+func TLS(c *tls.Conn) Conn { return tlsConn{c} }
+
+type tlsConn struct{ *tls.Conn }
+
+// CloseWrite implements Conn.
+func (c tlsConn) CloseWrite() error {
+	if err := c.Handshake(); err != nil {
+		return err
+	}
+	if err := c.Conn.CloseWrite(); err != nil {
+		return err
+	}
+	if raw, err := Wrap(c.NetConn()); err == nil {
+		return raw.CloseWrite()
+	}
+	return nil
+}
+
+// Abort implements Conn.
+func (c tlsConn) Abort() error {
+	raw, err := Wrap(c.NetConn())
+	if err != nil {
+		return c.NetConn().Close()
+	}
+	return raw.Abort()
+}
+
+// Wrap returns c as a Conn: c itself if it already is one (a Pipe end, say),
+// otherwise the adapter for *net.TCPConn, *net.UnixConn or *tls.Conn. For any
+// other type it returns an error wrapping ErrUnsupported.
+func Wrap(c net.Conn) (Conn, error) {
+	switch c := c.(type) {
+	case Conn:
+		return c, nil
+	case *net.TCPConn:
+		return TCP(c), nil
+	case *net.UnixConn:
+		return Unix(c), nil
+	case *tls.Conn:
+		return TLS(c), nil
+	}
+	return nil, fmt.Errorf("%w: %T", ErrUnsupported, c)
+}
