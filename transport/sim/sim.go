@@ -209,7 +209,10 @@ func (c *Conn) act(deadline time.Time) bool {
 	if len(c.window) > 0 && !c.stopped {
 		moves = append(moves, actDrain)
 	}
-	if c.peer.Faults {
+	// A faulty peer misbehaves on one move in sixteen, or when it has no
+	// well-behaved move left.
+	if c.peer.Faults && (len(moves) == 0 || c.pick("misbehave", 16) == 7) {
+		moves = moves[:0]
 		moves = append(moves, actReset, actSilent, actFail)
 		if c.stopped {
 			moves = append(moves, actResume)

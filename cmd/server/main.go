@@ -1,0 +1,223 @@
+// Command server is an RFC 862 echo server on the sockfsm engine: the server
+// of Microsoft's Winsock tutorial, which echoes every chunk it receives and,
+// when the client shuts down its side, shuts down its own (our FIN) and
+// closes. It serves many connections at once, with every timeout of the
+// engine as a flag.
+//
+// Usage:
+//
+//	server [flags]
+//
+// With -v it tells each connection's story the way the tutorial prints it:
+//
+//	conn 1 127.0.0.1:50412: Bytes received: 14
+//	conn 1 127.0.0.1:50412: Bytes sent: 14
+//	conn 1 127.0.0.1:50412: Connection closing...
+//
+// plus each state change. SIGINT or SIGTERM shuts the server down
+// gracefully within -shutdown-timeout, aborting what is left at the
+// deadline, and exits 0; a second signal closes every connection at once.
+//
+// Durations and byte limits follow the engine's scheme: 0 means the
+// engine's default, a negative value turns the bound off (not allowed for
+// -write-timeout and -linger-time).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/fsm"
+)
+
+// DefaultAddr is the tutorial's address.
+const DefaultAddr = "localhost:27015"
+
+func main() {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, sigs, nil))
+}
+
+// options are the parsed flags.
+type options struct {
+	addr            string
+	cfg             sockfsm.Config
+	shutdownTimeout time.Duration
+	logLevel        slog.Level
+	verbose         bool
+}
+
+func parse(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("server", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: server [flags]\n\nAn RFC 862 echo server on the sockfsm engine (the Winsock tutorial's server).\n"+
+			"Durations and byte limits: 0 means the engine's default, negative means off.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&o.addr, "addr", DefaultAddr, "`host:port` to listen on")
+	fs.DurationVar(&o.cfg.IdleTimeout, "idle-timeout", sockfsm.DefaultIdleTimeout, "half-close a connection that sends nothing for this long")
+	fs.DurationVar(&o.cfg.WriteTimeout, "write-timeout", sockfsm.DefaultWriteTimeout, "abort a connection whose peer does not read our output within this long")
+	fs.DurationVar(&o.cfg.LingerTimeout, "linger-timeout", sockfsm.DefaultLingerTimeout, "after our FIN, close if a read waits this long")
+	fs.DurationVar(&o.cfg.LingerTime, "linger-time", sockfsm.DefaultLingerTime, "after our FIN, close after lingering this long in total")
+	fs.Int64Var(&o.cfg.LingerBytes, "linger-bytes", sockfsm.DefaultLingerBytes, "after our FIN, close after reading this many bytes")
+	fs.DurationVar(&o.cfg.MaxLifetime, "max-lifetime", 0, "gracefully close connections open this long (0: the default, off)")
+	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "on SIGINT or SIGTERM, abort connections still open after this long")
+	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
+	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	fail := func(format string, a ...any) error {
+		fmt.Fprintf(stderr, "server: "+format+"\n", a...)
+		fs.Usage()
+		return flag.ErrHelp
+	}
+	if fs.NArg() > 0 {
+		return o, fail("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	if err := o.logLevel.UnmarshalText([]byte(*level)); err != nil {
+		return o, fail("bad -log-level %q", *level)
+	}
+	if o.shutdownTimeout <= 0 {
+		return o, fail("-shutdown-timeout must be positive")
+	}
+	if err := o.cfg.Validate(); err != nil {
+		return o, fail("%v", err)
+	}
+	return o, nil
+}
+
+// run is the whole program. It returns the exit code: 2 for bad flags, 1 if
+// the server cannot listen or fails, 0 after a signal-driven shutdown. ready,
+// if not nil, receives the listening address.
+func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready chan<- net.Addr) int {
+	o, err := parse(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+			return 0
+		}
+		return 2
+	}
+	if err != nil {
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	o.cfg.Logger = log
+
+	ln, err := net.Listen("tcp", o.addr)
+	if err != nil {
+		fmt.Fprintf(stderr, "server: %v\n", err)
+		return 1
+	}
+
+	out := &storyWriter{w: stdout}
+	if o.verbose {
+		o.cfg.OnStateChange = func(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
+			out.printf(c, "%s -> %s (%s)", from, to, ev)
+		}
+	}
+	srv := &sockfsm.Server{
+		Config: o.cfg,
+		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler {
+			if o.verbose {
+				return &tutorialEcho{out: out}
+			}
+			return sockfsm.Echo
+		},
+	}
+	log.Info("listening", "addr", ln.Addr().String())
+	if ready != nil {
+		ready <- ln.Addr()
+	}
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+
+	select {
+	case err := <-served:
+		log.Error("serve failed", "err", err)
+		return 1
+	case sig := <-sigs:
+		log.Info("shutting down", "signal", sig.String(), "timeout", o.shutdownTimeout)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- srv.Shutdown(ctx) }()
+	select {
+	case err = <-done:
+	case sig := <-sigs:
+		log.Info("closing every connection", "signal", sig.String())
+		srv.Close()
+		err = <-done
+	}
+	if err != nil {
+		log.Warn("shutdown deadline passed: connections still open were aborted", "err", err)
+	}
+	if err := <-served; !errors.Is(err, sockfsm.ErrServerClosed) {
+		log.Error("serve failed", "err", err)
+		return 1
+	}
+	log.Info("server stopped")
+	return 0
+}
+
+// storyWriter prints the connections' stories, one whole line at a time.
+type storyWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *storyWriter) printf(c sockfsm.ConnInfo, format string, a ...any) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fmt.Fprintf(s.w, "conn %d %s: %s\n", c.ID, c.RemoteAddr, fmt.Sprintf(format, a...))
+}
+
+// tutorialEcho is the echo handler that tells its story as the tutorial's
+// server does.
+type tutorialEcho struct{ out *storyWriter }
+
+func (t *tutorialEcho) OnData(c *sockfsm.Conn, p []byte) {
+	t.out.printf(c.Info(), "Bytes received: %d", len(p))
+	n, err := c.Write(p)
+	if err != nil {
+		t.out.printf(c.Info(), "send failed: %v", err)
+		return
+	}
+	t.out.printf(c.Info(), "Bytes sent: %d", n)
+}
+
+func (t *tutorialEcho) OnPeerClose(c *sockfsm.Conn) {
+	t.out.printf(c.Info(), "Connection closing...")
+}
+
+func (t *tutorialEcho) OnClose(c *sockfsm.Conn, info sockfsm.CloseInfo) {
+	how := "closed"
+	if info.Aborted() {
+		how = "aborted (RST)"
+	}
+	line := fmt.Sprintf("Connection %s: reason %s, linger %s, %d bytes received, %d bytes sent",
+		how, info.Reason, info.Linger, info.BytesRead, info.BytesWritten)
+	if info.Err != nil {
+		line += ": " + info.Err.Error()
+	}
+	t.out.printf(c.Info(), "%s", line)
+}

@@ -1,0 +1,380 @@
+package sockfsm
+
+// Property tests of the engine's promises. Each case runs the real driver
+// loop over a simulated peer (transport/sim) on a virtual clock: every delay,
+// chunk size and fault is drawn by rapid, so a failure shrinks to a small
+// history and replays from its seed (go test -run NAME -rapid.seed=N). No
+// case sleeps; thousands run in seconds.
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"pgregory.net/rapid"
+
+	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/transport/sim"
+)
+
+// drawer makes the simulated peer's choices with rapid.
+type drawer struct{ t *rapid.T }
+
+func (d drawer) Intn(label string, n int) int { return rapid.IntRange(0, n-1).Draw(d.t, label) }
+
+// edge is one transition reported by OnStateChange.
+type edge struct {
+	from, to fsm.State
+	ev       fsm.Event
+}
+
+// recorder is a handler that does what rapid draws and records what it did
+// and what it heard.
+type recorder struct {
+	t      *rapid.T
+	random bool // draw actions; otherwise echo
+
+	wrote       []byte // bytes Write accepted: what the peer is owed
+	shutdownAsk bool   // the handler asked for CloseWrite, Close or Abort
+	aborted     bool
+	badWrites   []error // Writes after shutdown that did not fail with ErrShutdown
+	events      []string
+	closes      int
+	afterClose  []string // callbacks after OnClose
+	info        CloseInfo
+}
+
+func (r *recorder) note(ev string) {
+	if r.closes > 0 {
+		r.afterClose = append(r.afterClose, ev)
+	}
+	r.events = append(r.events, ev)
+}
+
+func (r *recorder) write(c *Conn, p []byte) {
+	n, err := c.Write(p)
+	if r.shutdownAsk || c.State() == fsm.HalfClosed || c.State() == fsm.Closed {
+		if n != 0 || !errors.Is(err, ErrShutdown) {
+			r.badWrites = append(r.badWrites, fmt.Errorf("write after shutdown in %s: n=%d err=%v", c.State(), n, err))
+		}
+		return
+	}
+	r.wrote = append(r.wrote, p[:n]...)
+}
+
+func (r *recorder) act(c *Conn, p []byte) {
+	if !r.random {
+		r.write(c, p)
+		return
+	}
+	// rapid draws the ends of a range most often: the common, benign
+	// action (echo) takes them, and the disruptive ones are rare values
+	// in the middle.
+	switch rapid.IntRange(0, 99).Draw(r.t, "handler") {
+	default:
+		r.write(c, p)
+	case 40, 41, 42:
+		// Write nothing.
+	case 43, 44:
+		r.write(c, bytes.Repeat([]byte{'x'}, rapid.IntRange(1, 300).Draw(r.t, "extra")))
+	case 45:
+		r.shutdownAsk = true
+		c.CloseWrite()
+		r.write(c, []byte("late")) // must be refused
+	case 46:
+		r.shutdownAsk = true
+		c.Close()
+		r.write(c, []byte("late"))
+	case 47:
+		r.shutdownAsk, r.aborted = true, true
+		c.Abort(nil)
+		r.write(c, []byte("late"))
+	}
+}
+
+func (r *recorder) OnOpen(c *Conn) {
+	r.note("open")
+	if r.random && rapid.IntRange(0, 4).Draw(r.t, "greet") == 4 {
+		r.write(c, []byte("hello\n"))
+	}
+}
+
+func (r *recorder) OnData(c *Conn, p []byte) {
+	r.note("data")
+	r.act(c, p)
+}
+
+func (r *recorder) OnPeerClose(c *Conn) {
+	r.note("peer-close")
+	if r.random && rapid.IntRange(0, 2).Draw(r.t, "goodbye") == 2 {
+		r.write(c, []byte("bye\n"))
+	}
+}
+
+func (r *recorder) OnClose(c *Conn, info CloseInfo) {
+	r.note("close")
+	r.closes++
+	r.info = info
+}
+
+// world is one simulated connection, run to the end.
+type world struct {
+	cfg    Config
+	lim    limits
+	clock  *sim.Clock
+	conn   *sim.Conn
+	d      *driver
+	h      *recorder
+	edges  []edge
+	start  time.Time
+	result CloseInfo
+}
+
+// maxOps bounds the driver's operations in one case: a livelock fails the
+// case instead of hanging it.
+const maxOps = 20000
+
+// drawConfig draws timeouts in whole virtual seconds, sometimes off.
+func drawConfig(t *rapid.T) Config {
+	d := func(label string, lo, hi int, canBeOff bool) time.Duration {
+		if canBeOff && rapid.IntRange(0, 4).Draw(t, label+"-off") == 0 {
+			return -1
+		}
+		return time.Duration(rapid.IntRange(lo, hi).Draw(t, label)) * time.Second
+	}
+	return Config{
+		IdleTimeout:      d("idle", 1, 20, false),
+		WriteTimeout:     d("write", 1, 20, false),
+		LingerTimeout:    d("linger-timeout", 1, 10, true),
+		LingerTime:       d("linger-time", 1, 30, false),
+		LingerBytes:      int64(rapid.IntRange(-1, 2000).Draw(t, "linger-bytes")),
+		MaxLifetime:      d("lifetime", 1, 60, true) * time.Duration(rapid.IntRange(0, 1).Draw(t, "lifetime-on")),
+		ReadBufferSize:   rapid.IntRange(1, 64).Draw(t, "read-buffer"),
+		MaxPendingOutput: rapid.IntRange(1, 1024).Draw(t, "max-output"),
+	}
+}
+
+// drawPeer draws a peer; faulty peers misbehave in every way the simulation
+// knows.
+func drawPeer(t *rapid.T, faults bool) sim.Peer {
+	// The input's length is drawn (rapid keeps drawn slices short); its
+	// content is a pattern that does not repeat within 251 bytes, so a
+	// reordering or a gap shows.
+	input := make([]byte, rapid.IntRange(0, 2000).Draw(t, "input-len"))
+	seed := rapid.Byte().Draw(t, "input-seed")
+	for i := range input {
+		input[i] = seed + byte(i%251)
+	}
+	return sim.Peer{
+		Input:    input,
+		MaxChunk: rapid.IntRange(1, 100).Draw(t, "chunk"),
+		MaxDelay: time.Duration(rapid.IntRange(1, 3000).Draw(t, "max-delay-ms")) * time.Millisecond,
+		Window:   rapid.IntRange(1, 512).Draw(t, "window"),
+		FIN:      !faults || rapid.Bool().Draw(t, "fin"),
+		Faults:   faults,
+	}
+}
+
+// run runs one connection to the end. If control is set, the server may
+// shut down or abort the connection at any of the peer's moves.
+func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("drew an invalid config: %v", err)
+	}
+	w := &world{cfg: cfg, lim: cfg.limits(), h: &recorder{t: t, random: random}}
+	w.start = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	w.clock = sim.NewClock(w.start)
+	w.conn = sim.NewConn(w.clock, drawer{t}, peer)
+	cfg.OnStateChange = func(_ ConnInfo, from, to fsm.State, ev fsm.Event) {
+		w.edges = append(w.edges, edge{from, to, ev})
+	}
+	w.d = &driver{}
+	w.d.init(w.conn, w.lim, w.h, ConnInfo{ID: 1}, &cfg, nil, w.clock.Now)
+	w.conn.Hook = func() {
+		if w.conn.Rec.Ops > maxOps {
+			t.Fatalf("livelock: more than %d operations", maxOps)
+		}
+		if !control {
+			return
+		}
+		switch rapid.IntRange(0, 200).Draw(t, "server") {
+		case 101:
+			w.d.requestShutdown()
+		case 102:
+			w.d.requestAbort()
+		}
+	}
+	w.result = w.d.run(nil)
+	return w
+}
+
+// checkCommon asserts what must hold for every connection, whatever the
+// peer, the handler and the server did.
+func checkCommon(t *rapid.T, w *world) {
+	rec := w.conn.Rec
+	// No send after shutdown.
+	if rec.WritesAfterShutdown != 0 {
+		t.Fatalf("%d writes reached the transport after our half-close or close", rec.WritesAfterShutdown)
+	}
+	for _, err := range w.h.badWrites {
+		t.Fatalf("handler write not refused: %v", err)
+	}
+	// Closed, exactly once, handler told once and last.
+	if w.d.e.State() != fsm.Closed {
+		t.Fatalf("run returned in state %s", w.d.e.State())
+	}
+	if rec.Closes != 1 {
+		t.Fatalf("transport closed %d times, want 1", rec.Closes)
+	}
+	if rec.CloseWrites > 1 {
+		t.Fatalf("CloseWrite called %d times", rec.CloseWrites)
+	}
+	if w.h.closes != 1 || len(w.h.afterClose) != 0 {
+		t.Fatalf("OnClose called %d times; callbacks after it: %v", w.h.closes, w.h.afterClose)
+	}
+	if rec.Stuck {
+		t.Fatal("the engine blocked with no deadline")
+	}
+	if w.result.Reason == ReasonInternal {
+		t.Fatalf("engine bug: %v", w.result.Err)
+	}
+	if (rec.Aborts == 1) != w.result.Aborted() {
+		t.Fatalf("Abort called %d times but the reason is %s", rec.Aborts, w.result.Reason)
+	}
+	if w.result != w.h.info {
+		t.Fatalf("OnClose got %+v, run returned %+v", w.h.info, w.result)
+	}
+	// Only table edges, in sequence, from Accepted to Closed, and the
+	// looplab reference accepts each one.
+	checkEdges(t, w.edges)
+	// Output: a prefix of what the handler wrote reached the peer, in order.
+	got := append(append([]byte{}, rec.Received...), rec.Lost...)
+	got = append(got, w.conn.Pending()...)
+	if !bytes.HasPrefix(w.h.wrote, got) {
+		t.Fatalf("the peer got %q, not a prefix of what the handler wrote %q", got, w.h.wrote)
+	}
+	// No RST of ours over unread input, except when aborting or when the
+	// peer kept sending past the linger bounds.
+	if rec.ClosedWithUnread && !w.result.Aborted() && w.result.Linger != LingerTime && w.result.Linger != LingerBytes {
+		t.Fatalf("closed with unread input (kernel RST) on a graceful path: %+v", w.result)
+	}
+	// The bound the docs promise.
+	checkBound(t, w)
+}
+
+func checkEdges(t *rapid.T, edges []edge) {
+	ref := fsm.NewReference()
+	prev := fsm.Accepted
+	for i, e := range edges {
+		if e.from != prev {
+			t.Fatalf("edge %d starts in %s, the machine was in %s", i, e.from, prev)
+		}
+		if to, ok := fsm.Lookup(e.from, e.ev); !ok || to != e.to {
+			t.Fatalf("edge %d %s --%s--> %s is not in the table", i, e.from, e.ev, e.to)
+		}
+		if err := fsm.Step(ref, e.ev); err != nil {
+			t.Fatalf("looplab refuses edge %d %s --%s-->: %v", i, e.from, e.ev, err)
+		}
+		if ref.Current() != e.to.String() {
+			t.Fatalf("looplab went to %s, the engine to %s", ref.Current(), e.to)
+		}
+		prev = e.to
+	}
+	if prev != fsm.Closed {
+		t.Fatalf("edges end in %s", prev)
+	}
+}
+
+// checkBound asserts the connection closed within the bound computed from
+// the configuration: Config.CloseBound after the peer's last input, and
+// MaxLifetime + WriteTimeout + LingerTime after the start.
+func checkBound(t *rapid.T, w *world) {
+	closedAt := w.conn.Rec.ClosedAt
+	last := w.start
+	if w.conn.Rec.LastInput.After(last) {
+		last = w.conn.Rec.LastInput
+	}
+	if b, ok := w.cfg.CloseBound(); ok && closedAt.Sub(last) > b {
+		t.Fatalf("closed %v after the last input; the bound is %v (%+v)", closedAt.Sub(last), b, w.result)
+	}
+	if l := w.lim.lifetime; l > 0 {
+		if b := l + w.lim.write + w.lim.lingerTime; closedAt.Sub(w.start) > b {
+			t.Fatalf("closed %v after the start; MaxLifetime bound is %v", closedAt.Sub(w.start), b)
+		}
+	}
+}
+
+// TestPropertyNoSendAfterShutdown: after our half-close (or close) no Write
+// reaches the transport, and every handler Write after it fails with
+// ErrShutdown, whatever the peer, the handler and the server do.
+func TestPropertyNoSendAfterShutdown(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		w := run(t, drawConfig(t), drawPeer(t, rapid.Bool().Draw(t, "faults")), true, true)
+		checkCommon(t, w)
+		if w.conn.Rec.CloseWrites == 1 && w.conn.Rec.WritesAfterShutdown != 0 {
+			t.Fatal("write after CloseWrite")
+		}
+	})
+}
+
+// TestPropertyEveryConnectionClosed: every connection reaches Closed, its
+// transport closed exactly once and its handler told once, within the
+// configured bounds, whatever the peer does, including nothing at all.
+func TestPropertyEveryConnectionClosed(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		peer := drawPeer(t, true)
+		w := run(t, drawConfig(t), peer, rapid.Bool().Draw(t, "random-handler"), rapid.Bool().Draw(t, "control"))
+		checkCommon(t, w)
+	})
+}
+
+// TestPropertyEchoIsExact: with a peer that sends, half-closes and reads
+// everything, the echo handler's output arrives exactly, in order, followed
+// by our FIN and no RST. With random server shutdowns and handler closes,
+// the peer still gets exactly what the handler wrote before the half-close.
+func TestPropertyEchoIsExact(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		cfg := Config{ // long bounds: a well-behaved peer never hits them
+			IdleTimeout: time.Hour, WriteTimeout: time.Hour, LingerTimeout: time.Hour, LingerTime: time.Hour,
+			LingerBytes: -1, ReadBufferSize: rapid.IntRange(1, 64).Draw(t, "read-buffer"),
+		}
+		peer := drawPeer(t, false)
+		random := rapid.Bool().Draw(t, "random-handler")
+		control := rapid.Bool().Draw(t, "control")
+		w := run(t, cfg, peer, random, control)
+		checkCommon(t, w)
+		rec := w.conn.Rec
+		if w.result.Aborted() {
+			if !w.h.aborted && w.result.Reason != ReasonShutdownDeadline {
+				t.Fatalf("a well-behaved peer was aborted: %+v", w.result)
+			}
+			return
+		}
+		if !bytes.Equal(rec.Received, w.h.wrote) {
+			t.Fatalf("the peer received %q, the handler wrote %q", rec.Received, w.h.wrote)
+		}
+		if !rec.GotFIN || rec.GotRST || rec.ClosedWithUnread || len(rec.Lost) > 0 {
+			t.Fatalf("FIN=%v RST=%v unread=%v lost=%d", rec.GotFIN, rec.GotRST, rec.ClosedWithUnread, len(rec.Lost))
+		}
+		if !random && !control {
+			if !bytes.Equal(rec.Received, peer.Input) || w.result.Reason != ReasonPeerClosed {
+				t.Fatalf("echo: sent %q, received %q, reason %s", peer.Input, rec.Received, w.result.Reason)
+			}
+		}
+	})
+}
+
+// TestPropertyOnlyTableEdges: every transition the engine takes is an edge
+// of the table, taken from the state the machine was in, and the looplab
+// reference machine accepts the same sequence.
+func TestPropertyOnlyTableEdges(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		w := run(t, drawConfig(t), drawPeer(t, rapid.Bool().Draw(t, "faults")), true, true)
+		checkEdges(t, w.edges)
+		if len(w.edges) == 0 || w.edges[0].ev != fsm.Start && w.edges[0].ev != fsm.Abort {
+			t.Fatalf("first edge %+v", w.edges)
+		}
+	})
+}
