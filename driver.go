@@ -46,7 +46,7 @@ type driver struct {
 	now func() time.Time
 	buf []byte
 
-	shutdownReq, abortReq atomic.Bool
+	shutdownReq, abortReq   atomic.Bool
 	shutdownDone, abortDone bool
 	transportClosed         bool
 }
@@ -136,7 +136,7 @@ func (d *driver) run(log *slog.Logger) (info CloseInfo) {
 			d.e.CloseWriteDone(d.now(), d.t.CloseWrite())
 		case OpClose, OpAbort:
 			var err error
-			if !d.transportClosed {
+			if !d.transportClosed || (mutating && d.e.mut&mutCloseTwice != 0) {
 				d.transportClosed = true
 				if a.Op == OpAbort {
 					err = d.t.Abort()

@@ -104,6 +104,9 @@ type Engine struct {
 	notified     bool // OnClose was called
 
 	bytesIn, bytesOut, discarded, lingerRead int64
+
+	mut     mutation // test-only bugs; see mutate.go
+	mutDone bool
 }
 
 // NewEngine returns an engine in Accepted for one connection. It returns an
@@ -270,7 +273,15 @@ func (e *Engine) Next(now time.Time) Action {
 			}
 			return Action{Op: OpRead, Deadline: dl}
 		case fsm.Sending:
+			if mutating && e.mut&mutSkipFlush != 0 && e.closeReq != closeNone {
+				e.dropOutput()
+				e.fire(fsm.Flushed)
+				continue
+			}
 			dl := e.sendSince.Add(e.lim.write)
+			if mutating && e.mut&mutNoWriteTimeout != 0 {
+				return Action{Op: OpWrite, Data: e.out[e.outOff:]}
+			}
 			if !now.Before(dl) {
 				e.abort(ReasonWriteTimeout, ErrWriteTimeout)
 				continue
@@ -279,6 +290,14 @@ func (e *Engine) Next(now time.Time) Action {
 		case fsm.HalfClosed:
 			if !e.finSent {
 				return Action{Op: OpCloseWrite}
+			}
+			if mutating && e.mut&mutWriteAfterFIN != 0 && !e.mutDone {
+				e.mutDone = true
+				return Action{Op: OpWrite, Data: []byte("!")}
+			}
+			if mutating && e.mut&mutSkipLinger != 0 {
+				e.fire(fsm.Close)
+				continue
 			}
 			if e.m.PeerFIN() {
 				if e.finWhileHalf {
@@ -293,7 +312,7 @@ func (e *Engine) Next(now time.Time) Action {
 				continue
 			}
 			dl, end := e.lingerDeadline()
-			if !now.Before(dl) {
+			if !dl.IsZero() && !now.Before(dl) {
 				e.linger = end
 				e.fire(fsm.Close)
 				continue
@@ -301,6 +320,10 @@ func (e *Engine) Next(now time.Time) Action {
 			return Action{Op: OpRead, Deadline: dl}
 		case fsm.Closed:
 			if e.closed {
+				if mutating && e.mut&mutCloseTwice != 0 && !e.mutDone {
+					e.mutDone, e.closed = true, false
+					return Action{Op: OpClose}
+				}
 				return Action{Op: OpDone}
 			}
 			if e.reason.Abortive() {
@@ -315,7 +338,7 @@ func (e *Engine) Next(now time.Time) Action {
 
 func (e *Engine) receiveDeadline() time.Time {
 	var dl time.Time
-	if e.lim.idle > 0 {
+	if e.lim.idle > 0 && !(mutating && e.mut&mutNoIdleTimeout != 0) {
 		dl = e.recvSince.Add(e.lim.idle)
 	}
 	if e.lim.lifetime > 0 {
@@ -336,10 +359,11 @@ func (e *Engine) receiveTimeout(now time.Time) {
 
 func (e *Engine) lingerDeadline() (time.Time, LingerEnd) {
 	dl, end := e.halfAt.Add(e.lim.lingerTime), LingerTime
-	if e.lim.lingerTimeout > 0 {
-		if t := e.lastLinger.Add(e.lim.lingerTimeout); t.Before(dl) {
-			dl, end = t, LingerTimeout
-		}
+	if mutating && e.mut&mutNoLingerTime != 0 {
+		dl, end = time.Time{}, LingerTimeout
+	}
+	if e.lim.lingerTimeout > 0 && (dl.IsZero() || e.lastLinger.Add(e.lim.lingerTimeout).Before(dl)) {
+		dl, end = e.lastLinger.Add(e.lim.lingerTimeout), LingerTimeout
 	}
 	return dl, end
 }
@@ -390,6 +414,9 @@ func (e *Engine) peerFIN() {
 	}
 	if e.hPeer != nil {
 		e.callPeerClose()
+	}
+	if mutating && e.mut&mutIgnorePeerFIN != 0 {
+		return
 	}
 	e.requestClose(closeFull, ReasonPeerClosed)
 }
@@ -449,6 +476,9 @@ func (e *Engine) CloseDone(now time.Time, _ error) {
 		return
 	}
 	e.closed = true
+	if mutating && e.mut&mutNotifyTwice != 0 && e.hClose != nil {
+		e.callClose(e.CloseInfo())
+	}
 	if !e.notified {
 		e.notified = true
 		if e.hClose != nil {
