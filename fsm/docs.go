@@ -74,6 +74,24 @@ func goName(name string) string {
 	return b.String()
 }
 
+// Mermaid renders the table as a fenced Mermaid stateDiagram-v2 block, with
+// start and end markers.
+func Mermaid() string {
+	var b strings.Builder
+	b.WriteString("```mermaid\nstateDiagram-v2\n")
+	fmt.Fprintf(&b, "    [*] --> %s\n", goName(Accepted.String()))
+	for _, t := range Transitions() {
+		fmt.Fprintf(&b, "    %s --> %s: %s\n", goName(t.From.String()), goName(t.To.String()), t.Event)
+	}
+	for _, s := range States() {
+		if s.Terminal() {
+			fmt.Fprintf(&b, "    %s --> [*]\n", goName(s.String()))
+		}
+	}
+	b.WriteString("```\n")
+	return b.String()
+}
+
 // Markdown renders docs/state-diagram.md from the table.
 func Markdown() []byte {
 	var b bytes.Buffer
@@ -87,17 +105,8 @@ func Markdown() []byte {
 	w("tests' list of legal edges are all derived from it. An event that is not an edge here is\n")
 	w("refused with `fsm.ErrInvalidTransition` and changes nothing.\n\n")
 
-	w("```mermaid\nstateDiagram-v2\n")
-	w("    [*] --> %s\n", goName(Accepted.String()))
-	for _, t := range edges {
-		w("    %s --> %s: %s\n", goName(t.From.String()), goName(t.To.String()), t.Event)
-	}
-	for _, s := range States() {
-		if s.Terminal() {
-			w("    %s --> [*]\n", goName(s.String()))
-		}
-	}
-	w("```\n\n")
+	b.WriteString(Mermaid())
+	w("\n")
 
 	w("## States\n\n")
 	w("| State | Meaning | May go to | Timeouts |\n|---|---|---|---|\n")

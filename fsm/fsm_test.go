@@ -19,6 +19,32 @@ var update = flag.Bool("update", false, "rewrite ../docs/state-diagram.md from t
 const diagramPath = "../docs/state-diagram.md"
 
 // TestDiagramGolden fails when docs/state-diagram.md and the table disagree.
+// TestReadmeDiagram fails when the diagram in README.md, between its
+// diagram markers, and the table disagree; -update rewrites it.
+func TestReadmeDiagram(t *testing.T) {
+	const path = "../README.md"
+	const begin, end = "<!-- diagram:begin -->\n", "<!-- diagram:end -->"
+	readme, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i, j := bytes.Index(readme, []byte(begin)), bytes.Index(readme, []byte(end))
+	if i < 0 || j < i {
+		t.Fatalf("%s has no %q ... %q block", path, begin, end)
+	}
+	i += len(begin)
+	if string(readme[i:j]) == Mermaid() {
+		return
+	}
+	if !*update {
+		t.Fatalf("the diagram in %s is stale: run go test ./fsm -update", path)
+	}
+	fixed := append(append(append([]byte{}, readme[:i]...), Mermaid()...), readme[j:]...)
+	if err := os.WriteFile(path, fixed, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestDiagramGolden(t *testing.T) {
 	got := Markdown()
 	if *update {

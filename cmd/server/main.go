@@ -120,7 +120,7 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
 	o.cfg.Logger = log
 
-	ln, err := net.Listen("tcp", o.addr)
+	lns, err := listen(o.addr)
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
@@ -141,17 +141,24 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 			return sockfsm.Echo
 		},
 	}
-	log.Info("listening", "addr", ln.Addr().String())
+	served := make(chan error, len(lns))
+	for _, ln := range lns {
+		log.Info("listening", "addr", ln.Addr().String())
+		go func() { served <- srv.Serve(ln) }()
+	}
 	if ready != nil {
-		ready <- ln.Addr()
+		ready <- lns[0].Addr()
 	}
 
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-
+	pending := len(lns)
 	select {
 	case err := <-served:
+		pending--
 		log.Error("serve failed", "err", err)
+		srv.Close()
+		for ; pending > 0; pending-- {
+			<-served
+		}
 		return 1
 	case sig := <-sigs:
 		log.Info("shutting down", "signal", sig.String(), "timeout", o.shutdownTimeout)
@@ -171,12 +178,60 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	if err != nil {
 		log.Warn("shutdown deadline passed: connections still open were aborted", "err", err)
 	}
-	if err := <-served; !errors.Is(err, sockfsm.ErrServerClosed) {
-		log.Error("serve failed", "err", err)
-		return 1
+	code := 0
+	for ; pending > 0; pending-- {
+		if err := <-served; !errors.Is(err, sockfsm.ErrServerClosed) {
+			log.Error("serve failed", "err", err)
+			code = 1
+		}
 	}
 	log.Info("server stopped")
-	return 0
+	return code
+}
+
+// listen listens on addr. For the host name "localhost" it listens on every
+// loopback address the name resolves to (127.0.0.1 and ::1, usually), on the
+// same port, so that clients that try IPv6 first find the server too.
+func listen(addr string) ([]net.Listener, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	if host != "localhost" {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return []net.Listener{ln}, nil
+	}
+	ips, err := net.DefaultResolver.LookupIPAddr(context.Background(), host)
+	if err != nil {
+		return nil, fmt.Errorf("listen tcp %s: %w", addr, err)
+	}
+	var lns []net.Listener
+	for _, ip := range ips {
+		if !ip.IP.IsLoopback() {
+			continue
+		}
+		ln, err := net.Listen("tcp", net.JoinHostPort(ip.String(), port))
+		if err != nil {
+			if len(lns) > 0 && !ip.IP.Equal(net.IPv4(127, 0, 0, 1)) {
+				continue // the first address is served; this one may be unavailable (no IPv6)
+			}
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, err
+		}
+		lns = append(lns, ln)
+		if port == "0" || port == "" {
+			_, port, _ = net.SplitHostPort(ln.Addr().String())
+		}
+	}
+	if len(lns) == 0 {
+		return nil, fmt.Errorf("listen tcp %s: no loopback address", addr)
+	}
+	return lns, nil
 }
 
 // storyWriter prints the connections' stories, one whole line at a time.
