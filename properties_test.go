@@ -19,10 +19,38 @@ import (
 	"github.com/sockfsm/sockfsm/transport/sim"
 )
 
-// drawer makes the simulated peer's choices with rapid.
-type drawer struct{ t *rapid.T }
+// drawer makes the simulated peer's, the handler's and the server's choices
+// with rapid. rapid stops a case by panicking (an exhausted replay, a
+// Fatalf); the engine would take such a panic inside a handler for the
+// handler's own and swallow it, so drawer catches it, aborts the
+// connection, and run raises it again once the driver has returned.
+type drawer struct {
+	t *rapid.T
+	w *world
+}
 
-func (d drawer) Intn(label string, n int) int { return rapid.IntRange(0, n-1).Draw(d.t, label) }
+func (d drawer) Intn(label string, n int) int { return d.draw(label, 0, n-1) }
+
+func (d drawer) draw(label string, lo, hi int) (v int) {
+	if d.w.panicked != nil {
+		return lo
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			d.w.panicked = r
+			d.w.d.requestAbort()
+			v = lo
+		}
+	}()
+	return rapid.IntRange(lo, hi).Draw(d.t, label)
+}
+
+func (d drawer) fatalf(format string, args ...any) {
+	if d.w.panicked == nil {
+		d.w.panicked = fmt.Sprintf(format, args...)
+		d.w.d.requestAbort()
+	}
+}
 
 // edge is one transition reported by OnStateChange.
 type edge struct {
@@ -33,7 +61,7 @@ type edge struct {
 // recorder is a handler that does what rapid draws and records what it did
 // and what it heard.
 type recorder struct {
-	t      *rapid.T
+	d      drawer
 	random bool // draw actions; otherwise echo
 
 	wrote       []byte // bytes Write accepted: what the peer is owed
@@ -72,13 +100,13 @@ func (r *recorder) act(c *Conn, p []byte) {
 	// rapid draws the ends of a range most often: the common, benign
 	// action (echo) takes them, and the disruptive ones are rare values
 	// in the middle.
-	switch rapid.IntRange(0, 99).Draw(r.t, "handler") {
+	switch r.d.draw("handler", 0, 99) {
 	default:
 		r.write(c, p)
 	case 40, 41, 42:
 		// Write nothing.
 	case 43, 44:
-		r.write(c, bytes.Repeat([]byte{'x'}, rapid.IntRange(1, 300).Draw(r.t, "extra")))
+		r.write(c, bytes.Repeat([]byte{'x'}, r.d.draw("extra", 1, 300)))
 	case 45:
 		r.shutdownAsk = true
 		c.CloseWrite()
@@ -96,7 +124,7 @@ func (r *recorder) act(c *Conn, p []byte) {
 
 func (r *recorder) OnOpen(c *Conn) {
 	r.note("open")
-	if r.random && rapid.IntRange(0, 4).Draw(r.t, "greet") == 4 {
+	if r.random && r.d.draw("greet", 0, 4) == 4 {
 		r.write(c, []byte("hello\n"))
 	}
 }
@@ -108,7 +136,7 @@ func (r *recorder) OnData(c *Conn, p []byte) {
 
 func (r *recorder) OnPeerClose(c *Conn) {
 	r.note("peer-close")
-	if r.random && rapid.IntRange(0, 2).Draw(r.t, "goodbye") == 2 {
+	if r.random && r.d.draw("goodbye", 0, 2) == 2 {
 		r.write(c, []byte("bye\n"))
 	}
 }
@@ -130,6 +158,8 @@ type world struct {
 	edges  []edge
 	start  time.Time
 	result CloseInfo
+	// panicked is a rapid panic caught during the run, raised again after.
+	panicked any
 }
 
 // testMutation is the deliberate bug run applies to the engine; see
@@ -187,10 +217,12 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("drew an invalid config: %v", err)
 	}
-	w := &world{cfg: cfg, lim: cfg.limits(), h: &recorder{t: t, random: random}}
+	w := &world{cfg: cfg, lim: cfg.limits()}
+	dr := drawer{t: t, w: w}
+	w.h = &recorder{d: dr, random: random}
 	w.start = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	w.clock = sim.NewClock(w.start)
-	w.conn = sim.NewConn(w.clock, drawer{t}, peer)
+	w.conn = sim.NewConn(w.clock, dr, peer)
 	cfg.OnStateChange = func(_ ConnInfo, from, to fsm.State, ev fsm.Event) {
 		w.edges = append(w.edges, edge{from, to, ev})
 	}
@@ -199,12 +231,12 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 	w.d.e.mut = testMutation
 	w.conn.Hook = func() {
 		if w.conn.Rec.Ops > maxOps {
-			t.Fatalf("livelock: more than %d operations", maxOps)
+			dr.fatalf("livelock: more than %d operations", maxOps)
 		}
 		if !control {
 			return
 		}
-		switch rapid.IntRange(0, 200).Draw(t, "server") {
+		switch dr.draw("server", 0, 200) {
 		case 101:
 			w.d.requestShutdown()
 		case 102:
@@ -212,6 +244,9 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 		}
 	}
 	w.result = w.d.run(nil)
+	if w.panicked != nil {
+		panic(w.panicked)
+	}
 	return w
 }
 
@@ -228,7 +263,7 @@ func checkCommon(t *rapid.T, w *world) {
 	}
 	// Closed, exactly once, handler told once and last.
 	if w.d.e.State() != fsm.Closed {
-		t.Fatalf("run returned in state %s", w.d.e.State())
+		t.Fatalf("run returned in state %s: %+v", w.d.e.State(), w.result)
 	}
 	if rec.Closes != 1 {
 		t.Fatalf("transport closed %d times, want 1", rec.Closes)

@@ -67,7 +67,7 @@ func TestDiagramGolden(t *testing.T) {
 var expected = map[State]map[Event]State{
 	Accepted:   {Start: Receiving, Abort: Closed},
 	Receiving:  {Input: Receiving, Output: Sending, PeerFIN: Receiving, HalfClose: HalfClosed, Abort: Closed},
-	Sending:    {Output: Sending, Flushed: Receiving, Abort: Closed},
+	Sending:    {Output: Sending, Flushed: Receiving, PeerFIN: Sending, Abort: Closed},
 	HalfClosed: {Input: HalfClosed, PeerFIN: HalfClosed, Close: Closed, Abort: Closed},
 	Closed:     {},
 }

@@ -22,6 +22,9 @@ var table = lfsm.Events{
 	{Name: "output", Src: []string{"receiving", "sending"}, Dst: "sending"},
 	{Name: "flushed", Src: []string{"sending"}, Dst: "receiving"},
 	{Name: "peer-fin", Src: []string{"receiving"}, Dst: "receiving"},
+	// A read can return input and EOF together; the handler's answer to the
+	// input has moved the machine to sending by the time EOF is seen.
+	{Name: "peer-fin", Src: []string{"sending"}, Dst: "sending"},
 	{Name: "peer-fin", Src: []string{"half-closed"}, Dst: "half-closed"},
 	{Name: "half-close", Src: []string{"receiving"}, Dst: "half-closed"},
 	{Name: "close", Src: []string{"half-closed"}, Dst: "closed"},

@@ -295,6 +295,9 @@ func (c *Conn) Read(p []byte) (int, error) {
 			c.inbuf = c.inbuf[n:]
 			c.Rec.Read = append(c.Rec.Read, p[:n]...)
 			c.Rec.LastInput = c.clock.t
+			if len(c.inbuf) == 0 && c.peerFIN && c.pick("eof-with-data", 2) == 1 {
+				return n, io.EOF // as io.Reader allows, and TLS does
+			}
 			return n, nil
 		case c.peerFIN && len(c.inbuf) == 0:
 			c.Rec.LastInput = c.clock.t

@@ -1,0 +1,480 @@
+package sockfsm
+
+// Unit tests of the I/O-free Engine, one section per state (in the manner of
+// smoltcp's tcp.rs): the test is the driver, and time is whatever it says.
+
+import (
+	"errors"
+	"io"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sockfsm/sockfsm/fsm"
+)
+
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// testHandler echoes unless told otherwise, and records its callbacks.
+type testHandler struct {
+	onData   func(c *Conn, p []byte)
+	onOpen   func(c *Conn)
+	onPeer   func(c *Conn)
+	calls    []string
+	infos    []CloseInfo
+	received []byte
+}
+
+func (h *testHandler) OnOpen(c *Conn) {
+	h.calls = append(h.calls, "open")
+	if h.onOpen != nil {
+		h.onOpen(c)
+	}
+}
+
+func (h *testHandler) OnData(c *Conn, p []byte) {
+	h.calls = append(h.calls, "data")
+	h.received = append(h.received, p...)
+	if h.onData != nil {
+		h.onData(c, p)
+		return
+	}
+	c.Write(p)
+}
+
+func (h *testHandler) OnPeerClose(c *Conn) {
+	h.calls = append(h.calls, "peer-close")
+	if h.onPeer != nil {
+		h.onPeer(c)
+	}
+}
+
+func (h *testHandler) OnClose(c *Conn, info CloseInfo) {
+	h.calls = append(h.calls, "close")
+	h.infos = append(h.infos, info)
+}
+
+var testCfg = Config{
+	IdleTimeout: 10 * time.Second, WriteTimeout: 20 * time.Second,
+	LingerTimeout: 3 * time.Second, LingerTime: 7 * time.Second, LingerBytes: 100,
+}
+
+func newTestEngine(t *testing.T, cfg Config, h Handler) *Engine {
+	t.Helper()
+	e, err := NewEngine(cfg, h, ConnInfo{ID: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// expect asserts the next action.
+func expect(t *testing.T, e *Engine, now time.Time, op Op, data string, deadline time.Time) Action {
+	t.Helper()
+	a := e.Next(now)
+	if a.Op != op || string(a.Data) != data || !a.Deadline.Equal(deadline) {
+		t.Fatalf("Next = {%s %q %v}, want {%s %q %v} (state %s)", a.Op, a.Data, a.Deadline, op, data, deadline, e.State())
+	}
+	return a
+}
+
+func expectState(t *testing.T, e *Engine, s fsm.State) {
+	t.Helper()
+	if e.State() != s {
+		t.Fatalf("state %s, want %s", e.State(), s)
+	}
+}
+
+// receiving returns an echo engine started at t0, in Receiving.
+func receiving(t *testing.T, cfg Config) (*Engine, *testHandler) {
+	h := &testHandler{}
+	e := newTestEngine(t, cfg, h)
+	expect(t, e, t0, OpRead, "", t0.Add(cfg.IdleTimeout))
+	expectState(t, e, fsm.Receiving)
+	return e, h
+}
+
+// halfClosed returns an echo engine that has sent its FIN at t0 after an
+// idle timeout.
+func halfClosed(t *testing.T, cfg Config) (*Engine, *testHandler) {
+	e, h := receiving(t, cfg)
+	expect(t, e, t0.Add(cfg.IdleTimeout), OpCloseWrite, "", time.Time{})
+	expectState(t, e, fsm.HalfClosed)
+	e.CloseWriteDone(t0, nil)
+	return e, h
+}
+
+// --- Accepted ---
+
+func TestAcceptedStartsAndOpens(t *testing.T) {
+	h := &testHandler{onOpen: func(c *Conn) { c.Write([]byte("hello\n")) }}
+	e := newTestEngine(t, testCfg, h)
+	expectState(t, e, fsm.Accepted)
+	expect(t, e, t0, OpWrite, "hello\n", t0.Add(testCfg.WriteTimeout))
+	expectState(t, e, fsm.Sending)
+	if strings.Join(h.calls, ",") != "open" {
+		t.Fatalf("calls %v", h.calls)
+	}
+}
+
+func TestAcceptedAbort(t *testing.T) {
+	h := &testHandler{}
+	e := newTestEngine(t, testCfg, h)
+	e.Abort(t0)
+	expectState(t, e, fsm.Closed)
+	expect(t, e, t0, OpAbort, "", time.Time{})
+	e.CloseDone(t0, nil)
+	expect(t, e, t0, OpDone, "", time.Time{})
+	if len(h.infos) != 1 || h.infos[0].Reason != ReasonShutdownDeadline || !errors.Is(h.infos[0].Err, ErrShutdownDeadline) {
+		t.Fatalf("infos %+v", h.infos)
+	}
+}
+
+// --- Receiving ---
+
+func TestReceivingEchoesAndResetsIdle(t *testing.T) {
+	e, h := receiving(t, testCfg)
+	at := t0.Add(4 * time.Second)
+	e.ReadDone(at, []byte("abc"), nil)
+	expectState(t, e, fsm.Sending)
+	expect(t, e, at, OpWrite, "abc", at.Add(testCfg.WriteTimeout))
+	flushed := at.Add(time.Second)
+	e.WriteDone(flushed, 3, nil)
+	expectState(t, e, fsm.Receiving)
+	// The idle timer restarts when Receiving is entered again.
+	expect(t, e, flushed, OpRead, "", flushed.Add(testCfg.IdleTimeout))
+	if string(h.received) != "abc" {
+		t.Fatalf("received %q", h.received)
+	}
+}
+
+func TestReceivingIdleTimeoutHalfCloses(t *testing.T) {
+	e, _ := receiving(t, testCfg)
+	// A read that returns early from its deadline changes nothing.
+	e.ReadDone(t0.Add(time.Second), nil, os.ErrDeadlineExceeded)
+	expect(t, e, t0.Add(time.Second), OpRead, "", t0.Add(testCfg.IdleTimeout))
+	e.ReadDone(t0.Add(testCfg.IdleTimeout), nil, os.ErrDeadlineExceeded)
+	expect(t, e, t0.Add(testCfg.IdleTimeout), OpCloseWrite, "", time.Time{})
+	if e.CloseInfo().Reason != ReasonIdleTimeout {
+		t.Fatalf("reason %s", e.CloseInfo().Reason)
+	}
+}
+
+func TestReceivingIdleOff(t *testing.T) {
+	cfg := testCfg
+	cfg.IdleTimeout = -1
+	e := newTestEngine(t, cfg, &testHandler{})
+	expect(t, e, t0, OpRead, "", time.Time{})
+}
+
+func TestReceivingMaxLifetime(t *testing.T) {
+	cfg := testCfg
+	cfg.MaxLifetime = 15 * time.Second
+	e, _ := receiving(t, cfg)
+	// Input keeps the idle timer away; the lifetime still ends it.
+	for i := 1; i <= 14; i++ {
+		at := t0.Add(time.Duration(i) * time.Second)
+		e.ReadDone(at, []byte("x"), nil)
+		e.Next(at)
+		e.WriteDone(at, 1, nil)
+	}
+	expect(t, e, t0.Add(14*time.Second), OpRead, "", t0.Add(15*time.Second))
+	expect(t, e, t0.Add(15*time.Second), OpCloseWrite, "", time.Time{})
+	if r := e.CloseInfo().Reason; r != ReasonMaxLifetime {
+		t.Fatalf("reason %s", r)
+	}
+}
+
+func TestReceivingPeerFINClosesAtOnce(t *testing.T) {
+	e, h := receiving(t, testCfg)
+	h.onPeer = func(c *Conn) { c.Write([]byte("bye")) }
+	e.ReadDone(t0, []byte("hi"), io.EOF) // data and EOF together
+	expect(t, e, t0, OpWrite, "hibye", t0.Add(testCfg.WriteTimeout))
+	e.WriteDone(t0, 5, nil)
+	expect(t, e, t0, OpCloseWrite, "", time.Time{})
+	e.CloseWriteDone(t0, nil)
+	expect(t, e, t0, OpClose, "", time.Time{}) // no linger: the peer's FIN was seen
+	e.CloseDone(t0, nil)
+	expect(t, e, t0, OpDone, "", time.Time{})
+	want := "open,data,peer-close,close"
+	if got := strings.Join(h.calls, ","); got != "data,peer-close,close" && got != want {
+		t.Fatalf("calls %s", got)
+	}
+	info := h.infos[0]
+	if info.Reason != ReasonPeerClosed || info.Linger != LingerNone || !info.PeerFIN || info.BytesRead != 2 || info.BytesWritten != 5 {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestReceivingResetAndErrors(t *testing.T) {
+	for _, tc := range []struct {
+		err    error
+		reason Reason
+		is     error
+	}{
+		{syscall.ECONNRESET, ReasonPeerReset, ErrPeerReset},
+		{errors.New("disk on fire"), ReasonReadError, ErrIO},
+	} {
+		e, h := receiving(t, testCfg)
+		e.ReadDone(t0, nil, tc.err)
+		expect(t, e, t0, OpAbort, "", time.Time{})
+		e.CloseDone(t0, nil)
+		if info := h.infos[0]; info.Reason != tc.reason || !errors.Is(info.Err, tc.is) || !errors.Is(info.Err, tc.err) || !info.Aborted() {
+			t.Fatalf("%v: info %+v", tc.err, info)
+		}
+	}
+}
+
+func TestHandlerPanicAborts(t *testing.T) {
+	e, h := receiving(t, testCfg)
+	h.onData = func(*Conn, []byte) { panic("boom") }
+	e.ReadDone(t0, []byte("x"), nil)
+	expect(t, e, t0, OpAbort, "", time.Time{})
+	e.CloseDone(t0, nil)
+	var pe *PanicError
+	if info := h.infos[0]; info.Reason != ReasonHandlerPanic || !errors.As(info.Err, &pe) || pe.Value != "boom" || len(pe.Stack) == 0 {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestWriteOutputFull(t *testing.T) {
+	cfg := testCfg
+	cfg.MaxPendingOutput = 4
+	e, h := receiving(t, cfg)
+	var n1, n2 int
+	var err1, err2 error
+	h.onData = func(c *Conn, p []byte) {
+		n1, err1 = c.Write([]byte("abc"))
+		n2, err2 = c.Write([]byte("def"))
+	}
+	e.ReadDone(t0, []byte("x"), nil)
+	if n1 != 3 || err1 != nil || n2 != 1 || !errors.Is(err2, ErrOutputFull) {
+		t.Fatalf("writes: %d %v, %d %v", n1, err1, n2, err2)
+	}
+	expect(t, e, t0, OpWrite, "abcd", t0.Add(cfg.WriteTimeout))
+}
+
+// --- Sending ---
+
+func TestSendingPartialWrites(t *testing.T) {
+	e, _ := receiving(t, testCfg)
+	e.ReadDone(t0, []byte("hello"), nil)
+	expect(t, e, t0, OpWrite, "hello", t0.Add(testCfg.WriteTimeout))
+	e.WriteDone(t0.Add(time.Second), 2, os.ErrDeadlineExceeded) // a short write that hit a (woken) deadline
+	expectState(t, e, fsm.Closed)
+	expect(t, e, t0.Add(time.Second), OpAbort, "", time.Time{})
+}
+
+func TestSendingResumesAfterShortWrite(t *testing.T) {
+	e, _ := receiving(t, testCfg)
+	e.ReadDone(t0, []byte("hello"), nil)
+	e.Next(t0)
+	e.WriteDone(t0, 2, nil)
+	// The deadline covers the whole flush: it does not move with progress.
+	expect(t, e, t0.Add(time.Second), OpWrite, "llo", t0.Add(testCfg.WriteTimeout))
+}
+
+func TestSendingWriteTimeoutAborts(t *testing.T) {
+	e, h := receiving(t, testCfg)
+	e.ReadDone(t0, []byte("hello"), nil)
+	e.Next(t0)
+	expect(t, e, t0.Add(testCfg.WriteTimeout), OpAbort, "", time.Time{})
+	e.CloseDone(t0.Add(testCfg.WriteTimeout), nil)
+	if info := h.infos[0]; info.Reason != ReasonWriteTimeout || !errors.Is(info.Err, ErrWriteTimeout) {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestSendingFlushesBeforeHalfClose(t *testing.T) {
+	e, h := receiving(t, testCfg)
+	h.onData = func(c *Conn, p []byte) {
+		c.Write(p)
+		c.Close()
+		if n, err := c.Write(p); n != 0 || !errors.Is(err, ErrShutdown) {
+			t.Errorf("write after Close: %d, %v", n, err)
+		}
+	}
+	e.ReadDone(t0, []byte("last"), nil)
+	expect(t, e, t0, OpWrite, "last", t0.Add(testCfg.WriteTimeout))
+	e.WriteDone(t0, 4, nil)
+	expect(t, e, t0, OpCloseWrite, "", time.Time{})
+}
+
+// --- HalfClosed ---
+
+func TestHalfClosedLingerDeadlines(t *testing.T) {
+	e, _ := halfClosed(t, testCfg)
+	// The per-read bound comes first...
+	expect(t, e, t0, OpRead, "", t0.Add(testCfg.LingerTimeout))
+	// ...and moves with each read, until the total bound is nearer.
+	e.ReadDone(t0.Add(2*time.Second), []byte("xx"), nil)
+	expect(t, e, t0.Add(2*time.Second), OpRead, "", t0.Add(5*time.Second))
+	e.ReadDone(t0.Add(5*time.Second), []byte("yy"), nil)
+	expect(t, e, t0.Add(5*time.Second), OpRead, "", t0.Add(testCfg.LingerTime))
+	expect(t, e, t0.Add(testCfg.LingerTime), OpClose, "", time.Time{})
+	info := e.CloseInfo()
+	if info.Linger != LingerTime || info.Discarded != 4 || info.Aborted() {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestHalfClosedLingerTimeout(t *testing.T) {
+	e, _ := halfClosed(t, testCfg)
+	e.ReadDone(t0.Add(testCfg.LingerTimeout), nil, os.ErrDeadlineExceeded)
+	expect(t, e, t0.Add(testCfg.LingerTimeout), OpClose, "", time.Time{})
+	if e.CloseInfo().Linger != LingerTimeout {
+		t.Fatalf("linger %s", e.CloseInfo().Linger)
+	}
+}
+
+func TestHalfClosedLingerBytes(t *testing.T) {
+	e, h := halfClosed(t, testCfg)
+	e.ReadDone(t0, make([]byte, testCfg.LingerBytes), nil)
+	expect(t, e, t0, OpClose, "", time.Time{})
+	if e.CloseInfo().Linger != LingerBytes || len(h.received) != 0 {
+		t.Fatalf("linger %s; handler got %d bytes", e.CloseInfo().Linger, len(h.received))
+	}
+}
+
+func TestHalfClosedPeerFIN(t *testing.T) {
+	e, h := halfClosed(t, testCfg)
+	e.ReadDone(t0.Add(time.Second), []byte("late"), io.EOF)
+	expect(t, e, t0.Add(time.Second), OpClose, "", time.Time{})
+	e.CloseDone(t0.Add(time.Second), nil)
+	info := h.infos[0]
+	if info.Linger != LingerPeerFIN || info.Reason != ReasonIdleTimeout || info.Discarded != 4 || !info.PeerFIN {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestHalfClosedHandlerHalfCloseStillReceives(t *testing.T) {
+	e, h := receiving(t, testCfg)
+	h.onData = func(c *Conn, p []byte) {
+		if string(p) == "first" {
+			c.Write([]byte("answer"))
+			c.CloseWrite()
+		}
+		if _, err := c.Write(p); !errors.Is(err, ErrShutdown) {
+			t.Errorf("write after CloseWrite: %v", err)
+		}
+	}
+	e.ReadDone(t0, []byte("first"), nil)
+	expect(t, e, t0, OpWrite, "answer", t0.Add(testCfg.WriteTimeout))
+	e.WriteDone(t0, 6, nil)
+	expect(t, e, t0, OpCloseWrite, "", time.Time{})
+	e.CloseWriteDone(t0, nil)
+	e.ReadDone(t0, []byte("more"), nil)
+	if string(h.received) != "firstmore" {
+		t.Fatalf("handler received %q", h.received)
+	}
+	if e.CloseInfo().Discarded != 0 {
+		t.Fatal("half-close mode discarded input")
+	}
+}
+
+func TestHalfClosedCloseWriteError(t *testing.T) {
+	e, _ := receiving(t, testCfg)
+	expect(t, e, t0.Add(testCfg.IdleTimeout), OpCloseWrite, "", time.Time{})
+	e.CloseWriteDone(t0, syscall.ECONNRESET)
+	expect(t, e, t0, OpAbort, "", time.Time{})
+}
+
+// --- Closed ---
+
+func TestClosedIsTerminal(t *testing.T) {
+	e, h := halfClosed(t, testCfg)
+	e.ReadDone(t0, nil, io.EOF)
+	expect(t, e, t0, OpClose, "", time.Time{})
+	e.CloseDone(t0, nil)
+	// Nothing the driver or the server does afterwards changes anything.
+	e.ReadDone(t0, []byte("x"), nil)
+	e.WriteDone(t0, 1, nil)
+	e.CloseWriteDone(t0, nil)
+	e.Shutdown(t0)
+	e.Abort(t0)
+	e.CloseDone(t0, nil)
+	for range 3 {
+		expect(t, e, t0.Add(time.Hour), OpDone, "", time.Time{})
+	}
+	if len(h.infos) != 1 || h.infos[0].Reason != ReasonIdleTimeout {
+		t.Fatalf("OnClose %d times: %+v", len(h.infos), h.infos)
+	}
+	if _, err := e.Conn().Write([]byte("x")); !errors.Is(err, ErrShutdown) {
+		t.Fatalf("write when closed: %v", err)
+	}
+}
+
+// --- Server shutdown ---
+
+func TestShutdownWhileSendingFlushesFirst(t *testing.T) {
+	e, _ := receiving(t, testCfg)
+	e.ReadDone(t0, []byte("in flight"), nil)
+	e.Next(t0)
+	e.Shutdown(t0)
+	expect(t, e, t0, OpWrite, "in flight", t0.Add(testCfg.WriteTimeout))
+	e.WriteDone(t0, 9, nil)
+	expect(t, e, t0, OpCloseWrite, "", time.Time{})
+	if e.CloseInfo().Reason != ReasonShutdown {
+		t.Fatalf("reason %s", e.CloseInfo().Reason)
+	}
+}
+
+// --- Config ---
+
+func TestConfigValidate(t *testing.T) {
+	for _, bad := range []Config{
+		{WriteTimeout: -1}, {LingerTime: -1}, {ReadBufferSize: -1}, {MaxPendingOutput: -1}, {MaxConns: -1},
+	} {
+		if err := bad.Validate(); !errors.Is(err, ErrInvalidConfig) || !strings.HasPrefix(err.Error(), "sockfsm: ") {
+			t.Errorf("%+v: %v", bad, err)
+		}
+		if _, err := NewEngine(bad, Echo, ConnInfo{}); !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("NewEngine(%+v): %v", bad, err)
+		}
+	}
+	if err := (Config{IdleTimeout: -1, LingerTimeout: -1, LingerBytes: -1, MaxLifetime: -1}).Validate(); err != nil {
+		t.Errorf("off values refused: %v", err)
+	}
+	if _, err := NewEngine(Config{}, nil, ConnInfo{}); !errors.Is(err, ErrNoHandler) {
+		t.Errorf("nil handler: %v", err)
+	}
+}
+
+func TestConfigDefaultsAndOff(t *testing.T) {
+	l := Config{}.limits()
+	want := limits{idle: DefaultIdleTimeout, write: DefaultWriteTimeout, lingerTimeout: DefaultLingerTimeout,
+		lingerTime: DefaultLingerTime, lingerBytes: DefaultLingerBytes, readBuf: DefaultReadBufferSize, maxOut: DefaultMaxPendingOutput}
+	if l != want {
+		t.Errorf("defaults %+v, want %+v", l, want)
+	}
+	off := Config{IdleTimeout: -1, LingerTimeout: -5, LingerBytes: -1, MaxLifetime: -1}.limits()
+	if off.idle != 0 || off.lingerTimeout != 0 || off.lingerBytes != 0 || off.lifetime != 0 {
+		t.Errorf("off %+v", off)
+	}
+	if b, ok := (Config{}).CloseBound(); !ok || b != DefaultWriteTimeout+DefaultIdleTimeout+DefaultLingerTime {
+		t.Errorf("CloseBound %v %v", b, ok)
+	}
+	if _, ok := (Config{IdleTimeout: -1}).CloseBound(); ok {
+		t.Error("CloseBound claims a bound with IdleTimeout off")
+	}
+}
+
+func TestNamesAreComplete(t *testing.T) {
+	for r := ReasonNone; r <= ReasonInternal; r++ {
+		if strings.HasPrefix(r.String(), "Reason(") {
+			t.Errorf("reason %d has no name", r)
+		}
+	}
+	for l := LingerNone; l <= LingerBytes; l++ {
+		if strings.HasPrefix(l.String(), "LingerEnd(") {
+			t.Errorf("linger %d has no name", l)
+		}
+	}
+	for o := OpRead; o <= OpDone; o++ {
+		if o.String() == "" || o.String() == "Op(?)" {
+			t.Errorf("op %d has no name", o)
+		}
+	}
+}
