@@ -71,12 +71,12 @@ type Peer struct {
 // Errors the simulation returns.
 var (
 	// ErrInjected is a read or write error injected by a faulty peer.
-	ErrInjected = errors.New("sim: injected i/o error")
+	ErrInjected = errors.New("sockfsm: sim: injected i/o error")
 	// ErrStuck is returned by a read or write that would block forever:
 	// no deadline is set and the peer will never act again.
-	ErrStuck = errors.New("sim: blocked forever with no deadline")
+	ErrStuck = errors.New("sockfsm: sim: blocked forever with no deadline")
 	// ErrShutdown is returned by a write after CloseWrite.
-	ErrShutdown = errors.New("sim: write after CloseWrite")
+	ErrShutdown = errors.New("sockfsm: sim: write after CloseWrite")
 )
 
 // Record is what happened on a Conn.
