@@ -133,7 +133,7 @@ func runPeer(c transport.Conn, kind int, msg []byte) peerResult {
 	}
 }
 
-func TestPropertyServerShutdown(t *testing.T) {
+func TestServerShutdownProperty(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	rapid.Check(t, func(rt *rapid.T) {
 		cfg := sockfsm.Config{
