@@ -15,7 +15,11 @@ const (
 	// DefaultIdleTimeout is nginx's client_body_timeout and keepalive
 	// order of magnitude: a minute of silence while Receiving.
 	DefaultIdleTimeout = 60 * time.Second
-	// DefaultWriteTimeout is nginx's send_timeout.
+	// DefaultWriteTimeout is the value of nginx's send_timeout. nginx
+	// bounds the gap between two writes; sockfsm bounds each whole flush
+	// (at most MaxPendingOutput bytes), so a peer that reads one byte a
+	// minute cannot hold a connection forever: with the defaults a peer
+	// must read at least 1 MiB a minute.
 	DefaultWriteTimeout = 60 * time.Second
 	// DefaultLingerTimeout is nginx's lingering_timeout.
 	DefaultLingerTimeout = 5 * time.Second
@@ -43,8 +47,10 @@ type Config struct {
 	// IdleTimeout ends a connection that sends nothing for this long while
 	// Receiving: the engine half-closes it gracefully. Default 60s.
 	IdleTimeout time.Duration
-	// WriteTimeout bounds each flush of queued output. A peer that does not
-	// read it in time is aborted (RST). Default 60s; cannot be off.
+	// WriteTimeout bounds each flush of queued output, from its first
+	// write to its last. A peer that does not read it in time is aborted
+	// (RST). The time the handler takes to produce the output does not
+	// count. Default 60s; cannot be off.
 	WriteTimeout time.Duration
 	// LingerTimeout bounds each read after our half-close. Default 5s.
 	LingerTimeout time.Duration
@@ -138,10 +144,13 @@ func (c Config) limits() limits {
 	return l
 }
 
-// CloseBound returns the longest a connection can stay open after the
-// peer's last input (or after it was accepted, if the peer sent nothing),
-// whatever the peer does next: a flush bounded by WriteTimeout, an idle
-// period bounded by IdleTimeout, then a linger bounded by LingerTime. If
+// CloseBound returns the longest a connection can stay open after the last
+// activity, whatever the peer does next: a flush bounded by WriteTimeout, an
+// idle period bounded by IdleTimeout, then a linger bounded by LingerTime.
+// The last activity is the peer's last input, or the handler's last Write if
+// that came later (a handler writes in its callbacks, which input triggers,
+// so the two coincide unless the Engine is driven by a loop of the
+// embedder's own that writes on its own), or the accept. If
 // MaxLifetime is on, the connection also closes within MaxLifetime +
 // WriteTimeout + LingerTime of being accepted. The second result is false
 // when IdleTimeout is off, in which case a silent peer is not bounded

@@ -87,7 +87,7 @@ type Engine struct {
 	now        time.Time // the time of the step in progress
 	start      time.Time
 	recvSince  time.Time // Receiving entered or input last read: idle base
-	sendSince  time.Time // Sending entered: write deadline base
+	sendSince  time.Time // the flush began: write deadline base
 	halfAt     time.Time // HalfClosed entered: LingerTime base
 	lastLinger time.Time // last read while HalfClosed: LingerTimeout base
 
@@ -97,6 +97,7 @@ type Engine struct {
 	reason   Reason
 	err      error
 	linger   LingerEnd
+	flushing bool // a flush is under way: sendSince is set
 	finSent  bool
 	// finWhileHalf: the peer's FIN arrived while we lingered.
 	finWhileHalf bool
@@ -158,8 +159,6 @@ func (e *Engine) fire(ev fsm.Event) bool {
 	switch {
 	case to == fsm.Receiving && (from != fsm.Receiving || ev == fsm.Input):
 		e.recvSince = e.now
-	case to == fsm.Sending && from != fsm.Sending:
-		e.sendSince = e.now
 	case to == fsm.HalfClosed && from != fsm.HalfClosed:
 		e.halfAt, e.lastLinger = e.now, e.now
 	}
@@ -198,6 +197,7 @@ func (e *Engine) abort(r Reason, err error) {
 func (e *Engine) dropOutput() {
 	e.out = e.out[:0]
 	e.outOff = 0
+	e.flushing = false
 }
 
 // requestClose asks for a graceful close of the given kind. A full close
@@ -277,6 +277,11 @@ func (e *Engine) Next(now time.Time) Action {
 				e.dropOutput()
 				e.fire(fsm.Flushed)
 				continue
+			}
+			if !e.flushing {
+				// The deadline starts with the flush, so the time the
+				// handler took to produce the output does not count.
+				e.flushing, e.sendSince = true, now
 			}
 			dl := e.sendSince.Add(e.lim.write)
 			if mutating && e.mut&mutNoWriteTimeout != 0 {
@@ -426,6 +431,9 @@ func (e *Engine) peerFIN() {
 func (e *Engine) WriteDone(now time.Time, n int, err error) {
 	e.now = now
 	if e.m.State() != fsm.Sending {
+		if n > 0 && e.m.State() == fsm.Closed {
+			e.bytesOut += int64(n) // the write an abort interrupted
+		}
 		return
 	}
 	if n > len(e.out)-e.outOff {

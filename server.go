@@ -39,7 +39,11 @@ type Server struct {
 	done      chan struct{} // closed when shutting down
 	listeners map[net.Listener]struct{}
 	conns     map[*driver]struct{}
-	waiters   []chan struct{} // closed when conns becomes empty
+	// accepting counts the Serve loops between calling Accept and
+	// registering what it returned: a connection there is not in conns
+	// yet, but Shutdown and Close must wait for it all the same.
+	accepting int
+	waiters   []chan struct{} // closed when conns is empty and accepting is 0
 	closing   bool            // Shutdown or Close was called
 	killing   bool            // connections are being aborted
 }
@@ -116,8 +120,12 @@ func (s *Server) Serve(ln net.Listener) error {
 				return ErrServerClosed
 			}
 		}
+		s.mu.Lock()
+		s.accepting++
+		s.mu.Unlock()
 		c, err := ln.Accept()
 		if err != nil {
+			s.doneAccepting()
 			s.release()
 			select {
 			case <-s.done:
@@ -140,6 +148,24 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		backoff = 0
 		s.serve(c, lim, log)
+	}
+}
+
+// doneAccepting ends an accept that registered no connection.
+func (s *Server) doneAccepting() {
+	s.mu.Lock()
+	s.accepting--
+	s.notifyLocked()
+	s.mu.Unlock()
+}
+
+// notifyLocked wakes the waiters of drainedLocked if nothing is open.
+func (s *Server) notifyLocked() {
+	if len(s.conns) == 0 && s.accepting == 0 {
+		for _, w := range s.waiters {
+			close(w)
+		}
+		s.waiters = nil
 	}
 }
 
@@ -166,6 +192,7 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	if err != nil {
 		log.Error("cannot serve connection", "err", err)
 		c.Close()
+		s.doneAccepting()
 		s.release()
 		return
 	}
@@ -175,6 +202,7 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	if err != nil {
 		clog.Error("NewHandler failed; connection aborted", "err", err)
 		t.Abort()
+		s.doneAccepting()
 		s.release()
 		return
 	}
@@ -182,6 +210,7 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	d.init(t, lim, h, info, &s.Config, clog, time.Now)
 
 	s.mu.Lock()
+	s.accepting--
 	s.conns[d] = struct{}{}
 	if s.closing {
 		d.shutdownReq.Store(true)
@@ -196,12 +225,7 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 		logClose(clog, d.run(clog))
 		s.mu.Lock()
 		delete(s.conns, d)
-		if len(s.conns) == 0 {
-			for _, w := range s.waiters {
-				close(w)
-			}
-			s.waiters = nil
-		}
+		s.notifyLocked()
 		s.mu.Unlock()
 	}()
 }
@@ -235,7 +259,7 @@ func (s *Server) stopLocked() {
 // drained returns a channel closed when no connection is open.
 func (s *Server) drainedLocked() <-chan struct{} {
 	ch := make(chan struct{})
-	if len(s.conns) == 0 {
+	if len(s.conns) == 0 && s.accepting == 0 {
 		close(ch)
 	} else {
 		s.waiters = append(s.waiters, ch)
