@@ -49,6 +49,7 @@ type driver struct {
 	shutdownReq, abortReq   atomic.Bool
 	shutdownDone, abortDone bool
 	transportClosed         bool
+	tls                     bool // the transport is TLS: see handshake
 }
 
 func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger, now func() time.Time) {
@@ -89,6 +90,31 @@ func (d *driver) apply() {
 	}
 }
 
+// handshake runs a TLS handshake, if the transport has one, before the
+// engine starts, bounded by the idle timeout (or, if that is off, the write
+// timeout): tls.Conn would otherwise run it inside the first Read, Write or
+// CloseWrite, and a write or a half-close has no read deadline to bound it.
+func (d *driver) handshake() {
+	hs, ok := d.t.(interface{ Handshake() error })
+	if !ok {
+		return
+	}
+	d.tls = true
+	timeout := d.e.lim.idle
+	if timeout == 0 {
+		timeout = d.e.lim.write
+	}
+	dl := d.now().Add(timeout)
+	d.t.SetReadDeadline(dl)
+	d.t.SetWriteDeadline(dl)
+	if d.pending() {
+		return // the loop applies the request
+	}
+	if err := hs.Handshake(); err != nil {
+		d.e.handshakeFailed(d.now(), err)
+	}
+}
+
 // run drives the engine until the connection is closed. A panic that escapes
 // the engine (from the OnStateChange hook, say) aborts the transport.
 func (d *driver) run(log *slog.Logger) (info CloseInfo) {
@@ -105,6 +131,7 @@ func (d *driver) run(log *slog.Logger) (info CloseInfo) {
 			}
 		}
 	}()
+	d.handshake()
 	for {
 		// Requests are applied before each operation; a request that
 		// arrives after the deadline is set is seen by pending() before
@@ -114,13 +141,18 @@ func (d *driver) run(log *slog.Logger) (info CloseInfo) {
 		switch a.Op {
 		case OpRead:
 			d.t.SetReadDeadline(a.Deadline)
+			if d.tls {
+				// A TLS read may write (a KeyUpdate reply); a write
+				// deadline left over from the last flush must not fail it.
+				d.t.SetWriteDeadline(a.Deadline)
+			}
 			if d.pending() {
 				continue
 			}
 			n, err := d.t.Read(d.buf)
-			if err != nil && d.pending() {
-				d.apply() // woken: the request explains the error
-			}
+			// Input that came with the wake-up is delivered before the
+			// request is applied (at the top of the loop): a request
+			// that arrived with EOF still gets its answer.
 			d.e.ReadDone(d.now(), d.buf[:n], err)
 		case OpWrite:
 			d.t.SetWriteDeadline(a.Deadline)
@@ -167,16 +199,30 @@ func ServeConn(ctx context.Context, t Transport, h Handler, cfg Config) (CloseIn
 		t.Close()
 		return CloseInfo{}, ErrNoHandler
 	}
-	info := ConnInfo{LocalAddr: t.LocalAddr(), RemoteAddr: t.RemoteAddr()}
+	info := ConnInfo{ID: connIDs.Add(1), LocalAddr: t.LocalAddr(), RemoteAddr: t.RemoteAddr()}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
 	}
+	log = connLogger(log, info)
 	d := &driver{}
 	d.init(t, cfg.limits(), h, info, &cfg, log, time.Now)
 	stop := context.AfterFunc(ctx, d.requestAbort)
 	defer stop()
 	return d.run(log), nil
+}
+
+// connIDs numbers connections, across every Server and ServeConn of the
+// process.
+var connIDs atomic.Uint64
+
+// connLogger tags log with the connection's id and remote address.
+func connLogger(log *slog.Logger, info ConnInfo) *slog.Logger {
+	remote := "unknown"
+	if info.RemoteAddr != nil {
+		remote = info.RemoteAddr.String()
+	}
+	return log.With(slog.Uint64("conn", info.ID), slog.String("remote", remote))
 }
 
 // logClose logs how a connection ended.

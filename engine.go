@@ -120,8 +120,12 @@ func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
 	if h == nil {
 		return nil, ErrNoHandler
 	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
 	e := &Engine{}
-	e.init(cfg.limits(), h, info, cfg.OnStateChange, cfg.Logger)
+	e.init(cfg.limits(), h, info, cfg.OnStateChange, log)
 	return e, nil
 }
 
@@ -194,7 +198,15 @@ func (e *Engine) abort(r Reason, err error) {
 	e.fire(fsm.Abort)
 }
 
+// keepOutput is the largest output buffer kept between flushes; a larger
+// one is released so that one large response does not pin its memory for
+// the rest of the connection's life.
+const keepOutput = 64 << 10
+
 func (e *Engine) dropOutput() {
+	if cap(e.out) > keepOutput {
+		e.out = nil
+	}
 	e.out = e.out[:0]
 	e.outOff = 0
 	e.flushing = false
@@ -457,6 +469,13 @@ func (e *Engine) WriteDone(now time.Time, n int, err error) {
 	default:
 		e.abort(ReasonWriteError, errors.Join(ErrIO, err))
 	}
+}
+
+// handshakeFailed aborts a connection whose TLS handshake failed, before
+// the engine started.
+func (e *Engine) handshakeFailed(now time.Time, err error) {
+	e.now, e.start = now, now
+	e.abort(ReasonHandshake, errors.Join(ErrHandshake, err))
 }
 
 // CloseWriteDone reports the result of OpCloseWrite.

@@ -15,7 +15,8 @@ var (
 	// ErrServerClosed is returned by Serve and ListenAndServe after
 	// Shutdown or Close.
 	ErrServerClosed = errors.New("sockfsm: server closed")
-	// ErrNoHandler is returned by Serve when Server.NewHandler is nil.
+	// ErrNoHandler is returned by Serve when Server.NewHandler is nil, and
+	// by NewEngine and ServeConn when the handler is nil.
 	ErrNoHandler = errors.New("sockfsm: no handler")
 
 	// ErrPeerReset is the cause of a connection the peer reset.
@@ -31,6 +32,9 @@ var (
 	// server's shutdown deadline passed, the server was closed, or the
 	// context given to ServeConn ended.
 	ErrShutdownDeadline = errors.New("sockfsm: aborted at shutdown deadline")
+	// ErrHandshake is the cause of a connection whose TLS handshake failed
+	// or timed out; the transport's error is joined to it.
+	ErrHandshake = errors.New("sockfsm: tls handshake failed")
 	// ErrIO is the cause of a connection aborted after a read, write or
 	// half-close error; the transport's error is joined to it.
 	ErrIO = errors.New("sockfsm: i/o error")

@@ -125,12 +125,15 @@ const (
 	// ReasonShutdownDeadline: the server's Shutdown context ended, or Close
 	// was called, or ServeConn's context was canceled.
 	ReasonShutdownDeadline
+	// ReasonHandshake: the TLS handshake failed or did not finish within
+	// IdleTimeout (WriteTimeout if IdleTimeout is off).
+	ReasonHandshake
 	// ReasonInternal: the engine hit a bug (an illegal transition).
 	ReasonInternal
 )
 
 var reasonNames = [...]string{"none", "peer-closed", "handler-close", "idle-timeout", "max-lifetime", "shutdown",
-	"peer-reset", "read-error", "write-error", "write-timeout", "handler-abort", "handler-panic", "shutdown-deadline", "internal"}
+	"peer-reset", "read-error", "write-error", "write-timeout", "handler-abort", "handler-panic", "shutdown-deadline", "handshake", "internal"}
 
 // String returns the reason's name.
 func (r Reason) String() string {
@@ -176,7 +179,8 @@ type CloseInfo struct {
 	// Reason is why the connection closed. Abortive reasons mean RST.
 	Reason Reason
 	// Err is the cause of an abort, matching one of the package's sentinel
-	// errors with errors.Is; nil for graceful closes.
+	// errors with errors.Is (for ReasonInternal, an *fsm.TransitionError);
+	// nil for graceful closes.
 	Err error
 	// Linger says how the linger after our FIN ended.
 	Linger LingerEnd

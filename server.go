@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -31,8 +30,6 @@ type Server struct {
 	// the accepting goroutine and must not block.
 	NewHandler func(ConnInfo) Handler
 
-	nextID atomic.Uint64
-
 	mu        sync.Mutex
 	inited    bool
 	sem       chan struct{} // MaxConns slots; nil when unlimited
@@ -46,6 +43,7 @@ type Server struct {
 	waiters   []chan struct{} // closed when conns is empty and accepting is 0
 	closing   bool            // Shutdown or Close was called
 	killing   bool            // connections are being aborted
+	aborted   int             // connections abortAll has aborted
 }
 
 func (s *Server) initLocked() {
@@ -175,15 +173,29 @@ func (s *Server) release() {
 	}
 }
 
+// temporaryAcceptErrors are the accept errors worth retrying: running out of
+// descriptors or memory, a connection that died in the backlog, and the
+// pending network errors Linux's accept(2) says to treat like EAGAIN.
+var temporaryAcceptErrors = []syscall.Errno{
+	syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EINTR,
+	syscall.ECONNABORTED, syscall.ECONNRESET, syscall.EPROTO,
+	syscall.ENETDOWN, syscall.ENOPROTOOPT, syscall.EHOSTDOWN, syscall.EHOSTUNREACH, syscall.EOPNOTSUPP, syscall.ENETUNREACH,
+}
+
 // temporary reports whether an accept error is worth retrying.
 func temporary(err error) bool {
-	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ECONNABORTED, syscall.ENOBUFS, syscall.ENOMEM, syscall.EINTR} {
+	for _, errno := range temporaryAcceptErrors {
 		if errors.Is(err, errno) {
 			return true
 		}
 	}
 	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	// A wrapping listener may say so itself.
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
 }
 
 // serve starts the goroutine of one accepted connection.
@@ -196,8 +208,8 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 		s.release()
 		return
 	}
-	info := ConnInfo{ID: s.nextID.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
-	clog := log.With(slog.Uint64("conn", info.ID), slog.String("remote", info.RemoteAddr.String()))
+	info := ConnInfo{ID: connIDs.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
+	clog := connLogger(log, info)
 	h, err := s.newHandler(info)
 	if err != nil {
 		clog.Error("NewHandler failed; connection aborted", "err", err)
@@ -274,6 +286,7 @@ func (s *Server) abortAll() <-chan struct{} {
 	for d := range s.conns {
 		d.requestAbort()
 	}
+	s.aborted += len(s.conns) + s.accepting
 	return s.drainedLocked()
 }
 
@@ -282,7 +295,8 @@ func (s *Server) abortAll() <-chan struct{} {
 // flight before they half-close; every connection then lingers within its
 // bounds and closes. If ctx ends first, Shutdown aborts (RST) whatever is
 // left. Either way it returns only when every connection is closed: nil if
-// all closed gracefully, ctx's error otherwise.
+// all closed gracefully, ctx's error if it aborted some at the deadline,
+// and ErrShutdownDeadline if a concurrent Close aborted them.
 //
 // Handlers run on the connections' goroutines; a handler that blocks
 // forever holds Shutdown too.
@@ -293,10 +307,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		d.requestShutdown()
 	}
 	drained := s.drainedLocked()
+	abortedBefore := s.aborted
 	s.mu.Unlock()
 
 	select {
 	case <-drained:
+		s.mu.Lock()
+		killed := s.aborted != abortedBefore
+		s.mu.Unlock()
+		if killed {
+			return ErrShutdownDeadline // a concurrent Close aborted connections
+		}
 		return nil
 	case <-ctx.Done():
 	}

@@ -36,7 +36,13 @@ func (c unixConn) Abort() error { return c.Close() }
 // CloseWrite sends a TLS close_notify alert and then shuts down the sending
 // side of the underlying connection, so the peer also sees a FIN: tls.Conn's
 // own CloseWrite sends only the alert. If the underlying connection is not
-// one Wrap supports, only the alert is sent. Since close_notify requires a
+// one Wrap supports, only the alert is sent. If the alert cannot be sent
+// (tls.Conn gives it a fixed 5 s write deadline, which a peer that reads
+// slowly can exceed), the FIN is sent all the same and CloseWrite returns
+// nil: everything written before was already handed to the kernel, and a
+// FIN delivers it where an error (and the RST that follows) would destroy
+// it; the peer's TLS layer then reports an unexpected EOF after the data.
+// Since close_notify requires a
 // completed handshake, CloseWrite first runs the handshake if it has not run
 // yet, as Read and Write do, and returns its error if it fails, having sent
 // nothing. tls.Conn's CloseWrite also leaves the write deadline in the past.
@@ -52,11 +58,12 @@ func (c tlsConn) CloseWrite() error {
 	if err := c.Handshake(); err != nil {
 		return err
 	}
-	if err := c.Conn.CloseWrite(); err != nil {
-		return err
-	}
+	notifyErr := c.Conn.CloseWrite()
 	if raw, err := Wrap(c.NetConn()); err == nil {
 		return raw.CloseWrite()
+	}
+	if notifyErr != nil {
+		return notifyErr
 	}
 	return nil
 }
@@ -71,8 +78,11 @@ func (c tlsConn) Abort() error {
 }
 
 // Wrap returns c as a Conn: c itself if it already is one (a Pipe end, say),
-// otherwise the adapter for *net.TCPConn, *net.UnixConn or *tls.Conn. For any
-// other type it returns an error wrapping ErrUnsupported.
+// otherwise the adapter for *net.TCPConn, *net.UnixConn or *tls.Conn, or,
+// for any other type with a CloseWrite() error method, a generic adapter
+// whose Abort sets SO_LINGER 0 if c has SetLinger(int) error, then closes.
+// A connection that cannot half-close is refused with an error wrapping
+// ErrUnsupported: the engine cannot close it without risking an RST.
 func Wrap(c net.Conn) (Conn, error) {
 	switch c := c.(type) {
 	case Conn:
@@ -83,6 +93,23 @@ func Wrap(c net.Conn) (Conn, error) {
 		return Unix(c), nil
 	case *tls.Conn:
 		return TLS(c), nil
+	case halfCloser:
+		return genericConn{c}, nil
 	}
 	return nil, fmt.Errorf("%w: %T", ErrUnsupported, c)
+}
+
+type halfCloser interface {
+	net.Conn
+	CloseWrite() error
+}
+
+type genericConn struct{ halfCloser }
+
+// Abort implements Conn.
+func (c genericConn) Abort() error {
+	if l, ok := c.halfCloser.(interface{ SetLinger(int) error }); ok {
+		l.SetLinger(0)
+	}
+	return c.Close()
 }
