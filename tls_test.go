@@ -54,7 +54,7 @@ func (g *greeter) OnOpen(c *sockfsm.Conn) {
 		c.Write([]byte("hello\n"))
 	}
 }
-func (g *greeter) OnData(c *sockfsm.Conn, p []byte)               { c.Write(p) }
+func (g *greeter) OnData(c *sockfsm.Conn, p []byte)                { c.Write(p) }
 func (g *greeter) OnClose(_ *sockfsm.Conn, info sockfsm.CloseInfo) { g.closed <- info }
 
 func startTLS(t *testing.T, cfg sockfsm.Config, greet bool) (addr string, closed chan sockfsm.CloseInfo) {
