@@ -9,6 +9,8 @@ import (
 	"runtime/debug"
 	"sync/atomic"
 	"time"
+
+	"github.com/sockfsm/sockfsm/fsm"
 )
 
 // Transport is the connection the engine's driver consumes. Every adapter in
@@ -49,10 +51,17 @@ type driver struct {
 	shutdownReq, abortReq   atomic.Bool
 	shutdownDone, abortDone bool
 	transportClosed         bool
+	result                  CloseInfo // how the connection ended, once run returns
+
+	// The deadlines armed on the transport, when known: see setReadDeadline.
+	rdl, wdl           time.Time
+	rdlKnown, wdlKnown bool
 	tls                     bool // the transport is TLS: see handshake
 }
 
 func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger, now func() time.Time) {
+	// log is the base logger; the engine tags it with the connection's
+	// id and address when it first logs.
 	d.t = t
 	d.now = now
 	d.buf = make([]byte, lim.readBuf)
@@ -115,57 +124,114 @@ func (d *driver) handshake() {
 	}
 }
 
-// run drives the engine until the connection is closed. A panic that escapes
-// the engine (from the OnStateChange hook, say) aborts the transport.
-func (d *driver) run(log *slog.Logger) (info CloseInfo) {
-	defer func() {
-		if r := recover(); r != nil {
-			if !d.transportClosed {
-				d.transportClosed = true
-				d.t.Abort()
-			}
-			info = d.e.CloseInfo()
-			info.Reason, info.Err = ReasonHandlerPanic, &PanicError{Value: r, Stack: debug.Stack()}
-			if log != nil {
-				log.Error("panic in connection", "panic", r, "stack", string(debug.Stack()))
-			}
+// deadlineSlack is how far a read deadline may move later without being
+// re-armed: the armed one then fires a little early, the engine sees that
+// its own deadline has not come, and the loop re-arms it exactly. A busy
+// connection thus re-arms its read deadline about once per deadlineSlack
+// instead of on every read. Write deadlines are never left early: an early
+// write timeout would abort the connection.
+const deadlineSlack = 50 * time.Millisecond
+
+// setReadDeadline arms the read deadline dl unless the armed one will do.
+func (d *driver) setReadDeadline(now, dl time.Time) {
+	if d.rdlKnown {
+		if dl.Equal(d.rdl) {
+			return
 		}
-	}()
+		if !dl.IsZero() && !d.rdl.IsZero() && d.rdl.After(now) && dl.After(d.rdl) && dl.Sub(d.rdl) < deadlineSlack {
+			return
+		}
+	}
+	d.t.SetReadDeadline(dl)
+	d.rdl, d.rdlKnown = dl, true
+}
+
+// setWriteDeadline arms the write deadline dl unless it is armed already.
+func (d *driver) setWriteDeadline(dl time.Time) {
+	if d.wdlKnown && dl.Equal(d.wdl) {
+		return
+	}
+	d.t.SetWriteDeadline(dl)
+	d.wdl, d.wdlKnown = dl, true
+}
+
+// forgetDeadlines marks the armed deadlines unknown: a request's wake-up or
+// an error may have changed or spent them.
+func (d *driver) forgetDeadlines() { d.rdlKnown, d.wdlKnown = false, false }
+
+// recoverPanic turns a panic that escaped the engine (from the
+// OnStateChange hook, say) into an abort of the transport.
+func (d *driver) recoverPanic() {
+	if r := recover(); r != nil {
+		if !d.transportClosed {
+			d.transportClosed = true
+			d.t.Abort()
+		}
+		d.result = d.e.CloseInfo()
+		d.result.Reason, d.result.Err = ReasonHandlerPanic, &PanicError{Value: r, Stack: debug.Stack()}
+		d.e.logger().Error("panic in connection", "panic", r, "stack", string(debug.Stack()))
+	}
+}
+
+// run drives the engine until the connection is closed, and leaves how it
+// ended in d.result. The clock is read once after each blocking call, and
+// once more when a flush starts after the handler ran, so that the handler's
+// time does not count against the write deadline.
+func (d *driver) run() {
+	defer d.recoverPanic()
 	d.handshake()
+	now := d.now()
 	for {
 		// Requests are applied before each operation; a request that
 		// arrives after the deadline is set is seen by pending() before
 		// the call blocks, and one that arrives later wakes it.
-		d.apply()
-		a := d.e.Next(d.now())
+		if d.pending() {
+			d.forgetDeadlines()
+			d.apply()
+			now = d.now()
+		}
+		a := d.e.Next(now)
 		switch a.Op {
 		case OpRead:
-			d.t.SetReadDeadline(a.Deadline)
+			d.setReadDeadline(now, a.Deadline)
 			if d.tls {
 				// A TLS read may write (a KeyUpdate reply); a write
 				// deadline left over from the last flush must not fail it.
-				d.t.SetWriteDeadline(a.Deadline)
+				d.setWriteDeadline(a.Deadline)
 			}
 			if d.pending() {
 				continue
 			}
 			n, err := d.t.Read(d.buf)
+			now = d.now()
+			if err != nil {
+				d.forgetDeadlines()
+			}
 			// Input that came with the wake-up is delivered before the
 			// request is applied (at the top of the loop): a request
 			// that arrived with EOF still gets its answer.
-			d.e.ReadDone(d.now(), d.buf[:n], err)
+			d.e.ReadDone(now, d.buf[:n], err)
+			if n > 0 && d.e.m.State() == fsm.Sending {
+				now = d.now()
+			}
 		case OpWrite:
-			d.t.SetWriteDeadline(a.Deadline)
+			d.setWriteDeadline(a.Deadline)
 			if d.abortReq.Load() && !d.abortDone {
 				continue
 			}
 			n, err := d.t.Write(a.Data)
-			if err != nil && d.abortReq.Load() && !d.abortDone {
-				d.apply()
+			now = d.now()
+			if err != nil {
+				d.forgetDeadlines()
+				if d.abortReq.Load() && !d.abortDone {
+					d.apply()
+				}
 			}
-			d.e.WriteDone(d.now(), n, err)
+			d.e.WriteDone(now, n, err)
 		case OpCloseWrite:
-			d.e.CloseWriteDone(d.now(), d.t.CloseWrite())
+			err := d.t.CloseWrite()
+			now = d.now()
+			d.e.CloseWriteDone(now, err)
 		case OpClose, OpAbort:
 			var err error
 			if !d.transportClosed || (mutating && d.e.mut&mutCloseTwice != 0) {
@@ -176,9 +242,11 @@ func (d *driver) run(log *slog.Logger) (info CloseInfo) {
 					err = d.t.Close()
 				}
 			}
-			d.e.CloseDone(d.now(), err)
+			now = d.now()
+			d.e.CloseDone(now, err)
 		case OpDone:
-			return d.e.CloseInfo()
+			d.result = d.e.CloseInfo()
+			return
 		default:
 			panic(fmt.Sprintf("sockfsm: engine returned unknown op %d", a.Op))
 		}
@@ -204,12 +272,13 @@ func ServeConn(ctx context.Context, t Transport, h Handler, cfg Config) (CloseIn
 	if log == nil {
 		log = slog.Default()
 	}
-	log = connLogger(log, info)
 	d := &driver{}
 	d.init(t, cfg.limits(), h, info, &cfg, log, time.Now)
 	stop := context.AfterFunc(ctx, d.requestAbort)
 	defer stop()
-	return d.run(log), nil
+	d.run()
+	logClose(&d.e, &d.result)
+	return d.result, nil
 }
 
 // connIDs numbers connections, across every Server and ServeConn of the
@@ -225,8 +294,10 @@ func connLogger(log *slog.Logger, info ConnInfo) *slog.Logger {
 	return log.With(slog.Uint64("conn", info.ID), slog.String("remote", remote))
 }
 
-// logClose logs how a connection ended.
-func logClose(log *slog.Logger, info CloseInfo) {
+// logClose logs how a connection ended. A graceful close is logged only at
+// debug level, so the connection's tagged logger is not even built for it
+// unless that level is on.
+func logClose(e *Engine, info *CloseInfo) {
 	ctx := context.Background()
 	switch {
 	case errors.Is(info.Err, ErrHandlerPanic):
@@ -236,13 +307,13 @@ func logClose(log *slog.Logger, info CloseInfo) {
 		if pe != nil {
 			stack = string(pe.Stack)
 		}
-		log.Error("handler panic: connection aborted", "err", info.Err, "stack", stack)
+		e.logger().Error("handler panic: connection aborted", "err", info.Err, "stack", stack)
 	case info.Reason.Abortive():
-		log.LogAttrs(ctx, slog.LevelInfo, "connection aborted",
+		e.logger().LogAttrs(ctx, slog.LevelInfo, "connection aborted",
 			slog.String("reason", info.Reason.String()), slog.Any("err", info.Err),
 			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten))
-	case log.Enabled(ctx, slog.LevelDebug):
-		log.LogAttrs(ctx, slog.LevelDebug, "connection closed",
+	case e.base != nil && e.base.Enabled(ctx, slog.LevelDebug):
+		e.logger().LogAttrs(ctx, slog.LevelDebug, "connection closed",
 			slog.String("reason", info.Reason.String()), slog.String("linger", info.Linger.String()),
 			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten),
 			slog.Int64("discarded", info.Discarded), slog.Duration("duration", info.Duration))

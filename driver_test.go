@@ -86,7 +86,8 @@ func TestDriverWakeRace(t *testing.T) {
 			blockedWithRequest++
 		}
 	}
-	info := d.run(nil)
+	d.run()
+	info := d.result
 	if blockedWithRequest != 0 {
 		t.Fatalf("Read called %d times with a request pending: the loop would block until the idle timeout", blockedWithRequest)
 	}
@@ -102,7 +103,8 @@ func TestDriverDataWithEOFDuringShutdown(t *testing.T) {
 	tr := &scripted{t: t, reads: []scriptedRead{{"request", io.EOF}}}
 	d := newScriptedDriver(tr, hourCfg)
 	tr.onRead = func() { d.shutdownReq.Store(true) } // the request lands while Read returns
-	info := d.run(nil)
+	d.run()
+	info := d.result
 	if got := tr.written.String(); got != "request" {
 		t.Fatalf("the peer got %q, want the answer %q (info %+v)", got, "request", info)
 	}

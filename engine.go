@@ -76,7 +76,8 @@ type Engine struct {
 	conn Conn
 	info ConnInfo
 	lim  limits
-	log  *slog.Logger
+	base *slog.Logger // the logger given; nil logs nothing
+	log  *slog.Logger // base tagged with the connection; built on first use
 
 	h        Handler
 	hOpen    OpenHandler
@@ -138,8 +139,29 @@ func (e *Engine) init(lim limits, h Handler, info ConnInfo, onChange func(ConnIn
 	e.hClose, _ = h.(CloseHandler)
 	e.info = info
 	e.onChange = onChange
-	e.log = log
+	e.base = log
 }
+
+// logger returns the connection's logger, tagged with its id and remote
+// address; it is built on first use, so a connection that logs nothing
+// pays nothing for it.
+func (e *Engine) logger() *slog.Logger {
+	if e.log == nil {
+		if e.base == nil {
+			e.base = slog.New(discardHandler{})
+		}
+		e.log = connLogger(e.base, e.info)
+	}
+	return e.log
+}
+
+// discardHandler is a slog.Handler that drops everything.
+type discardHandler struct{}
+
+func (discardHandler) Enabled(context.Context, slog.Level) bool  { return false }
+func (discardHandler) Handle(context.Context, slog.Record) error { return nil }
+func (h discardHandler) WithAttrs([]slog.Attr) slog.Handler      { return h }
+func (h discardHandler) WithGroup(string) slog.Handler           { return h }
 
 // State returns the connection's lifecycle state.
 func (e *Engine) State() fsm.State { return e.m.State() }
@@ -169,11 +191,19 @@ func (e *Engine) fire(ev fsm.Event) bool {
 	if e.onChange != nil {
 		e.onChange(e.info, from, to, ev)
 	}
-	if e.log != nil && e.log.Enabled(context.Background(), slog.LevelDebug) {
-		e.log.LogAttrs(context.Background(), slog.LevelDebug, "state change",
-			slog.String("from", from.String()), slog.String("to", to.String()), slog.String("event", ev.String()))
+	if e.base != nil && e.base.Enabled(context.Background(), slog.LevelDebug) {
+		e.logTransition(from, to, ev)
 	}
 	return true
+}
+
+// logTransition is kept out of fire so that fire's stack frame, on every
+// connection's path to its first read, stays small.
+//
+//go:noinline
+func (e *Engine) logTransition(from, to fsm.State, ev fsm.Event) {
+	e.logger().LogAttrs(context.Background(), slog.LevelDebug, "state change",
+		slog.String("from", from.String()), slog.String("to", to.String()), slog.String("event", ev.String()))
 }
 
 func (e *Engine) internal(err error) {
@@ -568,8 +598,8 @@ func (e *Engine) callPeerClose() {
 
 func (e *Engine) callClose(info CloseInfo) {
 	defer func() {
-		if r := recover(); r != nil && e.log != nil {
-			e.log.Error("handler panic in OnClose", "panic", r, "stack", string(debug.Stack()))
+		if r := recover(); r != nil {
+			e.logger().Error("handler panic in OnClose", "panic", r, "stack", string(debug.Stack()))
 		}
 	}()
 	e.hClose.OnClose(&e.conn, info)

@@ -243,7 +243,8 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 			w.d.requestAbort()
 		}
 	}
-	w.result = w.d.run(nil)
+	w.d.run()
+	w.result = w.d.result
 	if w.panicked != nil {
 		panic(w.panicked)
 	}

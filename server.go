@@ -209,17 +209,16 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 		return
 	}
 	info := ConnInfo{ID: connIDs.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
-	clog := connLogger(log, info)
 	h, err := s.newHandler(info)
 	if err != nil {
-		clog.Error("NewHandler failed; connection aborted", "err", err)
+		connLogger(log, info).Error("NewHandler failed; connection aborted", "err", err)
 		t.Abort()
 		s.doneAccepting()
 		s.release()
 		return
 	}
 	d := &driver{}
-	d.init(t, lim, h, info, &s.Config, clog, time.Now)
+	d.init(t, lim, h, info, &s.Config, log, time.Now)
 
 	s.mu.Lock()
 	s.accepting--
@@ -232,14 +231,18 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	}
 	s.mu.Unlock()
 
-	go func() {
-		defer s.release()
-		logClose(clog, d.run(clog))
-		s.mu.Lock()
-		delete(s.conns, d)
-		s.notifyLocked()
-		s.mu.Unlock()
-	}()
+	go s.serveConn(d)
+}
+
+// serveConn is the goroutine of one connection.
+func (s *Server) serveConn(d *driver) {
+	d.run()
+	logClose(&d.e, &d.result)
+	s.mu.Lock()
+	delete(s.conns, d)
+	s.notifyLocked()
+	s.mu.Unlock()
+	s.release()
 }
 
 func (s *Server) newHandler(info ConnInfo) (h Handler, err error) {
