@@ -56,7 +56,7 @@ type driver struct {
 	// The deadlines armed on the transport, when known: see setReadDeadline.
 	rdl, wdl           time.Time
 	rdlKnown, wdlKnown bool
-	tls                     bool // the transport is TLS: see handshake
+	tls                bool // the transport is TLS: see handshake
 }
 
 func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger, now func() time.Time) {
