@@ -249,34 +249,55 @@ func (c *pipeEnd) setDeadline(t time.Time, read, write bool) error {
 }
 
 // deadline is a read or write deadline of a pipeEnd, guarded by pipe.mu.
+// Its timer is made once and re-armed with Reset, so that setting a
+// deadline, which a server does on every read, does not allocate.
 type deadline struct {
-	timer   *time.Timer // pending expiry, or nil
+	p       *pipe
+	timer   *time.Timer // made on first use; armed while when is in the future
+	when    time.Time   // the armed expiry, or zero
 	expired bool
 }
 
 // set arms d to expire at t; the zero t disarms it. p.mu must be held.
 func (d *deadline) set(p *pipe, t time.Time) {
-	if d.timer != nil {
-		d.timer.Stop()
-		d.timer = nil
+	if d.timer == nil {
+		d.p = p // before the timer exists: fire reads it without the lock
 	}
 	d.expired = false
+	d.when = time.Time{}
+	if d.timer != nil {
+		d.timer.Stop()
+	}
 	if !t.IsZero() {
 		if dur := time.Until(t); dur > 0 {
-			var timer *time.Timer
-			timer = time.AfterFunc(dur, func() {
-				p.mu.Lock()
-				defer p.mu.Unlock()
-				if d.timer == timer { // not stopped or re-armed since
-					d.timer = nil
-					d.expired = true
-					p.cond.Broadcast()
-				}
-			})
-			d.timer = timer
+			d.when = t
+			if d.timer == nil {
+				d.timer = time.AfterFunc(dur, d.fire)
+			} else {
+				d.timer.Reset(dur)
+			}
 		} else {
 			d.expired = true
 		}
 	}
 	p.cond.Broadcast()
+}
+
+// fire expires d if its armed time has come. A firing of an earlier arming
+// that started before Stop (it cannot be recalled) finds no expiry, or one
+// still in the future, for which it re-arms the timer (as it does if the
+// clock reads a little early).
+func (d *deadline) fire() {
+	d.p.mu.Lock()
+	defer d.p.mu.Unlock()
+	if d.when.IsZero() {
+		return
+	}
+	if left := time.Until(d.when); left > 0 {
+		d.timer.Reset(left)
+		return
+	}
+	d.when = time.Time{}
+	d.expired = true
+	d.p.cond.Broadcast()
 }
