@@ -1,12 +1,11 @@
 package main
 
 import (
-	"bytes"
+	"github.com/sockfsm/sockfsm/internal/testutil"
 	"io"
 	"net"
 	"os"
 	"regexp"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -15,23 +14,8 @@ import (
 // testDeadline bounds every wait here. It is a bound, not a timing assertion.
 const testDeadline = 10 * time.Second
 
-// syncBuffer is a bytes.Buffer safe for the server's logging goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a bytes.Buffer safe for concurrent use.
+type syncBuffer = testutil.SyncBuffer
 
 func TestRefusesNonLoopback(t *testing.T) {
 	for _, addr := range []string{"0.0.0.0:0", ":0", "192.0.2.1:0", "example.com:0"} {

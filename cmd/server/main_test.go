@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/sockfsm/sockfsm/internal/testutil"
 	"io"
 	"net"
 	"os"
@@ -36,22 +37,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 const deadline = 10 * time.Second
 
 // syncBuffer is a bytes.Buffer safe for concurrent use.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = testutil.SyncBuffer
 
 // runResult runs run(args) without a listener and returns its exit code
 // and output. It is for arguments that make run return at once.

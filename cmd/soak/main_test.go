@@ -1,9 +1,9 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
+	"github.com/sockfsm/sockfsm/internal/testutil"
 	"io"
 	"log/slog"
 	"net"
@@ -28,22 +28,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 const deadline = 60 * time.Second
 
 // syncBuffer is a bytes.Buffer safe for concurrent use.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = testutil.SyncBuffer
 
 func runSoak(t *testing.T, args ...string) (int, string, string) {
 	t.Helper()
