@@ -79,6 +79,11 @@ type Config struct {
 	// connection's goroutine, before the handler hears of it. It must not
 	// block.
 	OnStateChange func(c ConnInfo, from, to fsm.State, ev fsm.Event)
+	// OnClose, if set, is called once per connection, after the transport
+	// is closed and after the handler's own OnClose, with how it ended:
+	// the reason of an abort is reported here as well as to the handler.
+	// It is called from the connection's goroutine and must not block.
+	OnClose func(c ConnInfo, info CloseInfo)
 	// Logger receives the engine's logs. Default slog.Default().
 	Logger *slog.Logger
 }

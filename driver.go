@@ -66,6 +66,7 @@ func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Co
 	d.now = now
 	d.buf = make([]byte, lim.readBuf)
 	d.e.init(lim, h, info, cfg.OnStateChange, log)
+	d.e.onClose = cfg.OnClose
 }
 
 // requestShutdown asks the loop for a graceful close, waking an idle read.

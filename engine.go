@@ -84,6 +84,7 @@ type Engine struct {
 	hPeer    PeerCloseHandler
 	hClose   CloseHandler
 	onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event)
+	onClose  func(ConnInfo, CloseInfo)
 
 	now        time.Time // the time of the step in progress
 	start      time.Time
@@ -127,6 +128,7 @@ func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
 	}
 	e := &Engine{}
 	e.init(cfg.limits(), h, info, cfg.OnStateChange, log)
+	e.onClose = cfg.OnClose
 	return e, nil
 }
 
@@ -538,8 +540,12 @@ func (e *Engine) CloseDone(now time.Time, _ error) {
 	}
 	if !e.notified {
 		e.notified = true
+		info := e.CloseInfo()
 		if e.hClose != nil {
-			e.callClose(e.CloseInfo())
+			e.callClose(info)
+		}
+		if e.onClose != nil {
+			e.onClose(e.info, info)
 		}
 	}
 }

@@ -478,3 +478,32 @@ func TestNamesAreComplete(t *testing.T) {
 		}
 	}
 }
+
+// TestOnCloseHookReportsTheReason: the reason of an abort reaches the
+// Config.OnClose hook as well as the handler, once, the handler first.
+func TestOnCloseHookReportsTheReason(t *testing.T) {
+	var order []string
+	var hooked []CloseInfo
+	cfg := testCfg
+	cfg.OnClose = func(c ConnInfo, info CloseInfo) {
+		order = append(order, "hook")
+		hooked = append(hooked, info)
+		if c.ID != 7 {
+			t.Errorf("hook got conn %d", c.ID)
+		}
+	}
+	h := &testHandler{onData: func(c *Conn, _ []byte) { c.Abort(errors.New("policy")) }}
+	e := newTestEngine(t, cfg, h)
+	e.Next(t0)
+	e.ReadDone(t0, []byte("x"), nil)
+	expect(t, e, t0, OpAbort, "", time.Time{})
+	e.CloseDone(t0, nil)
+	e.CloseDone(t0, nil)
+	order = append([]string{h.calls[len(h.calls)-1]}, order...)
+	if len(hooked) != 1 || hooked[0].Reason != ReasonHandlerAbort || !errors.Is(hooked[0].Err, ErrAborted) || hooked[0] != h.infos[0] {
+		t.Fatalf("hook got %+v; handler got %+v", hooked, h.infos)
+	}
+	if strings.Join(order, ",") != "close,hook" {
+		t.Fatalf("order %v", order)
+	}
+}

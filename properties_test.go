@@ -160,6 +160,9 @@ type world struct {
 	result CloseInfo
 	// panicked is a rapid panic caught during the run, raised again after.
 	panicked any
+	// hookCloses and hookInfo record Config.OnClose.
+	hookCloses int
+	hookInfo   CloseInfo
 }
 
 // testMutation is the deliberate bug run applies to the engine; see
@@ -226,6 +229,10 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 	cfg.OnStateChange = func(_ ConnInfo, from, to fsm.State, ev fsm.Event) {
 		w.edges = append(w.edges, edge{from, to, ev})
 	}
+	cfg.OnClose = func(_ ConnInfo, info CloseInfo) {
+		w.hookCloses++
+		w.hookInfo = info
+	}
 	w.d = &driver{}
 	w.d.init(w.conn, w.lim, w.h, ConnInfo{ID: 1}, &cfg, nil, w.clock.Now)
 	w.d.e.mut = testMutation
@@ -286,6 +293,9 @@ func checkCommon(t *rapid.T, w *world) {
 	}
 	if w.result != w.h.info {
 		t.Fatalf("OnClose got %+v, run returned %+v", w.h.info, w.result)
+	}
+	if w.hookCloses != 1 || w.hookInfo != w.result {
+		t.Fatalf("Config.OnClose called %d times with %+v; run returned %+v", w.hookCloses, w.hookInfo, w.result)
 	}
 	// Only table edges, in sequence, from Accepted to Closed, and the
 	// looplab reference accepts each one.
