@@ -309,10 +309,10 @@ func BenchmarkEchoTCP(b *testing.B) {
 	})
 }
 
-// benchTCP serves on 127.0.0.1 with serve, runs the round trips over one
-// connection, and shuts the server down gracefully (in a cleanup, so also
-// after a failure).
-func benchTCP(b *testing.B, msg []byte, serve func(net.Listener) error, shutdown func(context.Context) error, closed error) {
+// startBenchServer serves on 127.0.0.1 with serve until the benchmark ends,
+// then shuts the server down gracefully (in a cleanup, so also after a
+// failure) and checks that serve returned closed.
+func startBenchServer(b *testing.B, serve func(net.Listener) error, shutdown func(context.Context) error, closed error) net.Listener {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -329,6 +329,14 @@ func benchTCP(b *testing.B, msg []byte, serve func(net.Listener) error, shutdown
 			b.Errorf("serve: %v", err)
 		}
 	})
+	return ln
+}
+
+// benchTCP serves on 127.0.0.1 with serve, runs the round trips over one
+// connection, and shuts the server down gracefully (in a cleanup, so also
+// after a failure).
+func benchTCP(b *testing.B, msg []byte, serve func(net.Listener) error, shutdown func(context.Context) error, closed error) {
+	ln := startBenchServer(b, serve, shutdown, closed)
 	c, err := net.DialTimeout("tcp", ln.Addr().String(), 10*time.Second)
 	if err != nil {
 		b.Fatal(err)
@@ -357,22 +365,7 @@ func BenchmarkChurnTCP(b *testing.B) {
 }
 
 func benchChurn(b *testing.B, serve func(net.Listener) error, shutdown func(context.Context) error, closed error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- serve(ln) }()
-	b.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := shutdown(ctx); err != nil {
-			b.Errorf("shutdown: %v", err)
-		}
-		if err := <-served; !errors.Is(err, closed) {
-			b.Errorf("serve: %v", err)
-		}
-	})
+	ln := startBenchServer(b, serve, shutdown, closed)
 	addr := ln.Addr().String()
 	b.ReportAllocs()
 	buf := make([]byte, len(benchChunk)+1)
