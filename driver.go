@@ -118,11 +118,27 @@ func (d *driver) handshake() {
 	d.t.SetReadDeadline(dl)
 	d.t.SetWriteDeadline(dl)
 	if d.pending() {
-		return // the loop applies the request
+		d.unstarted()
+		return
 	}
 	if err := hs.Handshake(); err != nil {
+		if d.pending() {
+			d.unstarted() // the request interrupted the handshake
+			return
+		}
 		d.e.handshakeFailed(d.now(), err)
 	}
+}
+
+// unstarted ends a connection whose handshake a request interrupted or
+// preempted: a shutdown closes it gracefully (it has read and written
+// nothing), an abort aborts it.
+func (d *driver) unstarted() {
+	if d.abortReq.Load() {
+		return // the loop applies the abort
+	}
+	d.shutdownDone = true
+	d.e.closeUnstarted(d.now())
 }
 
 // deadlineSlack is how far a read deadline may move later without being
@@ -163,15 +179,25 @@ func (d *driver) forgetDeadlines() { d.rdlKnown, d.wdlKnown = false, false }
 // recoverPanic turns a panic that escaped the engine (from the
 // OnStateChange hook, say) into an abort of the transport.
 func (d *driver) recoverPanic() {
-	if r := recover(); r != nil {
-		if !d.transportClosed {
-			d.transportClosed = true
-			d.t.Abort()
-		}
-		d.result = d.e.CloseInfo()
-		d.result.Reason, d.result.Err = ReasonHandlerPanic, &PanicError{Value: r, Stack: debug.Stack()}
-		d.e.logger().Error("panic in connection", "panic", r, "stack", string(debug.Stack()))
+	r := recover()
+	if r == nil {
+		return
 	}
+	stack := debug.Stack()
+	if !d.transportClosed {
+		d.transportClosed = true
+		d.t.Abort()
+	}
+	perr := &PanicError{Value: r, Stack: stack}
+	d.e.onChange = nil // it may be what panicked
+	if d.e.State() != fsm.Closed {
+		d.e.abort(ReasonHandlerPanic, perr)
+	} else if !d.e.closed {
+		d.e.reason, d.e.err = ReasonHandlerPanic, perr // aborted before its close was done
+	}
+	d.e.CloseDone(d.now(), nil) // tells the handler and Config.OnClose, if not yet told
+	d.result = d.e.CloseInfo()
+	d.e.logger().Error("panic in connection", "panic", r, "stack", string(stack))
 }
 
 // run drives the engine until the connection is closed, and leaves how it
@@ -182,6 +208,10 @@ func (d *driver) run() {
 	defer d.recoverPanic()
 	d.handshake()
 	now := d.now()
+	if d.e.State() == fsm.Accepted && !d.pending() {
+		d.e.Start(now) // OnOpen runs here
+		now = d.now()
+	}
 	for {
 		// Requests are applied before each operation; a request that
 		// arrives after the deadline is set is seen by pending() before
@@ -212,8 +242,8 @@ func (d *driver) run() {
 			// request is applied (at the top of the loop): a request
 			// that arrived with EOF still gets its answer.
 			d.e.ReadDone(now, d.buf[:n], err)
-			if n > 0 && d.e.m.State() == fsm.Sending {
-				now = d.now()
+			if d.e.m.State() == fsm.Sending && !d.e.flushing {
+				now = d.now() // a flush starts after the handler ran (OnData or OnPeerClose)
 			}
 		case OpWrite:
 			d.setWriteDeadline(a.Deadline)
@@ -230,7 +260,13 @@ func (d *driver) run() {
 			}
 			d.e.WriteDone(now, n, err)
 		case OpCloseWrite:
+			if d.abortReq.Load() && !d.abortDone {
+				continue
+			}
 			err := d.t.CloseWrite()
+			if d.tls {
+				d.forgetDeadlines() // tls.Conn's CloseWrite sets its own write deadline
+			}
 			now = d.now()
 			d.e.CloseWriteDone(now, err)
 		case OpClose, OpAbort:

@@ -5,10 +5,14 @@ package sockfsm
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
+
+	"github.com/sockfsm/sockfsm/fsm"
 )
 
 // scripted is a transport whose reads a test scripts. When the script is
@@ -21,6 +25,8 @@ type scripted struct {
 	onRead   func()
 	fin      bool
 	closes   int
+	clock    *time.Time // if set, write deadlines are enforced against it
+	wdl      time.Time
 }
 
 type scriptedRead struct {
@@ -41,6 +47,9 @@ func (s *scripted) Read(p []byte) (int, error) {
 }
 
 func (s *scripted) Write(p []byte) (int, error) {
+	if s.clock != nil && !s.wdl.IsZero() && !s.clock.Before(s.wdl) {
+		return 0, os.ErrDeadlineExceeded
+	}
 	if s.fin {
 		s.t.Errorf("write after CloseWrite: %q", p)
 	}
@@ -56,9 +65,9 @@ func (s *scripted) SetReadDeadline(t time.Time) error {
 	}
 	return nil
 }
-func (s *scripted) SetWriteDeadline(time.Time) error { return nil }
-func (s *scripted) LocalAddr() net.Addr              { return nil }
-func (s *scripted) RemoteAddr() net.Addr             { return nil }
+func (s *scripted) SetWriteDeadline(t time.Time) error { s.wdl = t; return nil }
+func (s *scripted) LocalAddr() net.Addr                { return nil }
+func (s *scripted) RemoteAddr() net.Addr               { return nil }
 
 func newScriptedDriver(tr *scripted, cfg Config) *driver {
 	d := &driver{}
@@ -110,5 +119,79 @@ func TestDriverDataWithEOFDuringShutdown(t *testing.T) {
 	}
 	if info.Aborted() || !tr.fin || tr.closes != 1 {
 		t.Fatalf("info %+v fin=%v closes=%d", info, tr.fin, tr.closes)
+	}
+}
+
+// slowHandler takes an hour (on the test's clock) in each callback before
+// it writes.
+type slowHandler struct{ clock *time.Time }
+
+func (h slowHandler) slow(c *Conn, p string) {
+	*h.clock = h.clock.Add(time.Hour)
+	c.Write([]byte(p))
+}
+func (h slowHandler) OnOpen(c *Conn)               { h.slow(c, "hello ") }
+func (h slowHandler) OnData(c *Conn, p []byte)     { h.slow(c, string(p)) }
+func (h slowHandler) OnPeerClose(c *Conn)          { h.slow(c, " bye") }
+func (h slowHandler) OnClose(c *Conn, _ CloseInfo) {}
+
+// TestDriverHandlerTimeIsNotWriteTime: however long OnOpen, OnData and
+// OnPeerClose take, their output gets the whole WriteTimeout to be flushed.
+func TestDriverHandlerTimeIsNotWriteTime(t *testing.T) {
+	clock := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	tr := &scripted{t: t, clock: &clock, reads: []scriptedRead{{"data", nil}, {"", io.EOF}}}
+	cfg := Config{IdleTimeout: 10 * time.Hour, WriteTimeout: time.Minute}
+	d := &driver{}
+	d.init(tr, cfg.limits(), slowHandler{&clock}, ConnInfo{ID: 1}, &cfg, nil, func() time.Time { return clock })
+	d.run()
+	if got, want := tr.written.String(), "hello data bye"; got != want || d.result.Aborted() {
+		t.Fatalf("the peer got %q, want %q; info %+v", got, want, d.result)
+	}
+}
+
+// TestDriverPanicStillNotifiesOnce: a panic that escapes the engine (here
+// from OnStateChange) aborts the connection, and the handler and
+// Config.OnClose still hear of it exactly once; a panic in Config.OnClose
+// itself changes nothing about how the connection ended.
+func TestDriverPanicStillNotifiesOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name                  string
+		panicOnChange, inHook bool
+		want                  Reason
+	}{
+		{"state hook panics", true, false, ReasonHandlerPanic},
+		{"close hook panics", false, true, ReasonPeerClosed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := &scripted{t: t, reads: []scriptedRead{{"x", io.EOF}}}
+			hooks := 0
+			var hooked CloseInfo
+			cfg := Config{IdleTimeout: time.Hour}
+			cfg.OnStateChange = func(_ ConnInfo, _, to fsm.State, _ fsm.Event) {
+				if tc.panicOnChange && to == fsm.HalfClosed {
+					panic("state hook")
+				}
+			}
+			cfg.OnClose = func(_ ConnInfo, info CloseInfo) {
+				hooks++
+				hooked = info
+				if tc.inHook {
+					panic("close hook")
+				}
+			}
+			h := &testHandler{}
+			d := &driver{}
+			d.init(tr, cfg.limits(), h, ConnInfo{ID: 1}, &cfg, nil, time.Now)
+			d.run()
+			if hooks != 1 || len(h.infos) != 1 {
+				t.Fatalf("Config.OnClose %d times, handler OnClose %d times; want 1 and 1", hooks, len(h.infos))
+			}
+			if d.result.Reason != tc.want || hooked.Reason != tc.want || tr.closes != 1 {
+				t.Fatalf("result %s, hook %s, closes %d; want %s", d.result.Reason, hooked.Reason, tr.closes, tc.want)
+			}
+			if tc.want == ReasonHandlerPanic && !errors.Is(d.result.Err, ErrHandlerPanic) {
+				t.Fatalf("err %v", d.result.Err)
+			}
+		})
 	}
 }

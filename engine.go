@@ -503,6 +503,17 @@ func (e *Engine) WriteDone(now time.Time, n int, err error) {
 	}
 }
 
+// closeUnstarted closes, gracefully, a connection that never started: the
+// server shut down during its TLS handshake.
+func (e *Engine) closeUnstarted(now time.Time) {
+	e.now, e.start = now, now
+	if e.m.State() != fsm.Accepted {
+		return
+	}
+	e.reason = ReasonShutdown
+	e.fire(fsm.Close)
+}
+
 // handshakeFailed aborts a connection whose TLS handshake failed, before
 // the engine started.
 func (e *Engine) handshakeFailed(now time.Time, err error) {
@@ -545,7 +556,7 @@ func (e *Engine) CloseDone(now time.Time, _ error) {
 			e.callClose(info)
 		}
 		if e.onClose != nil {
-			e.onClose(e.info, info)
+			e.callHook(info)
 		}
 	}
 }
@@ -600,6 +611,15 @@ func (e *Engine) callData(p []byte) {
 func (e *Engine) callPeerClose() {
 	defer e.recoverHandler()
 	e.hPeer.OnPeerClose(&e.conn)
+}
+
+func (e *Engine) callHook(info CloseInfo) {
+	defer func() {
+		if r := recover(); r != nil {
+			e.logger().Error("panic in Config.OnClose", "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	e.onClose(e.info, info)
 }
 
 func (e *Engine) callClose(info CloseInfo) {

@@ -43,7 +43,7 @@ type Server struct {
 	waiters   []chan struct{} // closed when conns is empty and accepting is 0
 	closing   bool            // Shutdown or Close was called
 	killing   bool            // connections are being aborted
-	aborted   int             // connections abortAll has aborted
+	aborted   int             // connections that ended with ReasonShutdownDeadline
 }
 
 func (s *Server) initLocked() {
@@ -176,11 +176,11 @@ func (s *Server) release() {
 // temporaryAcceptErrors are the accept errors worth retrying: running out of
 // descriptors or memory, a connection that died in the backlog, and the
 // pending network errors Linux's accept(2) says to treat like EAGAIN.
-var temporaryAcceptErrors = []syscall.Errno{
+var temporaryAcceptErrors = append(platformAcceptErrors, []syscall.Errno{
 	syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EINTR,
 	syscall.ECONNABORTED, syscall.ECONNRESET, syscall.EPROTO,
 	syscall.ENETDOWN, syscall.ENOPROTOOPT, syscall.EHOSTDOWN, syscall.EHOSTUNREACH, syscall.EOPNOTSUPP, syscall.ENETUNREACH,
-}
+}...)
 
 // temporary reports whether an accept error is worth retrying.
 func temporary(err error) bool {
@@ -239,6 +239,9 @@ func (s *Server) serveConn(d *driver) {
 	d.run()
 	logClose(&d.e, &d.result)
 	s.mu.Lock()
+	if d.result.Reason == ReasonShutdownDeadline {
+		s.aborted++
+	}
 	delete(s.conns, d)
 	s.notifyLocked()
 	s.mu.Unlock()
@@ -289,7 +292,6 @@ func (s *Server) abortAll() <-chan struct{} {
 	for d := range s.conns {
 		d.requestAbort()
 	}
-	s.aborted += len(s.conns) + s.accepting
 	return s.drainedLocked()
 }
 

@@ -148,3 +148,49 @@ func TestTLSHandshakeTimeout(t *testing.T) {
 		t.Fatal("the server's end is still open")
 	}
 }
+
+// TestTLSShutdownDuringHandshake: a connection still in its TLS handshake
+// when the server shuts down has read and written nothing: it is closed
+// gracefully (no RST), and Shutdown returns nil.
+func TestTLSShutdownDuringHandshake(t *testing.T) {
+	checkFDs(t)
+	closed := make(chan sockfsm.CloseInfo, 1)
+	opened := make(chan struct{}, 1)
+	srv := &sockfsm.Server{
+		Config: sockfsm.Config{IdleTimeout: time.Minute, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+			OnClose: func(_ sockfsm.ConnInfo, info sockfsm.CloseInfo) { closed <- info }},
+		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler {
+			opened <- struct{}{}
+			return sockfsm.Echo
+		},
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() {
+		served <- srv.Serve(tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}))
+	}()
+	raw, err := net.DialTimeout("tcp", ln.Addr().String(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	<-opened // the server has the connection; the client sends no ClientHello
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if info := waitInfo(t, closed); info.Reason != sockfsm.ReasonShutdown || info.Aborted() {
+		t.Fatalf("info %+v, want a graceful shutdown", info)
+	}
+	raw.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := raw.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client read: %v, want EOF (FIN, not RST)", err)
+	}
+	if err := <-served; !errors.Is(err, sockfsm.ErrServerClosed) {
+		t.Fatalf("Serve: %v", err)
+	}
+}

@@ -39,7 +39,7 @@ var eventDocs = [numEvents]string{
 	Flushed:   "Every queued byte reached the transport.",
 	PeerFIN:   "The peer's FIN: end of file on read. The peer will send nothing more.",
 	HalfClose: "Our FIN: the transport's CloseWrite (`shutdown(SD_SEND)`). Taken on the handler's CloseWrite or Close, the idle timeout, `MaxLifetime`, server shutdown, or after the peer's FIN once the output is flushed.",
-	Close:     "The graceful close: the peer's FIN was seen, or a linger bound was reached.",
+	Close:     "The graceful close: the peer's FIN was seen, or a linger bound was reached; or the server shut down before the connection started (during its TLS handshake), when nothing was read or written.",
 	Abort:     "Abortive close, RST (`SO_LINGER` 0): a read or write error, the peer's reset, the write timeout, the handler's Abort or panic, or the server's shutdown deadline.",
 }
 

@@ -65,7 +65,7 @@ func TestDiagramGolden(t *testing.T) {
 // expected is the lifecycle written out by hand, independently of table.go,
 // so that an accidental edit of the table shows up here.
 var expected = map[State]map[Event]State{
-	Accepted:   {Start: Receiving, Abort: Closed},
+	Accepted:   {Start: Receiving, Close: Closed, Abort: Closed},
 	Receiving:  {Input: Receiving, Output: Sending, PeerFIN: Receiving, HalfClose: HalfClosed, Abort: Closed},
 	Sending:    {Output: Sending, Flushed: Receiving, PeerFIN: Sending, Abort: Closed},
 	HalfClosed: {Input: HalfClosed, PeerFIN: HalfClosed, Close: Closed, Abort: Closed},

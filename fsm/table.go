@@ -28,6 +28,9 @@ var table = lfsm.Events{
 	{Name: "peer-fin", Src: []string{"half-closed"}, Dst: "half-closed"},
 	{Name: "half-close", Src: []string{"receiving"}, Dst: "half-closed"},
 	{Name: "close", Src: []string{"half-closed"}, Dst: "closed"},
+	// A connection that never started (the server shut down during its TLS
+	// handshake) has read and written nothing: it closes without lingering.
+	{Name: "close", Src: []string{"accepted"}, Dst: "closed"},
 	{Name: "abort", Src: []string{"accepted", "receiving", "sending", "half-closed"}, Dst: "closed"},
 }
 
