@@ -324,6 +324,23 @@ func dial(t *testing.T, network, addr string) net.Conn {
 	return c
 }
 
+// tcpPair returns a client connection and the server's end of it, accepted
+// on a listener of its own on 127.0.0.1 (closed at once).
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client = dial(t, "tcp", ln.Addr().String())
+	server, err = ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client, server
+}
+
 // ---- client side --------------------------------------------------------------
 
 func key(c net.Conn) string { return addrKey(c.LocalAddr()) }
@@ -1071,16 +1088,7 @@ func TestWriteAfterCloseWrite(t *testing.T) {
 // it when its context is canceled.
 func TestServeConnContextCancel(t *testing.T) {
 	checkFDs(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := dial(t, "tcp", ln.Addr().String())
-	sc, err := ln.Accept()
-	ln.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, sc := tcpPair(t)
 
 	type result struct {
 		info sockfsm.CloseInfo
@@ -1144,11 +1152,11 @@ func TestUnixSocket(t *testing.T) {
 // Each test below showed a bug, since fixed, found while writing these tests.
 
 // TestShutdownWaitsForConnBeingAccepted: a connection that Serve has
-// accepted but not yet registered (Serve.serve is between ln.Accept and
-// adding the driver to s.conns: transport.Wrap, NewHandler, driver.init) is
-// invisible to Shutdown, which then returns nil while that connection is
-// about to be served. NewHandler is held here to widen the window; without
-// that it is a few microseconds wide, but real.
+// accepted but not yet registered (between ln.Accept and adding the driver
+// to s.conns: transport.Wrap, NewHandler, driver.init) must still hold
+// Shutdown back. It once did not: Shutdown returned nil while that
+// connection was about to be served. NewHandler is held here to widen the
+// window; without that it is a few microseconds wide, but real.
 func TestShutdownWaitsForConnBeingAccepted(t *testing.T) {
 	checkFDs(t)
 	entered, release := make(chan struct{}), make(chan struct{})
@@ -1192,13 +1200,12 @@ func TestShutdownWaitsForConnBeingAccepted(t *testing.T) {
 	checkInfo(t, ts.closes.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerPeerFIN, PeerFIN: true})
 }
 
-// TestWriteTimeoutExcludesHandlerTime: the write deadline of a flush is
-// counted from the step's time (the read that delivered the input), not
-// from the start of the flush, so the time the handler spends computing its
-// answer counts against the peer: a handler that takes longer than
-// WriteTimeout gets its connection aborted, with ReasonWriteTimeout, before
-// a byte is written, although the client reads promptly. (Under -race,
-// queueing 16 MiB in 64 KiB Writes alone takes longer than 200ms.)
+// TestWriteTimeoutExcludesHandlerTime: the write deadline of a flush starts
+// with the flush, so a handler that takes longer than WriteTimeout to
+// compute its answer does not get its connection aborted before a byte is
+// written to a client that reads promptly. (It once was: the deadline
+// counted from the read that delivered the input. Under -race, queueing
+// 16 MiB in 64 KiB Writes alone takes longer than 200ms.)
 func TestWriteTimeoutExcludesHandlerTime(t *testing.T) {
 	checkFDs(t)
 	ts := startServer(t, "tcp", "127.0.0.1:0", sockfsm.Config{WriteTimeout: 200 * time.Millisecond},
@@ -1232,24 +1239,14 @@ func (c *countingTransport) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// TestAbortCountsBytesWritten: CloseInfo.BytesWritten "counts output that
-// reached the transport", but when an abort (context canceled, Shutdown's
-// deadline, Close) interrupts a Write, the driver applies the abort before
-// reporting the Write (driver.go, OpWrite), and WriteDone ignores the bytes
-// because the engine is already Closed: the bytes that Write did send are
-// not counted.
+// TestAbortCountsBytesWritten: CloseInfo.BytesWritten counts output that
+// reached the transport, including the bytes of a Write that an abort
+// (context canceled, Shutdown's deadline, Close) interrupted. (They once
+// were lost: the driver applies the abort before reporting the Write, and
+// WriteDone ignored bytes once the engine was Closed.)
 func TestAbortCountsBytesWritten(t *testing.T) {
 	checkFDs(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := dial(t, "tcp", ln.Addr().String())
-	sc, err := ln.Accept()
-	ln.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, sc := tcpPair(t)
 	ct := &countingTransport{Conn: transport.TCP(sc.(*net.TCPConn))}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -216,10 +216,6 @@ func Lookup(from State, ev Event) (State, bool) {
 	return to, to != noState
 }
 
-// RefusedAfterPeerFIN reports whether the PeerFIN guard refuses ev once the
-// peer's FIN has been seen.
-func RefusedAfterPeerFIN(ev Event) bool { return refusedAfterPeerFIN(ev) }
-
 func refusedAfterPeerFIN(ev Event) bool {
 	for _, g := range guardedByPeerFIN {
 		if g == ev {
