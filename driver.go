@@ -57,6 +57,9 @@ type driver struct {
 	rdl, wdl           time.Time
 	rdlKnown, wdlKnown bool
 	tls                bool // the transport is TLS: see handshake
+
+	clock time.Time // the clock's last reading: see run
+	act   Action    // the engine's operation in progress
 }
 
 func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger, now func() time.Time) {
@@ -204,90 +207,161 @@ func (d *driver) recoverPanic() {
 // ended in d.result. The clock is read once after each blocking call, and
 // once more when a flush starts after the handler ran, so that the handler's
 // time does not count against the write deadline.
+//
+// run's own frame is kept small, and each step is a method of its own that
+// is not inlined: an idle connection's goroutine is parked in the Read below
+// with only run's frame under the transport's, so that it stays within the
+// goroutine's initial 2 KiB stack instead of growing it to 4 KiB
+// (BenchmarkIdleMemory's stack-B/conn).
 func (d *driver) run() {
 	defer d.recoverPanic()
-	d.handshake()
-	now := d.now()
-	if d.e.State() == fsm.Accepted && !d.pending() {
-		d.e.Start(now) // OnOpen runs here
-		now = d.now()
-	}
+	d.begin()
 	for {
-		// Requests are applied before each operation; a request that
-		// arrives after the deadline is set is seen by pending() before
-		// the call blocks, and one that arrives later wakes it.
-		if d.pending() {
-			d.forgetDeadlines()
-			d.apply()
-			now = d.now()
-		}
-		a := d.e.Next(now)
-		switch a.Op {
+		switch d.next() {
 		case OpRead:
-			d.setReadDeadline(now, a.Deadline)
-			if d.tls {
-				// A TLS read may write (a KeyUpdate reply); a write
-				// deadline left over from the last flush must not fail it.
-				d.setWriteDeadline(a.Deadline)
-			}
-			if d.pending() {
+			if !d.armRead() {
 				continue
 			}
 			n, err := d.t.Read(d.buf)
-			now = d.now()
-			if err != nil {
-				d.forgetDeadlines()
-			}
-			// Input that came with the wake-up is delivered before the
-			// request is applied (at the top of the loop): a request
-			// that arrived with EOF still gets its answer.
-			d.e.ReadDone(now, d.buf[:n], err)
-			if d.e.m.State() == fsm.Sending && !d.e.flushing {
-				now = d.now() // a flush starts after the handler ran (OnData or OnPeerClose)
-			}
+			d.readDone(n, err)
 		case OpWrite:
-			d.setWriteDeadline(a.Deadline)
-			if d.abortReq.Load() && !d.abortDone {
+			if !d.armWrite() {
 				continue
 			}
-			n, err := d.t.Write(a.Data)
-			now = d.now()
-			if err != nil {
-				d.forgetDeadlines()
-				if d.abortReq.Load() && !d.abortDone {
-					d.apply()
-				}
-			}
-			d.e.WriteDone(now, n, err)
+			n, err := d.t.Write(d.act.Data)
+			d.writeDone(n, err)
 		case OpCloseWrite:
-			if d.abortReq.Load() && !d.abortDone {
-				continue
-			}
-			err := d.t.CloseWrite()
-			if d.tls {
-				d.forgetDeadlines() // tls.Conn's CloseWrite sets its own write deadline
-			}
-			now = d.now()
-			d.e.CloseWriteDone(now, err)
+			d.closeWrite()
 		case OpClose, OpAbort:
-			var err error
-			if !d.transportClosed || (mutating && d.e.mut&mutCloseTwice != 0) {
-				d.transportClosed = true
-				if a.Op == OpAbort {
-					err = d.t.Abort()
-				} else {
-					err = d.t.Close()
-				}
-			}
-			now = d.now()
-			d.e.CloseDone(now, err)
+			d.close()
 		case OpDone:
 			d.result = d.e.CloseInfo()
 			return
 		default:
-			panic(fmt.Sprintf("sockfsm: engine returned unknown op %d", a.Op))
+			d.unknownOp()
 		}
 	}
+}
+
+//go:noinline
+func (d *driver) unknownOp() {
+	panic(fmt.Sprintf("sockfsm: engine returned unknown op %d", d.act.Op))
+}
+
+// begin runs the TLS handshake, if any, and starts the engine.
+//
+//go:noinline
+func (d *driver) begin() {
+	d.handshake()
+	d.clock = d.now()
+	if d.e.State() == fsm.Accepted && !d.pending() {
+		d.e.Start(d.clock) // OnOpen runs here
+		d.clock = d.now()
+	}
+}
+
+// next applies the requests that arrived, asks the engine for its next
+// operation and keeps it in d.act.
+//
+// Requests are applied before each operation; a request that arrives after
+// the operation's deadline is set is seen by pending() before the call
+// blocks, and one that arrives later wakes it.
+//
+//go:noinline
+func (d *driver) next() Op {
+	if d.pending() {
+		d.forgetDeadlines()
+		d.apply()
+		d.clock = d.now()
+	}
+	d.act = d.e.Next(d.clock)
+	return d.act.Op
+}
+
+// armRead sets the deadlines for a read; false means a request arrived and
+// the read must not start.
+//
+//go:noinline
+func (d *driver) armRead() bool {
+	d.setReadDeadline(d.clock, d.act.Deadline)
+	if d.tls {
+		// A TLS read may write (a KeyUpdate reply); a write deadline
+		// left over from the last flush must not fail it.
+		d.setWriteDeadline(d.act.Deadline)
+	}
+	return !d.pending()
+}
+
+// readDone reports a read's result to the engine.
+//
+//go:noinline
+func (d *driver) readDone(n int, err error) {
+	d.clock = d.now()
+	if err != nil {
+		d.forgetDeadlines()
+	}
+	// Input that came with the wake-up is delivered before the request is
+	// applied (in next): a request that arrived with EOF still gets its
+	// answer.
+	d.e.ReadDone(d.clock, d.buf[:n], err)
+	if d.e.m.State() == fsm.Sending && !d.e.flushing {
+		d.clock = d.now() // a flush starts after the handler ran (OnData or OnPeerClose)
+	}
+}
+
+// armWrite sets the deadline for a write; false means an abort was
+// requested and the write must not start.
+//
+//go:noinline
+func (d *driver) armWrite() bool {
+	d.setWriteDeadline(d.act.Deadline)
+	return !d.abortReq.Load() || d.abortDone
+}
+
+// writeDone reports a write's result to the engine.
+//
+//go:noinline
+func (d *driver) writeDone(n int, err error) {
+	d.clock = d.now()
+	if err != nil {
+		d.forgetDeadlines()
+		if d.abortReq.Load() && !d.abortDone {
+			d.apply()
+		}
+	}
+	d.e.WriteDone(d.clock, n, err)
+}
+
+// closeWrite half-closes the transport: our FIN.
+//
+//go:noinline
+func (d *driver) closeWrite() {
+	if d.abortReq.Load() && !d.abortDone {
+		return // next applies the abort
+	}
+	err := d.t.CloseWrite()
+	if d.tls {
+		d.forgetDeadlines() // tls.Conn's CloseWrite sets its own write deadline
+	}
+	d.clock = d.now()
+	d.e.CloseWriteDone(d.clock, err)
+}
+
+// close closes or aborts the transport, once.
+//
+//go:noinline
+func (d *driver) close() {
+	var err error
+	if !d.transportClosed || (mutating && d.e.mut&mutCloseTwice != 0) {
+		d.transportClosed = true
+		if d.act.Op == OpAbort {
+			err = d.t.Abort()
+		} else {
+			err = d.t.Close()
+		}
+	}
+	d.clock = d.now()
+	d.e.CloseDone(d.clock, err)
 }
 
 // ServeConn runs the engine over t with handler h until the connection is

@@ -28,6 +28,7 @@
 # ≤1.1 for p99, ≤1.25 for idle memory), comparing the unrounded ratio.
 #
 # Settings (environment): ROUNDS (5), DURATION (6s, echo and churn),
+# MODES ("echo churn idle": which loads to run, and report),
 # ECHO_CONNS (32), ECHO_SIZE (64), CHURN_CONNS (16), IDLE_CONNS (1000),
 # IDLE_DURATION (3s), SERVER_CPU (0), LOADGEN_CPU (1), OUT (a new directory
 # under /tmp: binaries, server logs, every loadgen line in runs.txt).
@@ -49,12 +50,16 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 OUT=${OUT:-$(mktemp -d /tmp/sockfsm-compare.XXXXXX)}
 SERVERS=(sockfsm plain)
-MODES=(echo churn idle)
+read -ra MODES <<<"${MODES:-echo churn idle}"
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "compare.sh: $*"; exit 1; }
 
 [[ $ROUNDS =~ ^[0-9]+$ ]] && ((ROUNDS >= 1 && ROUNDS <= 50)) || die "ROUNDS=$ROUNDS: want 1 to 50"
+((${#MODES[@]} > 0)) || die "MODES is empty: want some of echo churn idle"
+for mode in "${MODES[@]}"; do
+	case $mode in echo | churn | idle) ;; *) die "MODES: unknown mode $mode: want some of echo churn idle" ;; esac
+done
 for tool in taskset awk getconf go; do
 	command -v "$tool" >/dev/null || die "$tool not found"
 done
@@ -187,11 +192,18 @@ report() {
 	say "$(printf '%-22s %12s %12s %14s %8s  %s' "$label" "$a" "$b" "$r" "≤$target" "$(verdict "$a" "$b" "$target")")"
 	line+=" ${key}_sockfsm=$a ${key}_plain=$b ${key}_ratio=$r"
 }
-report echo_cpu_us "echo CPU µs/op" echo.cpu 1.05
-report echo_p99_us "echo p99 µs" echo.p99 1.1
-report churn_cpu_us "churn CPU µs/conn" churn.cpu 1.05
-report churn_p99_us "churn p99 µs" churn.p99 1.1
-report idle_kib "idle KiB/conn" idle.kib 1.25
+ran() { [[ " ${MODES[*]} " == *" $1 "* ]]; }
+if ran echo; then
+	report echo_cpu_us "echo CPU µs/op" echo.cpu 1.05
+	report echo_p99_us "echo p99 µs" echo.p99 1.1
+fi
+if ran churn; then
+	report churn_cpu_us "churn CPU µs/conn" churn.cpu 1.05
+	report churn_p99_us "churn p99 µs" churn.p99 1.1
+fi
+if ran idle; then
+	report idle_kib "idle KiB/conn" idle.kib 1.25
+fi
 line+=" failures=$failures"
 if ((failures > 0)); then
 	say "warning: $failures runs had failed ops or a non-zero exit; see $OUT/runs.txt"
