@@ -29,8 +29,8 @@ const (
 	// nginx has no byte bound; 1 MiB is ample for a peer still finishing a
 	// request and stops one that streams forever.
 	DefaultLingerBytes = 1 << 20
-	// DefaultReadBufferSize is the size of the per-connection read buffer,
-	// the largest chunk handed to OnData.
+	// DefaultReadBufferSize is the size of a read buffer, the largest chunk
+	// handed to OnData.
 	DefaultReadBufferSize = 16 << 10
 	// DefaultMaxPendingOutput caps output queued and not yet flushed.
 	DefaultMaxPendingOutput = 1 << 20
@@ -64,8 +64,13 @@ type Config struct {
 	// connection. Use it against peers that trickle input forever.
 	MaxLifetime time.Duration
 
-	// ReadBufferSize is the largest chunk of input handed to the handler.
-	// Default 16 KiB.
+	// ReadBufferSize is the size of a read buffer: the largest chunk of
+	// input handed to the handler. Default 16 KiB. Read buffers come from
+	// a pool per size, shared by every connection of the process; over
+	// TCP and Unix sockets on Unix systems, a connection borrows one only
+	// when input is there and gives it back before it waits again
+	// (transport.LazyReader), so an idle connection holds none. Over other
+	// transports a connection holds one from start to close.
 	ReadBufferSize int
 	// MaxPendingOutput caps output queued by the handler and not yet
 	// flushed; Write beyond it returns ErrOutputFull. Default 1 MiB.

@@ -7,10 +7,12 @@ import (
 	"log/slog"
 	"net"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/transport"
 )
 
 // Transport is the connection the engine's driver consumes. Every adapter in
@@ -36,6 +38,9 @@ type Transport interface {
 	RemoteAddr() net.Addr
 }
 
+// handshaker is a transport with a handshake to run first: TLS.
+type handshaker interface{ Handshake() error }
+
 // past is a deadline in the past, used to wake a blocked read or write.
 var past = time.Unix(1, 0)
 
@@ -43,17 +48,19 @@ var past = time.Unix(1, 0)
 // pure engine. Other goroutines talk to it only through the two request
 // flags and the transport's deadlines.
 type driver struct {
-	t   Transport
-	e   Engine
-	now func() time.Time
-	buf []byte
+	t    Transport
+	e    Engine
+	now  func() time.Time
+	lazy transport.LazyReader // t, if it can wait for input without a buffer
+	bufs *transport.Buffers   // read buffers, shared by the connections
+	buf  *[]byte              // borrowed from bufs on the first Read, if t is not lazy
 
 	shutdownReq, abortReq   atomic.Bool
 	shutdownDone, abortDone bool
 	transportClosed         bool
 	result                  CloseInfo // how the connection ended, once run returns
 
-	// The deadlines armed on the transport, when known: see setReadDeadline.
+	// The deadlines armed on the transport, when known: see armReadDeadline.
 	rdl, wdl           time.Time
 	rdlKnown, wdlKnown bool
 	tls                bool // the transport is TLS: see handshake
@@ -67,7 +74,15 @@ func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Co
 	// id and address when it first logs.
 	d.t = t
 	d.now = now
-	d.buf = make([]byte, lim.readBuf)
+	d.lazy, _ = t.(transport.LazyReader)
+	// Type assertions are made here, on the accepting goroutine: a failed
+	// one can take the runtime deep, and on the connection's goroutine it
+	// would grow its stack for good (TestIdleConnectionStack).
+	_, d.tls = t.(handshaker)
+	d.bufs = readBuffers(lim.readBuf)
+	if d.lazy == nil {
+		d.buf = d.bufs.Get() // Read needs its buffer to wait
+	}
 	d.e.init(lim, h, info, cfg.OnStateChange, log)
 	d.e.onClose = cfg.OnClose
 }
@@ -108,11 +123,10 @@ func (d *driver) apply() {
 // timeout): tls.Conn would otherwise run it inside the first Read, Write or
 // CloseWrite, and a write or a half-close has no read deadline to bound it.
 func (d *driver) handshake() {
-	hs, ok := d.t.(interface{ Handshake() error })
-	if !ok {
+	if !d.tls {
 		return
 	}
-	d.tls = true
+	hs := d.t.(handshaker)
 	timeout := d.e.lim.idle
 	if timeout == 0 {
 		timeout = d.e.lim.write
@@ -152,27 +166,35 @@ func (d *driver) unstarted() {
 // write timeout would abort the connection.
 const deadlineSlack = 50 * time.Millisecond
 
-// setReadDeadline arms the read deadline dl unless the armed one will do.
-func (d *driver) setReadDeadline(now, dl time.Time) {
+// armReadDeadline reports whether the read deadline dl must be set on the
+// transport, and if so records it as armed: the armed one will do if it is
+// dl, or a little earlier than dl and not yet passed (see deadlineSlack).
+// The caller sets it, from run: see there.
+//
+//go:noinline
+func (d *driver) armReadDeadline(now, dl time.Time) bool {
 	if d.rdlKnown {
 		if dl.Equal(d.rdl) {
-			return
+			return false
 		}
 		if !dl.IsZero() && !d.rdl.IsZero() && d.rdl.After(now) && dl.After(d.rdl) && dl.Sub(d.rdl) < deadlineSlack {
-			return
+			return false
 		}
 	}
-	d.t.SetReadDeadline(dl)
 	d.rdl, d.rdlKnown = dl, true
+	return true
 }
 
-// setWriteDeadline arms the write deadline dl unless it is armed already.
-func (d *driver) setWriteDeadline(dl time.Time) {
+// armWriteDeadline reports whether the write deadline dl must be set on the
+// transport, and if so records it as armed.
+//
+//go:noinline
+func (d *driver) armWriteDeadline(dl time.Time) bool {
 	if d.wdlKnown && dl.Equal(d.wdl) {
-		return
+		return false
 	}
-	d.t.SetWriteDeadline(dl)
 	d.wdl, d.wdlKnown = dl, true
+	return true
 }
 
 // forgetDeadlines marks the armed deadlines unknown: a request's wake-up or
@@ -200,6 +222,7 @@ func (d *driver) recoverPanic() {
 	}
 	d.e.CloseDone(d.now(), nil) // tells the handler and Config.OnClose, if not yet told
 	d.result = d.e.CloseInfo()
+	d.releaseBuffer()
 	d.e.logger().Error("panic in connection", "panic", r, "stack", string(stack))
 }
 
@@ -208,24 +231,42 @@ func (d *driver) recoverPanic() {
 // once more when a flush starts after the handler ran, so that the handler's
 // time does not count against the write deadline.
 //
-// run's own frame is kept small, and each step is a method of its own that
-// is not inlined: an idle connection's goroutine is parked in the Read below
-// with only run's frame under the transport's, so that it stays within the
-// goroutine's initial 2 KiB stack instead of growing it to 4 KiB
-// (BenchmarkIdleMemory's stack-B/conn).
+// Stack depth matters here: a goroutine's stack starts at 2 KiB and, once
+// grown to 4 KiB, stays so; that is a fifth of an idle connection's memory
+// (TestIdleConnectionStack). So run's own frame is kept small, every step
+// is a method of its own that is not inlined, and the calls that go deep
+// into the runtime (Read, Write, and the deadline setters, which reach the
+// timers and may wake the network poller) are made from run itself, with
+// nothing between them and the goroutine's first frames.
 func (d *driver) run() {
 	defer d.recoverPanic()
 	d.begin()
 	for {
 		switch d.next() {
 		case OpRead:
-			if !d.armRead() {
+			if d.armReadDeadline(d.clock, d.act.Deadline) {
+				d.t.SetReadDeadline(d.act.Deadline)
+			}
+			// A TLS read may write (a KeyUpdate reply); a write deadline
+			// left over from the last flush must not fail it.
+			if d.tls && d.armWriteDeadline(d.act.Deadline) {
+				d.t.SetWriteDeadline(d.act.Deadline)
+			}
+			if d.pending() {
 				continue
 			}
-			n, err := d.t.Read(d.buf)
-			d.readDone(n, err)
+			if d.lazy != nil {
+				p, err := d.lazy.ReadLazy(d.bufs)
+				d.readDone(p, err)
+			} else {
+				n, err := d.t.Read(*d.buf)
+				d.readDone((*d.buf)[:n], err)
+			}
 		case OpWrite:
-			if !d.armWrite() {
+			if d.armWriteDeadline(d.act.Deadline) {
+				d.t.SetWriteDeadline(d.act.Deadline)
+			}
+			if d.abortReq.Load() && !d.abortDone {
 				continue
 			}
 			n, err := d.t.Write(d.act.Data)
@@ -236,6 +277,7 @@ func (d *driver) run() {
 			d.close()
 		case OpDone:
 			d.result = d.e.CloseInfo()
+			d.releaseBuffer()
 			return
 		default:
 			d.unknownOp()
@@ -278,24 +320,10 @@ func (d *driver) next() Op {
 	return d.act.Op
 }
 
-// armRead sets the deadlines for a read; false means a request arrived and
-// the read must not start.
-//
-//go:noinline
-func (d *driver) armRead() bool {
-	d.setReadDeadline(d.clock, d.act.Deadline)
-	if d.tls {
-		// A TLS read may write (a KeyUpdate reply); a write deadline
-		// left over from the last flush must not fail it.
-		d.setWriteDeadline(d.act.Deadline)
-	}
-	return !d.pending()
-}
-
 // readDone reports a read's result to the engine.
 //
 //go:noinline
-func (d *driver) readDone(n int, err error) {
+func (d *driver) readDone(p []byte, err error) {
 	d.clock = d.now()
 	if err != nil {
 		d.forgetDeadlines()
@@ -303,19 +331,10 @@ func (d *driver) readDone(n int, err error) {
 	// Input that came with the wake-up is delivered before the request is
 	// applied (in next): a request that arrived with EOF still gets its
 	// answer.
-	d.e.ReadDone(d.clock, d.buf[:n], err)
+	d.e.ReadDone(d.clock, p, err)
 	if d.e.m.State() == fsm.Sending && !d.e.flushing {
 		d.clock = d.now() // a flush starts after the handler ran (OnData or OnPeerClose)
 	}
-}
-
-// armWrite sets the deadline for a write; false means an abort was
-// requested and the write must not start.
-//
-//go:noinline
-func (d *driver) armWrite() bool {
-	d.setWriteDeadline(d.act.Deadline)
-	return !d.abortReq.Load() || d.abortDone
 }
 
 // writeDone reports a write's result to the engine.
@@ -330,6 +349,15 @@ func (d *driver) writeDone(n int, err error) {
 		}
 	}
 	d.e.WriteDone(d.clock, n, err)
+}
+
+// releaseBuffer returns the read buffer, once the transport is closed.
+func (d *driver) releaseBuffer() {
+	if d.lazy != nil {
+		d.lazy.ReleaseBuffer()
+	}
+	d.bufs.Put(d.buf)
+	d.buf = nil
 }
 
 // closeWrite half-closes the transport: our FIN.
@@ -390,6 +418,26 @@ func ServeConn(ctx context.Context, t Transport, h Handler, cfg Config) (CloseIn
 	d.run()
 	logClose(&d.e, &d.result)
 	return d.result, nil
+}
+
+// defaultBuffers lends the read buffers of connections with the default
+// ReadBufferSize; readBuffers, the others.
+var (
+	defaultBuffers = transport.NewBuffers(DefaultReadBufferSize)
+	otherBuffers   sync.Map // int → *transport.Buffers
+)
+
+// readBuffers returns the process's pool of read buffers of size bytes,
+// shared by every Server and ServeConn.
+func readBuffers(size int) *transport.Buffers {
+	if size == DefaultReadBufferSize {
+		return defaultBuffers
+	}
+	if b, ok := otherBuffers.Load(size); ok {
+		return b.(*transport.Buffers)
+	}
+	b, _ := otherBuffers.LoadOrStore(size, transport.NewBuffers(size))
+	return b.(*transport.Buffers)
 }
 
 // connIDs numbers connections, across every Server and ServeConn of the

@@ -105,6 +105,7 @@ type Engine struct {
 	finWhileHalf bool
 	closed       bool // the driver reported CloseDone
 	notified     bool // OnClose was called
+	debug        bool // the logger logs transitions: see debugEnabled
 
 	bytesIn, bytesOut, discarded, lingerRead int64
 
@@ -157,6 +158,16 @@ func (e *Engine) logger() *slog.Logger {
 	return e.log
 }
 
+// debugEnabled reports whether the logger logs at debug level. Next asks it
+// once per operation, rather than fire once per transition: the logger's
+// level can change at run time (slog.LevelVar), and the answer is then
+// heeded from the next operation on.
+//
+//go:noinline
+func (e *Engine) debugEnabled() bool {
+	return e.base != nil && e.base.Enabled(context.Background(), slog.LevelDebug)
+}
+
 // discardHandler is a slog.Handler that drops everything.
 type discardHandler struct{}
 
@@ -191,17 +202,24 @@ func (e *Engine) fire(ev fsm.Event) bool {
 		e.halfAt, e.lastLinger = e.now, e.now
 	}
 	if e.onChange != nil {
-		e.onChange(e.info, from, to, ev)
+		e.notifyChange(from, to, ev)
 	}
-	if e.base != nil && e.base.Enabled(context.Background(), slog.LevelDebug) {
+	if e.debug {
 		e.logTransition(from, to, ev)
 	}
 	return true
 }
 
-// logTransition is kept out of fire so that fire's stack frame, on every
-// connection's path to its first read, stays small.
+// notifyChange calls Config.OnStateChange. It and logTransition are kept
+// out of fire, whose frame is on the path from the handler's Write to the
+// table: the deeper that path, the likelier a connection's goroutine grows
+// its stack (TestIdleConnectionStack).
 //
+//go:noinline
+func (e *Engine) notifyChange(from, to fsm.State, ev fsm.Event) {
+	e.onChange(e.info, from, to, ev)
+}
+
 //go:noinline
 func (e *Engine) logTransition(from, to fsm.State, ev fsm.Event) {
 	e.logger().LogAttrs(context.Background(), slog.LevelDebug, "state change",
@@ -292,6 +310,7 @@ func (e *Engine) Start(now time.Time) {
 		return
 	}
 	e.now, e.start = now, now
+	e.debug = e.debugEnabled()
 	if e.fire(fsm.Start) && e.hOpen != nil {
 		e.callOpen()
 	}
@@ -301,6 +320,7 @@ func (e *Engine) Start(now time.Time) {
 // have passed by now take effect first.
 func (e *Engine) Next(now time.Time) Action {
 	e.now = now
+	e.debug = e.debugEnabled()
 	for {
 		switch e.m.State() {
 		case fsm.Accepted:
@@ -424,9 +444,16 @@ func (e *Engine) ReadDone(now time.Time, p []byte, err error) {
 	if len(p) > 0 && e.m.State() != fsm.Closed {
 		e.input(p)
 	}
-	if err == nil || e.m.State() == fsm.Closed {
-		return
+	if err != nil && e.m.State() != fsm.Closed {
+		e.readFailed(err)
 	}
+}
+
+// readFailed handles a read's error. It is kept out of ReadDone, whose frame
+// is on the path from the driver to the handler's OnData.
+//
+//go:noinline
+func (e *Engine) readFailed(err error) {
 	switch {
 	case errors.Is(err, io.EOF):
 		e.peerFIN()
@@ -573,6 +600,7 @@ func (e *Engine) Shutdown(now time.Time) {
 // ReasonShutdownDeadline and cause ErrShutdownDeadline.
 func (e *Engine) Abort(now time.Time) {
 	e.now = now
+	e.debug = e.debugEnabled()
 	e.abort(ReasonShutdownDeadline, ErrShutdownDeadline)
 }
 

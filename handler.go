@@ -11,7 +11,10 @@ import (
 
 // Handler is a protocol running on the engine. The engine calls it from the
 // connection's goroutine, one call at a time; it must not block for long and
-// must not keep p after OnData returns.
+// must not keep p, nor write to it, after OnData returns: p is a read buffer
+// that connections share (see Config.ReadBufferSize), and it may hold
+// another connection's input the moment OnData has returned. Copy what must
+// outlive the call; Conn.Write copies.
 //
 // A handler may also implement OpenHandler, PeerCloseHandler and
 // CloseHandler to hear of the other moments of the lifecycle.

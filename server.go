@@ -235,8 +235,19 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 }
 
 // serveConn is the goroutine of one connection.
+//
+// Its frame is under every other frame of the connection's goroutine, for
+// the connection's whole life, so it does no more than call run, and the
+// rest is in connDone (see driver.run on stack depth).
 func (s *Server) serveConn(d *driver) {
 	d.run()
+	s.connDone(d)
+}
+
+// connDone logs how a connection ended and forgets it.
+//
+//go:noinline
+func (s *Server) connDone(d *driver) {
 	logClose(&d.e, &d.result)
 	s.mu.Lock()
 	if d.result.Reason == ReasonShutdownDeadline {

@@ -7,13 +7,17 @@ import (
 )
 
 // TCP adapts c: CloseWrite sends our FIN and Abort sets SO_LINGER 0 before
-// closing, so that the kernel sends RST and discards unsent data.
-func TCP(c *net.TCPConn) Conn { return tcpConn{c} }
+// closing, so that the kernel sends RST and discards unsent data. On Unix
+// systems the adapter is also a LazyReader.
+func TCP(c *net.TCPConn) Conn { return &tcpConn{TCPConn: c, rawReader: newRawReader(c)} }
 
-type tcpConn struct{ *net.TCPConn }
+type tcpConn struct {
+	*net.TCPConn
+	rawReader
+}
 
 // Abort implements Conn.
-func (c tcpConn) Abort() error {
+func (c *tcpConn) Abort() error {
 	lerr := c.SetLinger(0)
 	if err := c.Close(); err != nil {
 		return err
@@ -23,13 +27,17 @@ func (c tcpConn) Abort() error {
 
 // Unix adapts c: CloseWrite shuts down our sending side. Unix sockets have no
 // RST, so Abort is the same as Close. (On Linux, closing a Unix socket that
-// holds unread input still makes the peer's Read fail with ECONNRESET.)
-func Unix(c *net.UnixConn) Conn { return unixConn{c} }
+// holds unread input still makes the peer's Read fail with ECONNRESET.) On
+// Unix systems the adapter is also a LazyReader.
+func Unix(c *net.UnixConn) Conn { return &unixConn{UnixConn: c, rawReader: newRawReader(c)} }
 
-type unixConn struct{ *net.UnixConn }
+type unixConn struct {
+	*net.UnixConn
+	rawReader
+}
 
 // Abort implements Conn.
-func (c unixConn) Abort() error { return c.Close() }
+func (c *unixConn) Abort() error { return c.Close() }
 
 // TLS adapts c.
 //

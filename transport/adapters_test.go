@@ -247,8 +247,8 @@ func TestWrap(t *testing.T) {
 		c    net.Conn
 		ok   func(Conn) bool
 	}{
-		{"TCP", tc, func(c Conn) bool { w, ok := c.(tcpConn); return ok && w.TCPConn == tc }},
-		{"Unix", uc, func(c Conn) bool { w, ok := c.(unixConn); return ok && w.UnixConn == uc }},
+		{"TCP", tc, func(c Conn) bool { w, ok := c.(*tcpConn); return ok && w.TCPConn == tc }},
+		{"Unix", uc, func(c Conn) bool { w, ok := c.(*unixConn); return ok && w.UnixConn == uc }},
 		{"TLS", tls.Client(tc, &tls.Config{}), func(c Conn) bool { _, ok := c.(tlsConn); return ok }},
 	} {
 		got, err := Wrap(tt.c)

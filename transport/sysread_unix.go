@@ -1,0 +1,8 @@
+//go:build unix && !linux
+
+package transport
+
+import "syscall"
+
+// sysRead is read(2) on a non-blocking descriptor.
+func sysRead(fd uintptr, p []byte) (int, error) { return syscall.Read(int(fd), p) }
