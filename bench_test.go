@@ -132,8 +132,10 @@ func lifecycle(e *Engine, now time.Time) error {
 //
 //   - NewEngine: the public constructor (Config validated, limits computed).
 //   - server: what Server.serve allocates per connection around the engine:
-//     the driver (which embeds the Engine) with its ReadBufferSize read
-//     buffer, and the per-connection logger, then the same lifecycle.
+//     the driver (which embeds the Engine) and the per-connection logger,
+//     then the same lifecycle. The driver has no transport here, so it
+//     borrows a read buffer from the pool at init and gives it back at the
+//     end, as over a transport that is not a transport.LazyReader.
 func BenchmarkEngineLifecycle(b *testing.B) {
 	now := time.Unix(1_700_000_000, 0)
 	b.Run("NewEngine", func(b *testing.B) {
@@ -166,6 +168,7 @@ func BenchmarkEngineLifecycle(b *testing.B) {
 			if err := lifecycle(&d.e, now); err != nil || h.closes != 1 {
 				b.Fatalf("lifecycle: %v, %d closes", err, h.closes)
 			}
+			d.releaseBuffer()
 		}
 	})
 }

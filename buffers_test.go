@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -91,11 +92,16 @@ func TestReadBufferReturned(t *testing.T) {
 	const size = 4001
 	bufs := readBuffers(size)
 	client, server := transport.Pipe()
+	var caps atomic.Int64 // capacity seen past len(p)
+	h := HandlerFunc(func(c *Conn, p []byte) {
+		caps.Add(int64(cap(p) - len(p)))
+		c.Write(p)
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	done := make(chan CloseInfo, 1)
 	go func() {
-		info, _ := ServeConn(ctx, server, Echo, Config{ReadBufferSize: size, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		info, _ := ServeConn(ctx, server, h, Config{ReadBufferSize: size, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		done <- info
 	}()
 	client.SetDeadline(time.Now().Add(10 * time.Second))
@@ -109,6 +115,9 @@ func TestReadBufferReturned(t *testing.T) {
 	if b := bufs.Borrowed(); b != 1 {
 		t.Errorf("an open connection over a pipe holds %d read buffers, want 1", b)
 	}
+	if c := caps.Load(); c != 0 {
+		t.Errorf("OnData's p had %d bytes of capacity past its length: the rest of a shared buffer shows", c)
+	}
 	client.CloseWrite()
 	io.Copy(io.Discard, client)
 	client.Close()
@@ -118,4 +127,60 @@ func TestReadBufferReturned(t *testing.T) {
 	if b := bufs.Borrowed(); b != 0 {
 		t.Errorf("after ServeConn returned, %d read buffers borrowed, want 0", b)
 	}
+}
+
+// TestBlockedWriterHoldsNoReadBuffer: a connection whose peer sends and
+// never reads ends up blocked in a write, for as long as WriteTimeout;
+// meanwhile it holds no read buffer (on Unix, over TCP).
+func TestBlockedWriterHoldsNoReadBuffer(t *testing.T) {
+	if runtime.GOOS == "windows" || runtime.GOOS == "plan9" || runtime.GOOS == "js" || runtime.GOOS == "wasip1" {
+		t.Skip("the TCP adapter is a LazyReader on Unix systems only")
+	}
+	const size = 4002
+	bufs := readBuffers(size)
+	srv := &Server{
+		Config:     Config{ReadBufferSize: size, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
+		NewHandler: func(ConnInfo) Handler { return Echo },
+	}
+	m := startIdleMeter(t, srv.Serve, srv.Shutdown, srv.NumConns, ErrServerClosed)
+	c, err := net.DialTimeout("tcp", m.addr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	// Send until the socket buffers on both sides are full and our write
+	// blocks; the server is then blocked writing its echo.
+	sent := make(chan error, 1)
+	var progress atomic.Int64 // bytes sent
+	go func() {
+		chunk := make([]byte, 64<<10)
+		for {
+			n, err := c.Write(chunk)
+			progress.Add(int64(n))
+			if err != nil {
+				sent <- err
+				return
+			}
+		}
+	}()
+	// The writer is stuck once it has made no progress for a while; then
+	// the server must be blocked in its write, and hold no read buffer.
+	last, stuckSince := int64(-1), time.Now()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the server's connection is blocked writing to a peer that does not read, and holds %d read buffers; want 0 (sent %d bytes)", bufs.Borrowed(), progress.Load())
+		}
+		if p := progress.Load(); p != last {
+			last, stuckSince = p, time.Now()
+			continue
+		}
+		if time.Since(stuckSince) > 200*time.Millisecond && last > 0 && bufs.Borrowed() == 0 {
+			break
+		}
+	}
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	<-sent
+	m.waitConns(0)
+	waitBorrowed(t, "after the connection closed", bufs, 0)
 }

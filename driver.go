@@ -18,6 +18,10 @@ import (
 // Transport is the connection the engine's driver consumes. Every adapter in
 // github.com/sockfsm/sockfsm/transport satisfies it.
 //
+// Read must not keep p after it returns: read buffers are shared by the
+// connections of the process (see Config.ReadBufferSize). A transport that
+// is also a transport.LazyReader is read with ReadLazy instead.
+//
 // Deadline expiry must make Read and Write return an error matching
 // os.ErrDeadlineExceeded; end of input must be io.EOF; the peer's reset
 // should match syscall.ECONNRESET. SetReadDeadline and SetWriteDeadline may
@@ -53,7 +57,7 @@ type driver struct {
 	now  func() time.Time
 	lazy transport.LazyReader // t, if it can wait for input without a buffer
 	bufs *transport.Buffers   // read buffers, shared by the connections
-	buf  *[]byte              // borrowed from bufs on the first Read, if t is not lazy
+	buf  *[]byte              // borrowed from bufs at init, if t is not lazy
 
 	shutdownReq, abortReq   atomic.Bool
 	shutdownDone, abortDone bool
@@ -260,9 +264,14 @@ func (d *driver) run() {
 				d.readDone(p, err)
 			} else {
 				n, err := d.t.Read(*d.buf)
-				d.readDone((*d.buf)[:n], err)
+				d.readDone((*d.buf)[:n:n], err) // capped: the buffer is shared
 			}
 		case OpWrite:
+			if d.lazy != nil {
+				// A write may block for as long as WriteTimeout on a peer
+				// that does not read; it does so without a read buffer.
+				d.lazy.ReleaseBuffer()
+			}
 			if d.armWriteDeadline(d.act.Deadline) {
 				d.t.SetWriteDeadline(d.act.Deadline)
 			}

@@ -143,6 +143,7 @@ func (e *Engine) init(lim limits, h Handler, info ConnInfo, onChange func(ConnIn
 	e.info = info
 	e.onChange = onChange
 	e.base = log
+	e.debug = e.debugEnabled() // for transitions before the first Next: a failed handshake, say
 }
 
 // logger returns the connection's logger, tagged with its id and remote

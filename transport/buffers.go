@@ -64,8 +64,11 @@ func (b *Buffers) Borrowed() int64 { return b.borrowed.Load() }
 // that an idle connection pins no read buffer (docs/performance.md).
 //
 // ReadLazy and ReleaseBuffer must not be called concurrently with each
-// other; the deadlines apply to ReadLazy as they do to Read, and errors are
-// reported as Read reports them (io.EOF at end of input).
+// other. The deadlines apply to ReadLazy as they do to Read, and its errors
+// match the same targets with errors.Is: io.EOF at end of input,
+// os.ErrDeadlineExceeded, net.ErrClosed, syscall.ECONNRESET. (An error from
+// waiting is a *net.OpError whose Op is "raw-read".) It is meant for stream
+// sockets: on a datagram socket an empty datagram would read as io.EOF.
 type LazyReader interface {
 	// ReadLazy waits for input, borrows a buffer from bufs (or keeps the
 	// one it holds from its last call), reads into it and returns the

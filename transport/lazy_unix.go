@@ -57,7 +57,9 @@ func (r *rawReader) ReadLazy(bufs *Buffers) ([]byte, error) {
 	if r.n == 0 {
 		return nil, io.EOF
 	}
-	return (*r.buf)[:r.n], nil
+	// The capacity is cut too: the rest of the buffer may hold another
+	// connection's input.
+	return (*r.buf)[:r.n:r.n], nil
 }
 
 //go:noinline
@@ -74,7 +76,11 @@ func (r *rawReader) init() error {
 //
 //go:noinline
 func (r *rawReader) readError() error {
-	return &net.OpError{Op: "read", Net: r.sock.LocalAddr().Network(), Source: r.sock.LocalAddr(), Addr: r.sock.RemoteAddr(), Err: os.NewSyscallError("read", r.err)}
+	e := &net.OpError{Op: "read", Source: r.sock.LocalAddr(), Addr: r.sock.RemoteAddr(), Err: os.NewSyscallError("read", r.err)}
+	if e.Source != nil {
+		e.Net = e.Source.Network()
+	}
+	return e
 }
 
 // read is the RawConn.Read callback: one non-blocking read. It returns false

@@ -56,6 +56,9 @@ func TestReadLazy(t *testing.T) {
 			if len(p) > bufs.Size() {
 				t.Fatalf("ReadLazy returned %d bytes, more than the buffer's %d", len(p), bufs.Size())
 			}
+			if cap(p) != len(p) {
+				t.Fatalf("ReadLazy returned %d bytes with capacity %d: the rest of a shared buffer shows", len(p), cap(p))
+			}
 			got = append(got, p...)
 		}
 		if string(got) != "0123456789" {
@@ -120,7 +123,16 @@ func TestReadLazyErrors(t *testing.T) {
 
 		// A deadline set while ReadLazy waits wakes it, as it wakes Read:
 		// the engine's driver relies on this to shut a connection down.
+		// A first read that finds input keeps its buffer, so that the
+		// buffer's return shows that the second one is waiting.
 		c.SetReadDeadline(time.Time{})
+		mustWrite(t, peer, "x")
+		if p, err := r.ReadLazy(bufs); err != nil || string(p) != "x" {
+			t.Fatalf("ReadLazy = %q, %v; want %q", p, err, "x")
+		}
+		if n := bufs.Borrowed(); n != 1 {
+			t.Fatalf("after a read that found input, %d buffers borrowed, want 1", n)
+		}
 		done := make(chan error, 1)
 		go func() {
 			_, err := r.ReadLazy(bufs)
