@@ -19,7 +19,10 @@
 //     after the other: connect, send S bytes (-size, default 14, the
 //     tutorial's "this is a test"), half-close, read to EOF, check, close.
 //     An op is one whole connection; its latency runs from the connect to
-//     the EOF.
+//     the EOF. To a server on 127.0.0.0/8, each worker connects from a
+//     source address of its own (127.0.0.2, 127.0.0.3, ...; see
+//     churnSources), so that the client's ports in TIME_WAIT do not limit
+//     the rate.
 //   - idle: opens -conns connections (default 1000), 128 at a time; each
 //     does one 1-byte echo (so that the server has certainly accepted it and
 //     parked it in a read), then stays idle for -duration, or until the

@@ -331,3 +331,27 @@ func TestNoServer(t *testing.T) {
 		t.Fatalf("exit %d, %v", code, kv)
 	}
 }
+
+// TestChurnSource: churn's workers spread over loopback source addresses
+// for an IPv4 loopback server, and use the default for ::1 and names.
+func TestChurnSource(t *testing.T) {
+	seen := map[string]bool{}
+	for w := range churnSources {
+		src := churnSource("127.0.0.1:27015", w)
+		if src == nil || !src.IP.IsLoopback() || src.IP.To4() == nil || src.Port != 0 {
+			t.Fatalf("worker %d: source %v, want an IPv4 loopback address with any port", w, src)
+		}
+		seen[src.IP.String()] = true
+	}
+	if len(seen) != churnSources {
+		t.Errorf("%d workers use %d source addresses, want %d", churnSources, len(seen), churnSources)
+	}
+	if src := churnSource("127.0.0.1:27015", churnSources); !src.IP.Equal(churnSource("127.0.0.1:27015", 0).IP) {
+		t.Errorf("worker %d's source %v: want worker 0's again", churnSources, src)
+	}
+	for _, addr := range []string{"[::1]:27015", "localhost:27015", "bad"} {
+		if src := churnSource(addr, 1); src != nil {
+			t.Errorf("churnSource(%q) = %v, want nil (the default source)", addr, src)
+		}
+	}
+}

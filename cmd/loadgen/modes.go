@@ -231,12 +231,20 @@ func churnLoop(ctx context.Context, w int, o options, end time.Time, budget *ato
 	}
 	buf := make([]byte, o.size+1) // one more: an echo that is too long is caught
 	d := net.Dialer{Timeout: o.timeout}
+	if src := churnSource(o.addr, w); src != nil {
+		d.LocalAddr = src
+	}
 	for ctx.Err() == nil {
 		t0 := time.Now()
 		if !t0.Before(end) || (o.n > 0 && budget.Add(-1) < 0) {
 			return
 		}
 		nc, err := d.DialContext(ctx, "tcp", o.addr)
+		if err != nil && d.LocalAddr != nil && errors.Is(err, syscall.EADDRNOTAVAIL) {
+			// Only 127.0.0.1 is configured (macOS, say): one source.
+			d.LocalAddr = nil
+			nc, err = d.DialContext(ctx, "tcp", o.addr)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -263,6 +271,31 @@ func churnLoop(ctx context.Context, w int, o options, end time.Time, budget *ato
 			t.ops.Add(1)
 		}
 	}
+}
+
+// churnSources is how many loopback source addresses churn's workers
+// connect from. With one, the client's ephemeral ports limit the rate, not
+// the server: each connection leaves a port in TIME_WAIT on the client (it
+// sends the first FIN), and Linux reuses such a port only once its last
+// timestamp is a second old, which caps churn at about 14,000 connections
+// a second on the default 28,232 ports and makes p99 a measure of the
+// client's port search (docs/performance.md).
+const churnSources = 32
+
+// churnSource returns the source address worker w connects from, to a
+// server at addr: 127.0.0.2 up to 127.0.0.(churnSources+1) for a server on
+// 127.0.0.0/8 (all of it routes to the loopback on Linux); nil otherwise
+// (::1 is the only IPv6 loopback address).
+func churnSource(addr string, w int) *net.TCPAddr {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil
+	}
+	ip := net.ParseIP(host).To4()
+	if ip == nil || !ip.IsLoopback() {
+		return nil
+	}
+	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(2+w%churnSources))}
 }
 
 // churnOne sends payload on c, half-closes and reads to EOF into buf; it
