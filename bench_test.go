@@ -304,10 +304,7 @@ func BenchmarkEchoTCP(b *testing.B) {
 		msg[i] = byte('a' + i%26)
 	}
 	b.Run("sockfsm", func(b *testing.B) {
-		srv := &Server{
-			Config:     Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-			NewHandler: func(ConnInfo) Handler { return Echo },
-		}
+		srv := newEchoServer(0)
 		benchTCP(b, msg, srv.Serve, srv.Shutdown, ErrServerClosed)
 	})
 	b.Run("plain", func(b *testing.B) {
@@ -359,10 +356,7 @@ func benchTCP(b *testing.B, msg []byte, serve func(net.Listener) error, shutdown
 // same in both.
 func BenchmarkChurnTCP(b *testing.B) {
 	b.Run("sockfsm", func(b *testing.B) {
-		srv := &Server{
-			Config:     Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-			NewHandler: func(ConnInfo) Handler { return Echo },
-		}
+		srv := newEchoServer(0)
 		benchChurn(b, srv.Serve, srv.Shutdown, ErrServerClosed)
 	})
 	b.Run("plain", func(b *testing.B) {
@@ -410,10 +404,7 @@ const idleConns = 500
 // same for both servers.
 func BenchmarkIdleMemory(b *testing.B) {
 	b.Run("sockfsm", func(b *testing.B) {
-		srv := &Server{
-			Config:     Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-			NewHandler: func(ConnInfo) Handler { return Echo },
-		}
+		srv := newEchoServer(0)
 		benchIdleMemory(b, srv.Serve, srv.Shutdown, srv.NumConns, ErrServerClosed)
 	})
 	b.Run("plain", func(b *testing.B) {
@@ -453,10 +444,7 @@ func TestIdleConnectionStack(t *testing.T) {
 	}
 	const n = 500 // enough to drown the runtime's own stacks (a new thread's is 16 KiB)
 	if os.Getenv(stackEnv) == "1" {
-		srv := &Server{
-			Config:     Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-			NewHandler: func(ConnInfo) Handler { return Echo },
-		}
+		srv := newEchoServer(0)
 		m := startIdleMeter(t, srv.Serve, srv.Shutdown, srv.NumConns, ErrServerClosed)
 		heap, stack := m.measure(n)
 		fmt.Printf("idle-memory stack=%.0f heap=%.0f\n", stack, heap)
@@ -489,6 +477,15 @@ func TestIdleConnectionStack(t *testing.T) {
 
 // stackEnv marks TestIdleConnectionStack's child process.
 const stackEnv = "SOCKFSM_STACK_CHILD"
+
+// newEchoServer returns a Server of Echo with a logger that writes nowhere
+// and the given ReadBufferSize (0: the default).
+func newEchoServer(readBufferSize int) *Server {
+	return &Server{
+		Config:     Config{ReadBufferSize: readBufferSize, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
+		NewHandler: func(ConnInfo) Handler { return Echo },
+	}
+}
 
 // idleMeter measures the memory of idle connections to a server running in
 // this process.

@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -24,20 +23,23 @@ func waitBorrowed(t *testing.T, what string, bufs *transport.Buffers, n int64) {
 	}
 }
 
+// skipUnlessLazyTCP skips the test where the TCP adapter is not a
+// transport.LazyReader (it is on Unix systems).
+func skipUnlessLazyTCP(t *testing.T) {
+	if _, ok := transport.TCP(nil).(transport.LazyReader); !ok {
+		t.Skip("the TCP adapter is not a LazyReader here")
+	}
+}
+
 // TestIdleConnectionsHoldNoReadBuffer: over TCP, a connection waiting for
 // input holds no read buffer (on Unix, where the TCP adapter is a
 // transport.LazyReader), and every buffer comes back when connections
 // close, whatever they read.
 func TestIdleConnectionsHoldNoReadBuffer(t *testing.T) {
-	if runtime.GOOS == "windows" || runtime.GOOS == "plan9" || runtime.GOOS == "js" || runtime.GOOS == "wasip1" {
-		t.Skip("the TCP adapter is a LazyReader on Unix systems only")
-	}
+	skipUnlessLazyTCP(t)
 	const size = 4000 // a pool of its own: other tests' connections do not count
 	bufs := readBuffers(size)
-	srv := &Server{
-		Config:     Config{ReadBufferSize: size, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-		NewHandler: func(ConnInfo) Handler { return Echo },
-	}
+	srv := newEchoServer(size)
 	m := startIdleMeter(t, srv.Serve, srv.Shutdown, srv.NumConns, ErrServerClosed)
 
 	const n = 20
@@ -133,15 +135,10 @@ func TestReadBufferReturned(t *testing.T) {
 // never reads ends up blocked in a write, for as long as WriteTimeout;
 // meanwhile it holds no read buffer (on Unix, over TCP).
 func TestBlockedWriterHoldsNoReadBuffer(t *testing.T) {
-	if runtime.GOOS == "windows" || runtime.GOOS == "plan9" || runtime.GOOS == "js" || runtime.GOOS == "wasip1" {
-		t.Skip("the TCP adapter is a LazyReader on Unix systems only")
-	}
+	skipUnlessLazyTCP(t)
 	const size = 4002
 	bufs := readBuffers(size)
-	srv := &Server{
-		Config:     Config{ReadBufferSize: size, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-		NewHandler: func(ConnInfo) Handler { return Echo },
-	}
+	srv := newEchoServer(size)
 	m := startIdleMeter(t, srv.Serve, srv.Shutdown, srv.NumConns, ErrServerClosed)
 	c, err := net.DialTimeout("tcp", m.addr, 10*time.Second)
 	if err != nil {
