@@ -43,22 +43,23 @@ func benchLogger() *slog.Logger {
 // chunk is read, Next asks to write it, the write completes, Next asks to
 // read. It returns false if the engine did anything else.
 func echoExchange(e *Engine, now time.Time) bool {
-	e.ReadDone(now, benchChunk, nil)
+	e.ReadDone(now, benchChunk, ResultOK, nil)
 	a := e.Next(now)
 	if a.Op != OpWrite || len(a.Data) != len(benchChunk) {
 		return false
 	}
-	e.WriteDone(now, len(a.Data), nil)
+	e.WriteDone(now, len(a.Data), ResultOK, nil)
 	return e.Next(now).Op == OpRead
 }
 
 func benchEngineEchoExchange(b *testing.B, log *slog.Logger) {
 	b.ReportAllocs()
-	e, err := NewEngine(Config{Logger: log}, Echo, ConnInfo{ID: 1})
+	e, err := NewEngine(Config{Logger: log}, Echo{}, ConnInfo{ID: 1})
 	if err != nil {
 		b.Fatal(err)
 	}
 	now := time.Unix(1_700_000_000, 0)
+	e.Start(now)
 	if a := e.Next(now); a.Op != OpRead {
 		b.Fatalf("first op %v, want read", a.Op)
 	}
@@ -107,15 +108,15 @@ func lifecycle(e *Engine, now time.Time) error {
 	if !echoExchange(e, now) {
 		return errors.New("no echo")
 	}
-	e.ReadDone(now, nil, io.EOF)
+	e.ReadDone(now, nil, ResultEOF, io.EOF)
 	if err := want(e.Next(now), OpCloseWrite); err != nil {
 		return err
 	}
-	e.CloseWriteDone(now, nil)
+	e.CloseWriteDone(now, ResultOK, nil)
 	if err := want(e.Next(now), OpClose); err != nil {
 		return err
 	}
-	e.CloseDone(now, nil)
+	e.CloseDone(now)
 	if err := want(e.Next(now), OpDone); err != nil {
 		return err
 	}
@@ -153,19 +154,17 @@ func BenchmarkEngineLifecycle(b *testing.B) {
 	})
 	b.Run("server", func(b *testing.B) {
 		b.ReportAllocs()
-		cfg := Config{}
+		cfg := Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 		lim := cfg.limits()
-		base := slog.New(slog.NewTextHandler(io.Discard, nil))
 		remote := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 50412}
 		var id uint64
 		for b.Loop() {
 			id++
 			h := &closeCounter{}
 			info := ConnInfo{ID: id, RemoteAddr: remote}
-			clog := base.With(slog.Uint64("conn", info.ID), slog.String("remote", info.RemoteAddr.String()))
 			d := &driver{}
-			d.init(nil, lim, h, info, &cfg, clog, time.Now)
-			if err := lifecycle(&d.e, now); err != nil || h.closes != 1 {
+			d.init(nil, lim, h, info, &cfg, time.Now)
+			if err := lifecycle(d.e, now); err != nil || h.closes != 1 {
 				b.Fatalf("lifecycle: %v, %d closes", err, h.closes)
 			}
 			d.releaseBuffer()
@@ -196,11 +195,12 @@ func BenchmarkLooplabLifecycle(b *testing.B) {
 // per-connection state table (looplab's NewFSM alone allocates dozens).
 func TestEngineAllocs(t *testing.T) {
 	for _, log := range []*slog.Logger{nil, benchLogger()} {
-		e, err := NewEngine(Config{Logger: log}, Echo, ConnInfo{ID: 1})
+		e, err := NewEngine(Config{Logger: log}, Echo{}, ConnInfo{ID: 1})
 		if err != nil {
 			t.Fatal(err)
 		}
 		now := time.Unix(1_700_000_000, 0)
+		e.Start(now)
 		e.Next(now)
 		echoExchange(e, now)
 		ok := true
@@ -218,7 +218,7 @@ func TestEngineAllocs(t *testing.T) {
 	now := time.Unix(1_700_000_000, 0)
 	var lerr error
 	allocs := testing.AllocsPerRun(100, func() {
-		e, err := NewEngine(Config{}, Echo, ConnInfo{ID: 1})
+		e, err := NewEngine(Config{}, Echo{}, ConnInfo{ID: 1})
 		if err == nil {
 			err = lifecycle(e, now)
 		}
@@ -273,7 +273,7 @@ func BenchmarkEchoPipe(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan CloseInfo, 1)
 	go func() {
-		info, _ := ServeConn(ctx, server, Echo, Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		info, _ := ServeConn(ctx, server, Echo{}, Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		done <- info
 	}()
 	b.Cleanup(func() { // also after a failure: the connection is aborted
@@ -483,7 +483,7 @@ const stackEnv = "SOCKFSM_STACK_CHILD"
 func newEchoServer(readBufferSize int) *Server {
 	return &Server{
 		Config:     Config{ReadBufferSize: readBufferSize, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-		NewHandler: func(ConnInfo) Handler { return Echo },
+		NewHandler: func(ConnInfo) Handler { return Echo{} },
 	}
 }
 

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"os"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"
@@ -42,83 +45,109 @@ type Transport interface {
 	RemoteAddr() net.Addr
 }
 
+// waiter is a transport that waits itself, without reading, until its read
+// deadline passes or a wake-up moves it into the past: one on a virtual
+// clock (transport/sim). Other transports wait on the driver's channel.
+type waiter interface{ Wait() error }
+
 // handshaker is a transport with a handshake to run first: TLS.
 type handshaker interface{ Handshake() error }
 
 // past is a deadline in the past, used to wake a blocked read or write.
 var past = time.Unix(1, 0)
 
+// Classify says how an I/O operation on a net.Conn-like transport ended:
+// nil is ResultOK, io.EOF is ResultEOF, an error matching
+// os.ErrDeadlineExceeded is ResultTimeout, the peer's reset (ECONNRESET,
+// ECONNABORTED, EPIPE) is ResultReset, anything else ResultError. Drivers
+// use it to report results to the Engine.
+func Classify(err error) Result {
+	switch {
+	case err == nil:
+		return ResultOK
+	case errors.Is(err, io.EOF):
+		return ResultEOF
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return ResultTimeout
+	case isReset(err):
+		return ResultReset
+	}
+	return ResultError
+}
+
+// isReset reports whether err is the peer's RST.
+func isReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE)
+}
+
 // driver runs one Engine over one Transport: the thin I/O loop around the
-// pure engine. Other goroutines talk to it only through the two request
-// flags and the transport's deadlines.
+// pure engine, the goroutine-per-connection driver of Server and
+// ServeConn. It uses only the Engine's exported API (TestDriverUsesPublicAPI
+// checks it), as a driver of an embedder's own would.
 type driver struct {
 	t    Transport
-	e    Engine
+	e    *Engine
 	now  func() time.Time
 	lazy transport.LazyReader // t, if it can wait for input without a buffer
 	bufs *transport.Buffers   // read buffers, shared by the connections
 	buf  *[]byte              // borrowed from bufs at init, if t is not lazy
 
-	shutdownReq, abortReq   atomic.Bool
-	shutdownDone, abortDone bool
-	transportClosed         bool
-	result                  CloseInfo // how the connection ended, once run returns
+	transportClosed bool
+	result          CloseInfo // how the connection ended, once run returns
 
 	// The deadlines armed on the transport, when known: see armReadDeadline.
 	rdl, wdl           time.Time
 	rdlKnown, wdlKnown bool
 	tls                bool // the transport is TLS: see handshake
+	handshakeTimeout   time.Duration
+	log                *slog.Logger // Config.Logger, for a panic that escaped the engine
+
+	wakeCh atomic.Pointer[chan struct{}] // OpWait's wake-up; made on the first wait
+	waiter waiter                        // t, if it waits itself
 
 	clock time.Time // the clock's last reading: see run
 	act   Action    // the engine's operation in progress
 }
 
-func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger, now func() time.Time) {
-	// log is the base logger; the engine tags it with the connection's
-	// id and address when it first logs.
+// init prepares d to run t with h. cfg must be valid and h not nil: the
+// callers check both once, not per connection.
+func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, now func() time.Time) {
+	e, err := NewEngine(*cfg, h, info)
+	if err != nil {
+		panic("sockfsm: driver.init: " + err.Error()) // the callers validated both
+	}
+	d.e = e
 	d.t = t
+	d.log = cfg.Logger
 	d.now = now
 	d.lazy, _ = t.(transport.LazyReader)
 	// Type assertions are made here, on the accepting goroutine: a failed
 	// one can take the runtime deep, and on the connection's goroutine it
 	// would grow its stack for good (TestIdleConnectionStack).
 	_, d.tls = t.(handshaker)
+	d.waiter, _ = t.(waiter)
+	d.handshakeTimeout = lim.idle
+	if d.handshakeTimeout == 0 {
+		d.handshakeTimeout = lim.write
+	}
 	d.bufs = readBuffers(lim.readBuf)
 	if d.lazy == nil {
 		d.buf = d.bufs.Get() // Read needs its buffer to wait
 	}
-	d.e.init(lim, h, info, cfg.OnStateChange, log)
-	d.e.onClose = cfg.OnClose
+	d.e.SetWaker(d.wake)
 }
 
-// requestShutdown asks the loop for a graceful close, waking an idle read.
+// wake is the engine's waker: it interrupts a blocked read, write or
+// handshake by moving its deadline into the past, and ends a wait.
 // Safe for concurrent use.
-func (d *driver) requestShutdown() {
-	d.shutdownReq.Store(true)
-	d.t.SetReadDeadline(past)
-}
-
-// requestAbort asks the loop to abort, waking any blocked read or write.
-// Safe for concurrent use.
-func (d *driver) requestAbort() {
-	d.abortReq.Store(true)
+func (d *driver) wake() {
 	d.t.SetReadDeadline(past)
 	d.t.SetWriteDeadline(past)
-}
-
-// pending reports whether a request arrived that the loop has not applied.
-func (d *driver) pending() bool {
-	return (d.abortReq.Load() && !d.abortDone) || (d.shutdownReq.Load() && !d.shutdownDone)
-}
-
-func (d *driver) apply() {
-	if d.abortReq.Load() && !d.abortDone {
-		d.abortDone = true
-		d.e.Abort(d.now())
-	}
-	if d.shutdownReq.Load() && !d.shutdownDone {
-		d.shutdownDone = true
-		d.e.Shutdown(d.now())
+	if ch := d.wakeCh.Load(); ch != nil {
+		select {
+		case *ch <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -126,48 +155,43 @@ func (d *driver) apply() {
 // engine starts, bounded by the idle timeout (or, if that is off, the write
 // timeout): tls.Conn would otherwise run it inside the first Read, Write or
 // CloseWrite, and a write or a half-close has no read deadline to bound it.
-func (d *driver) handshake() {
+// It reports whether the engine may start.
+func (d *driver) handshake() bool {
 	if !d.tls {
-		return
+		return true
 	}
-	hs := d.t.(handshaker)
-	timeout := d.e.lim.idle
-	if timeout == 0 {
-		timeout = d.e.lim.write
-	}
-	dl := d.now().Add(timeout)
+	d.e.Next(d.now()) // OpStart: a close or an abort now wakes the handshake
+	dl := d.now().Add(d.handshakeTimeout)
 	d.t.SetReadDeadline(dl)
 	d.t.SetWriteDeadline(dl)
-	if d.pending() {
-		d.unstarted()
-		return
+	d.forgetDeadlines()
+	if d.e.Pending() {
+		return d.handleRequests()
 	}
-	if err := hs.Handshake(); err != nil {
-		if d.pending() {
-			d.unstarted() // the request interrupted the handshake
-			return
+	if err := d.t.(handshaker).Handshake(); err != nil {
+		if d.e.Pending() && !d.handleRequests() {
+			return false // a close or an abort interrupted the handshake
 		}
-		d.e.handshakeFailed(d.now(), err)
+		d.e.Abort(errors.Join(ErrHandshake, err))
+		d.e.HandleTimeout(d.now())
+		return false
 	}
+	return true
 }
 
-// unstarted ends a connection whose handshake a request interrupted or
-// preempted: a shutdown closes it gracefully (it has read and written
-// nothing), an abort aborts it.
-func (d *driver) unstarted() {
-	if d.abortReq.Load() {
-		return // the loop applies the abort
-	}
-	d.shutdownDone = true
-	d.e.closeUnstarted(d.now())
+// handleRequests applies pending requests and reports whether the engine
+// is still in Accepted.
+func (d *driver) handleRequests() bool {
+	d.e.HandleTimeout(d.now())
+	return d.e.State() == fsm.Accepted
 }
 
 // deadlineSlack is how far a read deadline may move later without being
 // re-armed: the armed one then fires a little early, the engine sees that
 // its own deadline has not come, and the loop re-arms it exactly. A busy
 // connection thus re-arms its read deadline about once per deadlineSlack
-// instead of on every read. Write deadlines are never left early: an early
-// write timeout would abort the connection.
+// instead of on every read. Write deadlines are never left early: the
+// engine resumes a write stopped early, but each stop costs a system call.
 const deadlineSlack = 50 * time.Millisecond
 
 // armReadDeadline reports whether the read deadline dl must be set on the
@@ -201,12 +225,15 @@ func (d *driver) armWriteDeadline(dl time.Time) bool {
 	return true
 }
 
-// forgetDeadlines marks the armed deadlines unknown: a request's wake-up or
-// an error may have changed or spent them.
+// forgetDeadlines marks the armed deadlines unknown: a wake-up or an error
+// may have changed or spent them.
 func (d *driver) forgetDeadlines() { d.rdlKnown, d.wdlKnown = false, false }
 
-// recoverPanic turns a panic that escaped the engine (from the
-// OnStateChange hook, say) into an abort of the transport.
+// recoverPanic turns a panic that escaped the engine into an abort of the
+// transport. The engine recovers the panics of the handler and the hooks
+// itself, so one that reaches here is a bug of the engine or the driver:
+// the transport is aborted so that no socket leaks, and the connection is
+// reported with ReasonInternal.
 func (d *driver) recoverPanic() {
 	r := recover()
 	if r == nil {
@@ -217,17 +244,13 @@ func (d *driver) recoverPanic() {
 		d.transportClosed = true
 		d.t.Abort()
 	}
-	perr := &PanicError{Value: r, Stack: stack}
-	d.e.onChange = nil // it may be what panicked
-	if d.e.State() != fsm.Closed {
-		d.e.abort(ReasonHandlerPanic, perr)
-	} else if !d.e.closed {
-		d.e.reason, d.e.err = ReasonHandlerPanic, perr // aborted before its close was done
-	}
-	d.e.CloseDone(d.now(), nil) // tells the handler and Config.OnClose, if not yet told
-	d.result = d.e.CloseInfo()
+	d.result = CloseInfo{Reason: ReasonInternal, Err: &PanicError{Value: r, Stack: stack}}
 	d.releaseBuffer()
-	d.e.logger().Error("panic in connection", "panic", r, "stack", string(stack))
+	log := d.log
+	if log == nil {
+		log = slog.Default()
+	}
+	connLogger(log, d.e.Info()).Error("panic in connection driver", "panic", r, "stack", string(stack))
 }
 
 // run drives the engine until the connection is closed, and leaves how it
@@ -256,7 +279,8 @@ func (d *driver) run() {
 			if d.tls && d.armWriteDeadline(d.act.Deadline) {
 				d.t.SetWriteDeadline(d.act.Deadline)
 			}
-			if d.pending() {
+			if d.e.Pending() {
+				d.handle()
 				continue
 			}
 			if d.lazy != nil {
@@ -275,15 +299,20 @@ func (d *driver) run() {
 			if d.armWriteDeadline(d.act.Deadline) {
 				d.t.SetWriteDeadline(d.act.Deadline)
 			}
-			if d.abortReq.Load() && !d.abortDone {
+			if d.e.Pending() {
+				d.handle()
 				continue
 			}
 			n, err := d.t.Write(d.act.Data)
 			d.writeDone(n, err)
+		case OpWait:
+			d.wait()
 		case OpCloseWrite:
 			d.closeWrite()
 		case OpClose, OpAbort:
 			d.close()
+		case OpStart:
+			d.start()
 		case OpDone:
 			d.result = d.e.CloseInfo()
 			d.releaseBuffer()
@@ -303,30 +332,69 @@ func (d *driver) unknownOp() {
 //
 //go:noinline
 func (d *driver) begin() {
-	d.handshake()
-	d.clock = d.now()
-	if d.e.State() == fsm.Accepted && !d.pending() {
-		d.e.Start(d.clock) // OnOpen runs here
-		d.clock = d.now()
+	if d.handshake() {
+		d.start()
 	}
+	d.clock = d.now()
 }
 
-// next applies the requests that arrived, asks the engine for its next
-// operation and keeps it in d.act.
-//
-// Requests are applied before each operation; a request that arrives after
-// the operation's deadline is set is seen by pending() before the call
-// blocks, and one that arrives later wakes it.
+//go:noinline
+func (d *driver) start() {
+	d.e.Start(d.now()) // OnOpen runs here
+}
+
+// next asks the engine for its next operation and keeps it in d.act. The
+// clock is read again: the step before may have run the handler, and a
+// flush that starts now must not count the handler's time.
 //
 //go:noinline
 func (d *driver) next() Op {
-	if d.pending() {
-		d.forgetDeadlines()
-		d.apply()
-		d.clock = d.now()
-	}
+	d.clock = d.now()
 	d.act = d.e.Next(d.clock)
 	return d.act.Op
+}
+
+// handle applies requests that arrived before the driver blocked.
+//
+//go:noinline
+func (d *driver) handle() {
+	d.forgetDeadlines() // a wake-up may have moved them
+	d.clock = d.now()
+	d.e.HandleTimeout(d.clock)
+}
+
+// wait blocks until the deadline or a wake-up: the handler paused reading.
+//
+//go:noinline
+func (d *driver) wait() {
+	if d.waiter != nil {
+		d.forgetDeadlines()
+		d.t.SetReadDeadline(d.act.Deadline)
+		if !d.e.Pending() {
+			d.waiter.Wait()
+		}
+		d.handle()
+		return
+	}
+	ch := d.wakeCh.Load()
+	if ch == nil {
+		c := make(chan struct{}, 1)
+		ch = &c
+		d.wakeCh.Store(ch)
+	}
+	if !d.e.Pending() {
+		var timeout <-chan time.Time
+		if !d.act.Deadline.IsZero() {
+			t := time.NewTimer(d.act.Deadline.Sub(d.now()))
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-*ch:
+		case <-timeout:
+		}
+	}
+	d.handle()
 }
 
 // readDone reports a read's result to the engine.
@@ -334,16 +402,12 @@ func (d *driver) next() Op {
 //go:noinline
 func (d *driver) readDone(p []byte, err error) {
 	d.clock = d.now()
+	r := ResultOK
 	if err != nil {
 		d.forgetDeadlines()
+		r = Classify(err)
 	}
-	// Input that came with the wake-up is delivered before the request is
-	// applied (in next): a request that arrived with EOF still gets its
-	// answer.
-	d.e.ReadDone(d.clock, p, err)
-	if d.e.m.State() == fsm.Sending && !d.e.flushing {
-		d.clock = d.now() // a flush starts after the handler ran (OnData or OnPeerClose)
-	}
+	d.e.ReadDone(d.clock, p, r, err)
 }
 
 // writeDone reports a write's result to the engine.
@@ -351,13 +415,12 @@ func (d *driver) readDone(p []byte, err error) {
 //go:noinline
 func (d *driver) writeDone(n int, err error) {
 	d.clock = d.now()
+	r := ResultOK
 	if err != nil {
 		d.forgetDeadlines()
-		if d.abortReq.Load() && !d.abortDone {
-			d.apply()
-		}
+		r = Classify(err)
 	}
-	d.e.WriteDone(d.clock, n, err)
+	d.e.WriteDone(d.clock, n, r, err)
 }
 
 // releaseBuffer returns the read buffer, once the transport is closed.
@@ -373,32 +436,28 @@ func (d *driver) releaseBuffer() {
 //
 //go:noinline
 func (d *driver) closeWrite() {
-	if d.abortReq.Load() && !d.abortDone {
-		return // next applies the abort
-	}
 	err := d.t.CloseWrite()
 	if d.tls {
 		d.forgetDeadlines() // tls.Conn's CloseWrite sets its own write deadline
 	}
 	d.clock = d.now()
-	d.e.CloseWriteDone(d.clock, err)
+	d.e.CloseWriteDone(d.clock, Classify(err), err)
 }
 
 // close closes or aborts the transport, once.
 //
 //go:noinline
 func (d *driver) close() {
-	var err error
-	if !d.transportClosed || (mutating && d.e.mut&mutCloseTwice != 0) {
+	if !d.transportClosed {
 		d.transportClosed = true
 		if d.act.Op == OpAbort {
-			err = d.t.Abort()
+			d.t.Abort()
 		} else {
-			err = d.t.Close()
+			d.t.Close()
 		}
 	}
 	d.clock = d.now()
-	d.e.CloseDone(d.clock, err)
+	d.e.CloseDone(d.clock)
 }
 
 // ServeConn runs the engine over t with handler h until the connection is
@@ -416,16 +475,13 @@ func ServeConn(ctx context.Context, t Transport, h Handler, cfg Config) (CloseIn
 		return CloseInfo{}, ErrNoHandler
 	}
 	info := ConnInfo{ID: connIDs.Add(1), LocalAddr: t.LocalAddr(), RemoteAddr: t.RemoteAddr()}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.Default()
-	}
 	d := &driver{}
-	d.init(t, cfg.limits(), h, info, &cfg, log, time.Now)
-	stop := context.AfterFunc(ctx, d.requestAbort)
+	d.init(t, cfg.limits(), h, info, &cfg, time.Now)
+	stop := context.AfterFunc(ctx, func() {
+		d.e.Abort(errors.Join(ErrShutdownDeadline, context.Cause(ctx)))
+	})
 	defer stop()
 	d.run()
-	logClose(&d.e, &d.result)
 	return d.result, nil
 }
 
@@ -462,28 +518,3 @@ func connLogger(log *slog.Logger, info ConnInfo) *slog.Logger {
 	return log.With(slog.Uint64("conn", info.ID), slog.String("remote", remote))
 }
 
-// logClose logs how a connection ended. A graceful close is logged only at
-// debug level, so the connection's tagged logger is not even built for it
-// unless that level is on.
-func logClose(e *Engine, info *CloseInfo) {
-	ctx := context.Background()
-	switch {
-	case errors.Is(info.Err, ErrHandlerPanic):
-		var pe *PanicError
-		errors.As(info.Err, &pe)
-		stack := ""
-		if pe != nil {
-			stack = string(pe.Stack)
-		}
-		e.logger().Error("handler panic: connection aborted", "err", info.Err, "stack", stack)
-	case info.Reason.Abortive():
-		e.logger().LogAttrs(ctx, slog.LevelInfo, "connection aborted",
-			slog.String("reason", info.Reason.String()), slog.Any("err", info.Err),
-			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten))
-	case e.base != nil && e.base.Enabled(ctx, slog.LevelDebug):
-		e.logger().LogAttrs(ctx, slog.LevelDebug, "connection closed",
-			slog.String("reason", info.Reason.String()), slog.String("linger", info.Linger.String()),
-			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten),
-			slog.Int64("discarded", info.Discarded), slog.Duration("duration", info.Duration))
-	}
-}

@@ -71,7 +71,7 @@ func (s *scripted) RemoteAddr() net.Addr               { return nil }
 
 func newScriptedDriver(tr *scripted, cfg Config) *driver {
 	d := &driver{}
-	d.init(tr, cfg.limits(), Echo, ConnInfo{ID: 1}, &cfg, nil, time.Now)
+	d.init(tr, cfg.limits(), Echo{}, ConnInfo{ID: 1}, &cfg, time.Now)
 	return d
 }
 
@@ -84,14 +84,16 @@ var hourCfg = Config{IdleTimeout: time.Hour, LingerTimeout: time.Hour, LingerTim
 func TestDriverWakeRace(t *testing.T) {
 	tr := &scripted{t: t}
 	d := newScriptedDriver(tr, hourCfg)
+	requested := false
 	tr.onSetRDL = func(dl time.Time) {
-		if dl.After(time.Now()) && !d.shutdownReq.Load() {
-			d.shutdownReq.Store(true) // from "another goroutine", between SetReadDeadline and Read
+		if dl.After(time.Now()) && !requested {
+			requested = true
+			d.e.Close() // from "another goroutine", between SetReadDeadline and Read
 		}
 	}
 	blockedWithRequest := 0
 	tr.onRead = func() {
-		if d.pending() {
+		if d.e.Pending() {
 			blockedWithRequest++
 		}
 	}
@@ -111,7 +113,7 @@ func TestDriverWakeRace(t *testing.T) {
 func TestDriverDataWithEOFDuringShutdown(t *testing.T) {
 	tr := &scripted{t: t, reads: []scriptedRead{{"request", io.EOF}}}
 	d := newScriptedDriver(tr, hourCfg)
-	tr.onRead = func() { d.shutdownReq.Store(true) } // the request lands while Read returns
+	tr.onRead = func() { d.e.Close() } // the request lands while Read returns
 	d.run()
 	info := d.result
 	if got := tr.written.String(); got != "request" {
@@ -142,7 +144,7 @@ func TestDriverHandlerTimeIsNotWriteTime(t *testing.T) {
 	tr := &scripted{t: t, clock: &clock, reads: []scriptedRead{{"data", nil}, {"", io.EOF}}}
 	cfg := Config{IdleTimeout: 10 * time.Hour, WriteTimeout: time.Minute}
 	d := &driver{}
-	d.init(tr, cfg.limits(), slowHandler{&clock}, ConnInfo{ID: 1}, &cfg, nil, func() time.Time { return clock })
+	d.init(tr, cfg.limits(), slowHandler{&clock}, ConnInfo{ID: 1}, &cfg, func() time.Time { return clock })
 	d.run()
 	if got, want := tr.written.String(), "hello data bye"; got != want || d.result.Aborted() {
 		t.Fatalf("the peer got %q, want %q; info %+v", got, want, d.result)
@@ -181,7 +183,7 @@ func TestDriverPanicStillNotifiesOnce(t *testing.T) {
 			}
 			h := &testHandler{}
 			d := &driver{}
-			d.init(tr, cfg.limits(), h, ConnInfo{ID: 1}, &cfg, nil, time.Now)
+			d.init(tr, cfg.limits(), h, ConnInfo{ID: 1}, &cfg, time.Now)
 			d.run()
 			if hooks != 1 || len(h.infos) != 1 {
 				t.Fatalf("Config.OnClose %d times, handler OnClose %d times; want 1 and 1", hooks, len(h.infos))

@@ -3,11 +3,10 @@ package sockfsm
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
-	"os"
 	"runtime/debug"
-	"syscall"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"
@@ -17,15 +16,23 @@ import (
 type Op uint8
 
 // The operations. After performing one, the driver reports its result with
-// the matching method: ReadDone, WriteDone, CloseWriteDone or CloseDone.
+// the matching method: Start, ReadDone, WriteDone, CloseWriteDone or
+// CloseDone. OpWait has no result: the driver waits for the deadline or a
+// wake-up, then calls HandleTimeout.
 const (
+	// OpStart: run the transport's handshake, if it has one, then call
+	// Start.
+	OpStart Op = iota + 1
 	// OpRead: read into a buffer of any size, with the read deadline
 	// Action.Deadline (zero: none); report with ReadDone.
-	OpRead Op = iota + 1
+	OpRead
+	// OpWait: the handler paused reading. Perform no I/O; wait until
+	// Action.Deadline (zero: none) or the waker, then call HandleTimeout.
+	OpWait
 	// OpWrite: write Action.Data with the write deadline Action.Deadline;
 	// report with WriteDone.
 	OpWrite
-	// OpCloseWrite: half-close the transport (CloseWrite); report with
+	// OpCloseWrite: half-close the transport (our FIN); report with
 	// CloseWriteDone.
 	OpCloseWrite
 	// OpClose: close the transport gracefully; report with CloseDone.
@@ -36,24 +43,61 @@ const (
 	OpDone
 )
 
-var opNames = [...]string{"", "read", "write", "close-write", "close", "abort", "done"}
+var opNames = [...]string{"", "start", "read", "wait", "write", "close-write", "close", "abort", "done"}
 
 // String returns the operation's name.
 func (o Op) String() string {
-	if int(o) < len(opNames) {
+	if int(o) < len(opNames) && o != 0 {
 		return opNames[o]
 	}
 	return "Op(?)"
 }
 
-// Action is the engine's next request to its driver.
-type Action struct {
-	Op       Op
-	Data     []byte    // OpWrite: the bytes to write
-	Deadline time.Time // OpRead, OpWrite: the deadline to set; zero means none
+// Result classifies how an operation ended. The driver classifies the
+// transport's errors (Classify does it for net.Conn-like transports), so
+// the engine needs to know nothing of os or syscall.
+type Result uint8
+
+// The results.
+const (
+	// ResultOK: the operation completed; a read returned data.
+	ResultOK Result = iota
+	// ResultEOF: a read found the peer's FIN (end of file).
+	ResultEOF
+	// ResultTimeout: the operation stopped at its deadline or was woken
+	// by the waker: not an error of the connection. The engine checks its
+	// own timers; the bytes written so far still count.
+	ResultTimeout
+	// ResultReset: the peer reset the connection (ECONNRESET, EPIPE).
+	ResultReset
+	// ResultError: any other error.
+	ResultError
+)
+
+var resultNames = [...]string{"ok", "eof", "timeout", "reset", "error"}
+
+// String returns the result's name.
+func (r Result) String() string {
+	if int(r) < len(resultNames) {
+		return resultNames[r]
+	}
+	return "Result(?)"
 }
 
-// closeKind is what closing the handler or the engine has asked for.
+// Action is the engine's next request to its driver.
+type Action struct {
+	Op Op
+	// Data is what OpWrite writes. It aliases the engine's output queue:
+	// it stays valid, and must not be modified, until the driver reports
+	// the write with WriteDone.
+	Data []byte
+	// Deadline is the deadline of OpRead, OpWait and OpWrite; zero means
+	// none. It is the engine's own timer: when it passes, the engine acts
+	// on its next step.
+	Deadline time.Time
+}
+
+// closeKind is what closing has been asked for.
 type closeKind uint8
 
 const (
@@ -62,16 +106,66 @@ const (
 	closeFull           // our FIN; input is discarded until the peer's FIN
 )
 
-// Engine is the lifecycle of one connection, with no I/O of its own, in the
-// manner of etcd raft's RawNode: a driver asks it for the next operation
-// (Next), performs it on a transport, and reports the result (ReadDone,
-// WriteDone, CloseWriteDone, CloseDone). Every method takes the current
-// time, so an Engine runs on a virtual clock as well as on the real one.
+// timer names the deadline of the current state.
+type timer uint8
+
+const (
+	timerNone timer = iota
+	timerIdle
+	timerLifetime
+	timerWrite
+	timerLingerTimeout
+	timerLingerTime
+)
+
+// maxSettle bounds the state-triggered transitions of one step: the longest
+// chain the rules allow is a handful of events. More is an engine bug.
+const maxSettle = 16
+
+// Engine is the lifecycle of one connection, with no I/O of its own. It is
+// a sans-IO core in the manner of quinn-proto's Connection and etcd raft's
+// RawNode: a driver performs the operations it asks for on a transport and
+// reports the results; every call that advances it takes the current time,
+// so an Engine runs on a virtual clock as well as on the real one.
 //
-// ServeConn and Server are the engine's drivers; use Engine directly only
-// to drive connections from an event loop of your own. An Engine is not safe
-// for concurrent use.
+// The methods come in four kinds:
+//
+//   - Steps, called by the driver from one goroutine at a time: Start,
+//     ReadDone, WriteDone, CloseWriteDone, CloseDone and HandleTimeout. They
+//     fire events, call the handler and apply the fsm package's
+//     state-triggered rules.
+//   - Polls, which fire nothing: Next returns the operation to perform
+//     (it starts the flush clock, nothing else), Timeout the engine's next
+//     deadline, Pending whether a request waits to be handled.
+//   - Requests, safe from any goroutine at any time: Close, Abort, and the
+//     methods of Conn (Write, CloseWrite, Close, Abort, Do, PauseRead,
+//     ResumeRead). They record what is asked and, when the driver is
+//     blocked in an operation that must end first, call the waker set with
+//     SetWaker. The driver's next step takes them.
+//   - Getters, safe from any goroutine: State, Info, CloseInfo, Conn.
+//
+// A driver's loop:
+//
+//	e.Start(now) // after the handshake, if any
+//	for {
+//		a := e.Next(now)
+//		// Arm a.Deadline; then, before blocking, if e.Pending() { e.HandleTimeout(now); continue }
+//		switch a.Op {
+//		case OpRead: p, err := read(); e.ReadDone(now, p, Classify(err), err)
+//		case OpWait: wait for a.Deadline or the waker; e.HandleTimeout(now)
+//		case OpWrite: n, err := write(a.Data); e.WriteDone(now, n, Classify(err), err)
+//		case OpCloseWrite: err := closeWrite(); e.CloseWriteDone(now, Classify(err), err)
+//		case OpClose, OpAbort: close or abort; e.CloseDone(now)
+//		case OpDone: return e.CloseInfo()
+//		}
+//	}
+//
+// ServeConn and Server are drivers of their own built on this API alone.
 type Engine struct {
+	// mu guards everything below: the driver's steps hold it, and release
+	// it only around the handler's callbacks and the hooks; requests from
+	// other goroutines take it briefly.
+	mu   sync.Mutex
 	m    fsm.Machine
 	conn Conn
 	info ConnInfo
@@ -83,34 +177,41 @@ type Engine struct {
 	hOpen    OpenHandler
 	hPeer    PeerCloseHandler
 	hClose   CloseHandler
+	hDrain   DrainHandler
 	onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event)
 	onClose  func(ConnInfo, CloseInfo)
+	waker    func()
 
 	now        time.Time // the time of the step in progress
 	start      time.Time
-	recvSince  time.Time // Receiving entered or input last read: idle base
+	recvSince  time.Time // Receiving entered, input read, or reading resumed: idle base
 	sendSince  time.Time // the flush began: write deadline base
 	halfAt     time.Time // HalfClosed entered: LingerTime base
 	lastLinger time.Time // last read while HalfClosed: LingerTimeout base
 
-	out      []byte // queued output; out[outOff:] is not yet written
-	outOff   int
-	closeReq closeKind
-	reason   Reason
-	err      error
-	linger   LingerEnd
-	flushing bool // a flush is under way: sendSince is set
-	finSent  bool
-	// finWhileHalf: the peer's FIN arrived while we lingered.
-	finWhileHalf bool
-	closed       bool // the driver reported CloseDone
-	notified     bool // OnClose was called
-	debug        bool // the logger logs transitions: see debugEnabled
+	out    []byte // queued output; out[outOff:] is not yet written
+	outOff int
+	tasks  []func(*Conn) // queued by Conn.Do
+
+	closeKind  closeKind
+	ownerClose bool // Close was called: the close is asked at the end of the step
+	abortAsked bool
+	reason     Reason
+	err        error
+	linger     LingerEnd
+
+	op        Op   // the operation Next returned and no step has followed yet
+	inStep    bool // a step is running: requests need no wake-up
+	flushing  bool // the flush clock runs: sendSince is set
+	paused    bool // the handler paused reading
+	idleReset bool // reading resumed: the idle clock restarts at the next step
+	full      bool // a Write was refused for lack of room: OnDrain is owed
+	notified  bool // OnClose was called
+	debug     bool // the logger logs transitions: see debugEnabled
+
+	pending atomic.Bool // a request waits for the driver's next step
 
 	bytesIn, bytesOut, discarded, lingerRead int64
-
-	mut     mutation // test-only bugs; see mutate.go
-	mutDone bool
 }
 
 // NewEngine returns an engine in Accepted for one connection. It returns an
@@ -128,22 +229,42 @@ func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
 		log = slog.Default()
 	}
 	e := &Engine{}
-	e.init(cfg.limits(), h, info, cfg.OnStateChange, log)
-	e.onClose = cfg.OnClose
+	e.init(cfg.limits(), h, info, &cfg, log)
 	return e, nil
 }
 
-func (e *Engine) init(lim limits, h Handler, info ConnInfo, onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event), log *slog.Logger) {
+func (e *Engine) init(lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger) {
 	e.conn.e = e
 	e.lim = lim
 	e.h = h
 	e.hOpen, _ = h.(OpenHandler)
 	e.hPeer, _ = h.(PeerCloseHandler)
 	e.hClose, _ = h.(CloseHandler)
+	e.hDrain, _ = h.(DrainHandler)
 	e.info = info
-	e.onChange = onChange
+	e.onChange = cfg.OnStateChange
+	e.onClose = cfg.OnClose
 	e.base = log
-	e.debug = e.debugEnabled() // for transitions before the first Next: a failed handshake, say
+	e.debug = e.debugEnabled()
+}
+
+// SetWaker sets the function a request calls when the driver must wake
+// from the operation it is blocked in: a read or a wait for any request, a
+// handshake for a close or an abort, a write for an abort. wake is called
+// from the requesting goroutine with no lock held; it must not block and
+// must not call the Engine. Set it before the first step.
+func (e *Engine) SetWaker(wake func()) {
+	e.mu.Lock()
+	e.waker = wake
+	e.mu.Unlock()
+}
+
+// Logger returns the connection's logger: Config.Logger (slog.Default()
+// if nil) tagged with the connection's id and remote address.
+func (e *Engine) Logger() *slog.Logger {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.logger()
 }
 
 // logger returns the connection's logger, tagged with its id and remote
@@ -159,10 +280,9 @@ func (e *Engine) logger() *slog.Logger {
 	return e.log
 }
 
-// debugEnabled reports whether the logger logs at debug level. Next asks it
-// once per operation, rather than fire once per transition: the logger's
-// level can change at run time (slog.LevelVar), and the answer is then
-// heeded from the next operation on.
+// debugEnabled reports whether the logger logs at debug level. Each step
+// asks it once, rather than fire once per transition: the logger's level
+// can change at run time (slog.LevelVar).
 //
 //go:noinline
 func (e *Engine) debugEnabled() bool {
@@ -178,13 +298,183 @@ func (h discardHandler) WithAttrs([]slog.Attr) slog.Handler      { return h }
 func (h discardHandler) WithGroup(string) slog.Handler           { return h }
 
 // State returns the connection's lifecycle state.
-func (e *Engine) State() fsm.State { return e.m.State() }
+func (e *Engine) State() fsm.State {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.m.State()
+}
 
 // Info identifies the connection.
 func (e *Engine) Info() ConnInfo { return e.info }
 
-// Conn returns the handler's view of the connection.
+// Conn returns the handler's view of the connection, which any goroutine
+// may use.
 func (e *Engine) Conn() *Conn { return &e.conn }
+
+// Pending reports whether a request (from a Conn method, Close or Abort)
+// waits for the driver's next step. A driver checks it after arming an
+// operation's deadline and before blocking in it: a request that came
+// before the deadline was armed may have had its wake-up overwritten.
+func (e *Engine) Pending() bool { return e.pending.Load() }
+
+// beginStep starts a step at now: the lock is held until endStep.
+func (e *Engine) beginStep(now time.Time) {
+	e.mu.Lock()
+	e.inStep = true
+	e.now = now
+	if e.start.IsZero() {
+		e.start = now
+	}
+	e.op = 0
+	e.debug = e.debugEnabled()
+}
+
+// endStep applies the state-triggered rules and ends the step.
+func (e *Engine) endStep() {
+	e.settle()
+	e.inStep = false
+	e.pending.Store(false)
+	e.mu.Unlock()
+}
+
+// settle runs the tasks queued by Conn.Do and fires the state-triggered
+// rules of the fsm package until none applies.
+func (e *Engine) settle() {
+	if e.ownerClose {
+		// The owner's close takes effect after the step's own work: a
+		// handler answering input that arrived with it still may write.
+		e.ownerClose = false
+		e.askClose(closeFull, ReasonShutdown)
+	}
+	for range maxSettle {
+		for len(e.tasks) > 0 && !e.notified {
+			f := e.tasks[0]
+			e.tasks[0] = nil
+			e.tasks = e.tasks[1:]
+			e.callTask(f)
+		}
+		if e.idleReset {
+			e.idleReset = false
+			e.recvSince = e.now
+		}
+		ev, cause, ok := e.m.Due(e.facts())
+		if !ok {
+			return
+		}
+		e.because(ev, cause)
+		e.fire(ev)
+	}
+	e.internal(errors.New("sockfsm: the state-triggered rules did not settle"))
+}
+
+// facts computes what the rules read.
+func (e *Engine) facts() fsm.Cond {
+	var c fsm.Cond
+	if e.abortAsked {
+		c |= fsm.IfAbortAsked
+	}
+	if e.closeKind != closeNone {
+		c |= fsm.IfCloseAsked
+	}
+	if len(e.out) > e.outOff {
+		c |= fsm.IfOutputQueued
+	}
+	if dl, _ := e.deadline(); !dl.IsZero() && !e.now.Before(dl) {
+		c |= fsm.IfTimer
+	}
+	if e.lim.lingerBytes > 0 && e.lingerRead >= e.lim.lingerBytes {
+		c |= fsm.IfLingerBytes
+	}
+	return c
+}
+
+// because records what a state-triggered event means for CloseInfo: the
+// reason, the cause and how the linger ended. It decides nothing.
+func (e *Engine) because(ev fsm.Event, cause fsm.Cond) {
+	switch ev {
+	case fsm.Abort:
+		if cause&fsm.IfAbortAsked == 0 { // the flush's timer
+			e.setAbortReason(ReasonWriteTimeout, ErrWriteTimeout)
+		}
+		e.abortAsked = false
+		e.dropOutput()
+	case fsm.HalfClose:
+		switch {
+		case cause&fsm.IfCloseAsked != 0:
+			// The request recorded its reason.
+		case cause&fsm.IfPeerFIN != 0:
+			e.setReason(ReasonPeerClosed)
+			e.closeKind = closeFull
+		default: // a receive timer
+			if _, t := e.deadline(); t == timerLifetime {
+				e.setReason(ReasonMaxLifetime)
+			} else {
+				e.setReason(ReasonIdleTimeout)
+			}
+			e.closeKind = closeFull
+		}
+	case fsm.Close:
+		switch {
+		case e.m.State() != fsm.HalfClosed:
+		case cause&fsm.IfPeerFIN != 0:
+			// LingerEndPeerFIN was recorded if the FIN came while lingering.
+		case cause&fsm.IfLingerBytes != 0:
+			e.linger = LingerEndBytes
+		default:
+			if _, t := e.deadline(); t == timerLingerTimeout {
+				e.linger = LingerEndTimeout
+			} else {
+				e.linger = LingerEndTime
+			}
+		}
+	}
+}
+
+func (e *Engine) setReason(r Reason) {
+	if e.reason == ReasonNone {
+		e.reason = r
+	}
+}
+
+// setAbortReason records the cause of an abort: it replaces a graceful
+// reason, not an earlier abort's.
+func (e *Engine) setAbortReason(r Reason, err error) {
+	if !e.reason.Abortive() {
+		e.reason, e.err = r, err
+	}
+}
+
+// mayClose reports whether the connection can still be closed or aborted:
+// it has not decided to close yet.
+func (e *Engine) mayClose() bool {
+	switch e.m.State() {
+	case fsm.Closing, fsm.Aborting, fsm.Closed:
+		return false
+	}
+	return true
+}
+
+// askAbort records an abort for the rules to take.
+func (e *Engine) askAbort(r Reason, err error) {
+	if !e.mayClose() {
+		return
+	}
+	e.setAbortReason(r, err)
+	e.abortAsked = true
+}
+
+// askClose records a graceful close of the given kind: a full close
+// overrides a half-close; the first reason given is kept.
+func (e *Engine) askClose(k closeKind, r Reason) error {
+	if !e.mayClose() || e.abortAsked {
+		return ErrClosed
+	}
+	if k > e.closeKind {
+		e.closeKind = k
+	}
+	e.setReason(r)
+	return nil
+}
 
 // fire applies ev: the one place the state changes (smoltcp's set_state).
 // An illegal event is an engine bug; the connection is aborted with
@@ -201,6 +491,10 @@ func (e *Engine) fire(ev fsm.Event) bool {
 		e.recvSince = e.now
 	case to == fsm.HalfClosed && from != fsm.HalfClosed:
 		e.halfAt, e.lastLinger = e.now, e.now
+	case ev == fsm.PeerFIN && from == fsm.HalfClosed:
+		e.linger = LingerEndPeerFIN
+	case to == fsm.Sending:
+		e.flushing = false // the flush clock starts at the next Next
 	}
 	if e.onChange != nil {
 		e.notifyChange(from, to, ev)
@@ -211,14 +505,30 @@ func (e *Engine) fire(ev fsm.Event) bool {
 	return true
 }
 
-// notifyChange calls Config.OnStateChange. It and logTransition are kept
-// out of fire, whose frame is on the path from the handler's Write to the
-// table: the deeper that path, the likelier a connection's goroutine grows
-// its stack (TestIdleConnectionStack).
+// notifyChange calls Config.OnStateChange, with the lock released. It and
+// logTransition are kept out of fire, whose frame is on the path from the
+// driver to the handler: the deeper that path, the likelier a connection's
+// goroutine grows its stack (TestIdleConnectionStack).
 //
 //go:noinline
 func (e *Engine) notifyChange(from, to fsm.State, ev fsm.Event) {
+	e.mu.Unlock()
+	perr := e.invokeHook(from, to, ev)
+	e.mu.Lock()
+	if perr != nil {
+		e.onChange = nil // it would panic again
+		e.askAbort(ReasonHandlerPanic, perr)
+	}
+}
+
+func (e *Engine) invokeHook(from, to fsm.State, ev fsm.Event) (perr *PanicError) {
+	defer func() {
+		if r := recover(); r != nil {
+			perr = &PanicError{Value: r, Stack: debug.Stack()}
+		}
+	}()
 	e.onChange(e.info, from, to, ev)
+	return nil
 }
 
 //go:noinline
@@ -227,26 +537,17 @@ func (e *Engine) logTransition(from, to fsm.State, ev fsm.Event) {
 		slog.String("from", from.String()), slog.String("to", to.String()), slog.String("event", ev.String()))
 }
 
+// internal records an engine bug and aborts, if the connection can still be
+// aborted.
 func (e *Engine) internal(err error) {
-	if e.m.State() == fsm.Closed {
-		if e.err == nil {
-			e.reason, e.err = ReasonInternal, err
-		}
-		return
+	if e.reason != ReasonInternal {
+		e.reason, e.err = ReasonInternal, err
 	}
-	e.reason, e.err = ReasonInternal, err
-	e.dropOutput()
-	e.fire(fsm.Abort) // legal from every state but Closed, so this cannot recurse
-}
-
-// abort closes the connection with RST; it does nothing once Closed.
-func (e *Engine) abort(r Reason, err error) {
-	if e.m.State() == fsm.Closed {
-		return
+	if e.mayClose() {
+		e.dropOutput()
+		e.abortAsked = false
+		e.fire(fsm.Abort) // legal from every state mayClose allows, so this cannot recurse
 	}
-	e.reason, e.err = r, err
-	e.dropOutput()
-	e.fire(fsm.Abort)
 }
 
 // keepOutput is the largest output buffer kept between flushes; a larger
@@ -263,207 +564,255 @@ func (e *Engine) dropOutput() {
 	e.flushing = false
 }
 
-// requestClose asks for a graceful close of the given kind. A full close
-// overrides a half-close; the first reason given is kept.
-func (e *Engine) requestClose(k closeKind, r Reason) error {
-	if e.m.State() == fsm.Closed {
-		return nil
-	}
-	if k > e.closeReq {
-		e.closeReq = k
-	}
-	if e.reason == ReasonNone {
-		e.reason = r
-	}
-	return nil
-}
-
-func (e *Engine) write(p []byte) (int, error) {
-	if e.closeReq != closeNone {
-		return 0, ErrShutdown
-	}
-	switch e.m.State() {
-	case fsm.Receiving, fsm.Sending:
-	default:
-		return 0, ErrShutdown
-	}
-	if len(p) == 0 {
-		return 0, nil
-	}
-	n, err := len(p), error(nil)
-	if room := e.lim.maxOut - (len(e.out) - e.outOff); n > room {
-		n, err = room, ErrOutputFull
-	}
-	if n <= 0 {
-		return 0, ErrOutputFull
-	}
-	if !e.fire(fsm.Output) {
-		return 0, ErrShutdown
-	}
-	e.out = append(e.out, p[:n]...)
-	return n, err
-}
-
-// Start fires Start and calls the handler's OnOpen. Next calls it if the
-// driver has not.
-func (e *Engine) Start(now time.Time) {
-	if e.m.State() != fsm.Accepted {
+// compactOutput moves the unwritten output to the front of the queue once
+// the written part is large, so that a queue that writers keep from
+// draining does not grow. It runs in WriteDone, when no write holds
+// Action.Data.
+func (e *Engine) compactOutput() {
+	if e.outOff < 4<<10 || e.outOff < len(e.out)/2 {
 		return
 	}
-	e.now, e.start = now, now
-	e.debug = e.debugEnabled()
-	if e.fire(fsm.Start) && e.hOpen != nil {
-		e.callOpen()
+	n := copy(e.out, e.out[e.outOff:])
+	e.out = e.out[:n]
+	e.outOff = 0
+}
+
+// wakeFor says which operations in flight a request must wake the driver
+// from.
+type wakeFor uint8
+
+const (
+	wakeRead  wakeFor = iota // a read or a wait: for more output, a resume, a task
+	wakeClose                // and a handshake: for a close
+	wakeAbort                // and a write or a half-close: for an abort
+)
+
+// request ends a request: it marks it pending and reports whether the
+// waker must be called (after the lock is released).
+func (e *Engine) request(k wakeFor) (wake bool) {
+	if e.inStep {
+		return false // the step in progress settles it
+	}
+	e.pending.Store(true)
+	switch e.op {
+	case OpRead, OpWait:
+		return e.waker != nil
+	case OpStart:
+		return k >= wakeClose && e.waker != nil
+	case OpWrite, OpCloseWrite:
+		return k == wakeAbort && e.waker != nil
+	}
+	return false
+}
+
+// Close asks for a graceful close on behalf of the engine's owner (a
+// server shutting down): queued output is flushed, then the engine
+// half-closes, lingers and closes; input read after it is discarded. The
+// reason is ReasonShutdown. Safe from any goroutine; it takes effect at the
+// end of the driver's next step, so a handler still answers input that
+// arrived with it. It returns ErrClosed if the connection is already
+// closing or aborting.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	var err error
+	if !e.mayClose() || e.abortAsked {
+		err = ErrClosed
+	} else {
+		e.ownerClose = true
+	}
+	wake := err == nil && e.request(wakeClose)
+	e.mu.Unlock()
+	if wake {
+		e.waker()
+	}
+	return err
+}
+
+// Abort asks for the connection to be closed with RST at once; queued
+// output is dropped. The reason is the one err names with a sentinel error
+// of this package (ErrShutdownDeadline: ReasonShutdownDeadline,
+// ErrHandshake: ReasonHandshake, ErrPeerReset, ErrWriteTimeout, ErrIO,
+// ErrHandlerPanic, ErrAborted), and ReasonAborted for any other cause; err
+// is reported in CloseInfo.Err. A driver reports a failed TLS handshake with
+// Abort(errors.Join(ErrHandshake, err)). Safe from any goroutine; the
+// driver's next step takes it.
+func (e *Engine) Abort(err error) {
+	r := abortReason(err)
+	if r == ReasonAborted {
+		err = errors.Join(ErrAborted, err)
+	}
+	e.mu.Lock()
+	e.askAbort(r, err)
+	wake := e.request(wakeAbort)
+	e.mu.Unlock()
+	if wake {
+		e.waker()
 	}
 }
 
-// Next returns the operation the driver must perform next. Deadlines that
-// have passed by now take effect first.
+// abortReason returns the reason err names.
+func abortReason(err error) Reason {
+	switch {
+	case err == nil:
+		return ReasonAborted
+	case errors.Is(err, ErrShutdownDeadline):
+		return ReasonShutdownDeadline
+	case errors.Is(err, ErrHandshake):
+		return ReasonHandshake
+	case errors.Is(err, ErrPeerReset):
+		return ReasonPeerReset
+	case errors.Is(err, ErrWriteTimeout):
+		return ReasonWriteTimeout
+	case errors.Is(err, ErrHandlerPanic):
+		return ReasonHandlerPanic
+	case errors.Is(err, ErrIO):
+		return ReasonWriteError
+	}
+	return ReasonAborted
+}
+
+// Start starts the connection at now: it fires start and calls the
+// handler's OnOpen. A connection asked to abort before it started is
+// aborted instead. It does nothing after the first call.
+func (e *Engine) Start(now time.Time) {
+	e.beginStep(now)
+	if e.m.State() == fsm.Accepted && !e.abortAsked {
+		e.start = now
+		if e.fire(fsm.Start) && e.hOpen != nil {
+			e.callback(cbOpen, nil)
+		}
+	}
+	e.endStep()
+}
+
+// Next returns the operation the driver must perform next. It fires no
+// event: it only starts the flush clock when it first hands out a write, so
+// that the time the handler took to produce the output does not count
+// against WriteTimeout.
 func (e *Engine) Next(now time.Time) Action {
-	e.now = now
-	e.debug = e.debugEnabled()
-	for {
-		switch e.m.State() {
-		case fsm.Accepted:
-			e.Start(now)
-		case fsm.Receiving:
-			if e.closeReq != closeNone {
-				e.fire(fsm.HalfClose) // everything queued was flushed
-				continue
-			}
-			dl := e.receiveDeadline()
-			if !dl.IsZero() && !now.Before(dl) {
-				e.receiveTimeout(now)
-				continue
-			}
-			return Action{Op: OpRead, Deadline: dl}
-		case fsm.Sending:
-			if mutating && e.mut&mutSkipFlush != 0 && e.closeReq != closeNone {
-				e.dropOutput()
-				e.fire(fsm.Flushed)
-				continue
-			}
-			if !e.flushing {
-				// The deadline starts with the flush, so the time the
-				// handler took to produce the output does not count.
-				e.flushing, e.sendSince = true, now
-			}
-			dl := e.sendSince.Add(e.lim.write)
-			if mutating && e.mut&mutNoWriteTimeout != 0 {
-				return Action{Op: OpWrite, Data: e.out[e.outOff:]}
-			}
-			if !now.Before(dl) {
-				e.abort(ReasonWriteTimeout, ErrWriteTimeout)
-				continue
-			}
-			return Action{Op: OpWrite, Data: e.out[e.outOff:], Deadline: dl}
-		case fsm.HalfClosed:
-			if !e.finSent {
-				return Action{Op: OpCloseWrite}
-			}
-			if mutating && e.mut&mutWriteAfterFIN != 0 && !e.mutDone {
-				e.mutDone = true
-				return Action{Op: OpWrite, Data: []byte("!")}
-			}
-			if mutating && e.mut&mutSkipLinger != 0 {
-				e.fire(fsm.Close)
-				continue
-			}
-			if e.m.PeerFIN() {
-				if e.finWhileHalf {
-					e.linger = LingerPeerFIN
-				}
-				e.fire(fsm.Close)
-				continue
-			}
-			if e.lim.lingerBytes > 0 && e.lingerRead >= e.lim.lingerBytes {
-				e.linger = LingerBytes
-				e.fire(fsm.Close)
-				continue
-			}
-			dl, end := e.lingerDeadline()
-			if !dl.IsZero() && !now.Before(dl) {
-				e.linger = end
-				e.fire(fsm.Close)
-				continue
-			}
-			return Action{Op: OpRead, Deadline: dl}
-		case fsm.Closed:
-			if e.closed {
-				if mutating && e.mut&mutCloseTwice != 0 && !e.mutDone {
-					e.mutDone, e.closed = true, false
-					return Action{Op: OpClose}
-				}
-				return Action{Op: OpDone}
-			}
-			if e.reason.Abortive() {
-				return Action{Op: OpAbort}
-			}
-			return Action{Op: OpClose}
-		default:
-			e.internal(&fsm.TransitionError{From: e.m.State()})
+	e.mu.Lock()
+	var a Action
+	switch e.m.State() {
+	case fsm.Accepted:
+		a.Op = OpStart
+	case fsm.Receiving:
+		a.Op = OpRead
+		if e.paused {
+			a.Op = OpWait
 		}
+		a.Deadline, _ = e.deadline()
+	case fsm.Sending:
+		if !e.flushing {
+			e.flushing, e.sendSince = true, now
+		}
+		a.Op, a.Data = OpWrite, e.out[e.outOff:len(e.out):len(e.out)]
+		a.Deadline, _ = e.deadline()
+	case fsm.HalfClosing:
+		a.Op = OpCloseWrite
+	case fsm.HalfClosed:
+		a.Op = OpRead
+		if e.paused && e.closeKind == closeHalf {
+			a.Op = OpWait
+		}
+		a.Deadline, _ = e.deadline()
+	case fsm.Closing:
+		a.Op = OpClose
+	case fsm.Aborting:
+		a.Op = OpAbort
+	default:
+		a.Op = OpDone
 	}
+	e.op = a.Op
+	e.mu.Unlock()
+	return a
 }
 
-func (e *Engine) receiveDeadline() time.Time {
-	var dl time.Time
-	if e.lim.idle > 0 && !(mutating && e.mut&mutNoIdleTimeout != 0) {
-		dl = e.recvSince.Add(e.lim.idle)
-	}
-	if e.lim.lifetime > 0 {
-		if l := e.start.Add(e.lim.lifetime); dl.IsZero() || l.Before(dl) {
-			dl = l
-		}
-	}
+// Timeout returns the engine's next deadline, zero if none: when it
+// passes, the driver calls HandleTimeout (a read or write that stops at it
+// reports ResultTimeout instead). It fires nothing. In Sending the flush
+// clock starts at Next, so ask after Next.
+func (e *Engine) Timeout() time.Time {
+	e.mu.Lock()
+	dl, _ := e.deadline()
+	e.mu.Unlock()
 	return dl
 }
 
-func (e *Engine) receiveTimeout(now time.Time) {
-	if e.lim.lifetime > 0 && !now.Before(e.start.Add(e.lim.lifetime)) {
-		e.requestClose(closeFull, ReasonMaxLifetime)
-		return
+// deadline returns the deadline of the current state and which timer it
+// is.
+func (e *Engine) deadline() (time.Time, timer) {
+	switch e.m.State() {
+	case fsm.Receiving:
+		var dl time.Time
+		t := timerNone
+		if e.lim.idle > 0 && !e.paused {
+			dl, t = e.recvSince.Add(e.lim.idle), timerIdle
+		}
+		if e.lim.lifetime > 0 {
+			if l := e.start.Add(e.lim.lifetime); dl.IsZero() || l.Before(dl) {
+				dl, t = l, timerLifetime
+			}
+		}
+		return dl, t
+	case fsm.Sending:
+		if e.flushing {
+			return e.sendSince.Add(e.lim.write), timerWrite
+		}
+	case fsm.HalfClosed:
+		dl, t := e.halfAt.Add(e.lim.lingerTime), timerLingerTime
+		if e.lim.lingerTimeout > 0 {
+			if l := e.lastLinger.Add(e.lim.lingerTimeout); l.Before(dl) {
+				dl, t = l, timerLingerTimeout
+			}
+		}
+		return dl, t
 	}
-	e.requestClose(closeFull, ReasonIdleTimeout)
+	return time.Time{}, timerNone
 }
 
-func (e *Engine) lingerDeadline() (time.Time, LingerEnd) {
-	dl, end := e.halfAt.Add(e.lim.lingerTime), LingerTime
-	if mutating && e.mut&mutNoLingerTime != 0 {
-		dl, end = time.Time{}, LingerTimeout
-	}
-	if e.lim.lingerTimeout > 0 && (dl.IsZero() || e.lastLinger.Add(e.lim.lingerTimeout).Before(dl)) {
-		dl, end = e.lastLinger.Add(e.lim.lingerTimeout), LingerTimeout
-	}
-	return dl, end
+// HandleTimeout handles what is due at now: the deadlines that have passed
+// and the requests made since the last step (from Conn's methods, Close and
+// Abort). Call it when the deadline of Timeout passes, when the waker was
+// called, and when Pending reports true before blocking.
+func (e *Engine) HandleTimeout(now time.Time) {
+	e.beginStep(now)
+	e.endStep()
 }
 
 // ReadDone reports the result of OpRead: the bytes read (the driver's
-// buffer may be reused once ReadDone returns) and the error.
-func (e *Engine) ReadDone(now time.Time, p []byte, err error) {
-	e.now = now
-	if len(p) > 0 && e.m.State() != fsm.Closed {
-		e.input(p)
+// buffer may be reused once ReadDone returns), and how the read ended.
+// err is the transport's error, kept as the cause of an abort.
+func (e *Engine) ReadDone(now time.Time, p []byte, r Result, err error) {
+	e.beginStep(now)
+	if st := e.m.State(); st == fsm.Receiving || st == fsm.HalfClosed {
+		if len(p) > 0 {
+			e.input(p)
+		}
+		if r != ResultOK && r != ResultTimeout {
+			e.readEnded(r, err)
+		}
 	}
-	if err != nil && e.m.State() != fsm.Closed {
-		e.readFailed(err)
-	}
+	e.endStep()
 }
 
-// readFailed handles a read's error. It is kept out of ReadDone, whose frame
-// is on the path from the driver to the handler's OnData.
+// readEnded handles the end of input: the peer's FIN, its reset or an
+// error. It is kept out of ReadDone, whose frame is on the path from the
+// driver to the handler's OnData.
 //
 //go:noinline
-func (e *Engine) readFailed(err error) {
-	switch {
-	case errors.Is(err, io.EOF):
-		e.peerFIN()
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		// A deadline passed (or the driver woke the read): Next checks the timers.
-	case isReset(err):
-		e.abort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
+func (e *Engine) readEnded(r Result, err error) {
+	switch r {
+	case ResultEOF:
+		if e.m.Can(fsm.PeerFIN) {
+			e.fire(fsm.PeerFIN)
+			if e.hPeer != nil {
+				e.callback(cbPeerClose, nil)
+			}
+		}
+	case ResultReset:
+		e.askAbort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
 	default:
-		e.abort(ReasonReadError, errors.Join(ErrIO, err))
+		e.askAbort(ReasonReadError, errors.Join(ErrIO, err))
 	}
 }
 
@@ -476,137 +825,95 @@ func (e *Engine) input(p []byte) {
 	if e.m.State() == fsm.HalfClosed {
 		e.lingerRead += n
 		e.lastLinger = e.now
-		if e.closeReq == closeFull {
+		if e.closeKind == closeFull {
 			e.discarded += n
 			return
 		}
 	}
-	e.callData(p)
-}
-
-func (e *Engine) peerFIN() {
-	e.finWhileHalf = e.m.State() == fsm.HalfClosed
-	if !e.fire(fsm.PeerFIN) {
-		return
-	}
-	if e.hPeer != nil {
-		e.callPeerClose()
-	}
-	if mutating && e.mut&mutIgnorePeerFIN != 0 {
-		return
-	}
-	e.requestClose(closeFull, ReasonPeerClosed)
+	e.callback(cbData, p)
 }
 
 // WriteDone reports the result of OpWrite: how many bytes were written and
-// the error.
-func (e *Engine) WriteDone(now time.Time, n int, err error) {
-	e.now = now
-	if e.m.State() != fsm.Sending {
-		if n > 0 && e.m.State() == fsm.Closed {
-			e.bytesOut += int64(n) // the write an abort interrupted
-		}
-		return
-	}
-	if n > len(e.out)-e.outOff {
-		n = len(e.out) - e.outOff
-	}
-	if n > 0 {
+// how the write ended. A write cut short by its deadline or a wake-up
+// reports ResultTimeout with the bytes it wrote; the engine resumes from
+// there, or aborts if its own write deadline has passed.
+func (e *Engine) WriteDone(now time.Time, n int, r Result, err error) {
+	e.beginStep(now)
+	if e.m.State() == fsm.Sending {
+		n = max(0, min(n, len(e.out)-e.outOff))
 		e.outOff += n
 		e.bytesOut += int64(n)
+		if e.outOff == len(e.out) {
+			e.dropOutput()
+			e.fire(fsm.Flushed)
+			if e.full {
+				e.full = false
+				if e.hDrain != nil {
+					e.callback(cbDrain, nil)
+				}
+			}
+		} else {
+			e.compactOutput()
+			switch r {
+			case ResultOK, ResultTimeout, ResultEOF:
+			case ResultReset:
+				e.askAbort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
+			default:
+				e.askAbort(ReasonWriteError, errors.Join(ErrIO, err))
+			}
+		}
 	}
-	if e.outOff == len(e.out) {
-		e.dropOutput()
-		e.fire(fsm.Flushed)
-		return
-	}
-	switch {
-	case err == nil:
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		e.abort(ReasonWriteTimeout, errors.Join(ErrWriteTimeout, err))
-	case isReset(err):
-		e.abort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
-	default:
-		e.abort(ReasonWriteError, errors.Join(ErrIO, err))
-	}
-}
-
-// closeUnstarted closes, gracefully, a connection that never started: the
-// server shut down during its TLS handshake.
-func (e *Engine) closeUnstarted(now time.Time) {
-	e.now, e.start = now, now
-	if e.m.State() != fsm.Accepted {
-		return
-	}
-	e.reason = ReasonShutdown
-	e.fire(fsm.Close)
-}
-
-// handshakeFailed aborts a connection whose TLS handshake failed, before
-// the engine started.
-func (e *Engine) handshakeFailed(now time.Time, err error) {
-	e.now, e.start = now, now
-	e.abort(ReasonHandshake, errors.Join(ErrHandshake, err))
+	e.endStep()
 }
 
 // CloseWriteDone reports the result of OpCloseWrite.
-func (e *Engine) CloseWriteDone(now time.Time, err error) {
-	e.now = now
-	if e.m.State() != fsm.HalfClosed {
-		return
+func (e *Engine) CloseWriteDone(now time.Time, r Result, err error) {
+	e.beginStep(now)
+	if e.m.State() == fsm.HalfClosing {
+		switch r {
+		case ResultOK:
+			e.fire(fsm.FINSent)
+		case ResultReset:
+			e.askAbort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
+		default:
+			e.askAbort(ReasonWriteError, errors.Join(ErrIO, err))
+		}
 	}
-	e.finSent = true
-	e.halfAt, e.lastLinger = now, now
-	switch {
-	case err == nil:
-	case isReset(err):
-		e.abort(ReasonPeerReset, errors.Join(ErrPeerReset, err))
-	default:
-		e.abort(ReasonWriteError, errors.Join(ErrIO, err))
-	}
+	e.endStep()
 }
 
-// CloseDone reports that OpClose or OpAbort was performed. The handler's
-// OnClose is called now, once.
-func (e *Engine) CloseDone(now time.Time, _ error) {
-	e.now = now
-	if e.m.State() != fsm.Closed || e.closed {
-		return
+// CloseDone reports that OpClose or OpAbort was performed: the transport
+// is closed. The connection enters Closed; the tasks still queued by
+// Conn.Do run; then the handler's OnClose and Config.OnClose are called,
+// once.
+func (e *Engine) CloseDone(now time.Time) {
+	e.beginStep(now)
+	if st := e.m.State(); st == fsm.Closing || st == fsm.Aborting {
+		e.fire(fsm.CloseDone)
 	}
-	e.closed = true
-	if mutating && e.mut&mutNotifyTwice != 0 && e.hClose != nil {
-		e.callClose(e.CloseInfo())
-	}
-	if !e.notified {
+	if e.m.State() == fsm.Closed && !e.notified {
+		e.settle() // the tasks
 		e.notified = true
-		info := e.CloseInfo()
+		e.tasks = nil
 		if e.hClose != nil {
-			e.callClose(info)
+			e.callback(cbClose, nil)
 		}
 		if e.onClose != nil {
-			e.callHook(info)
+			e.callOnCloseHook()
 		}
+		e.logClose()
 	}
-}
-
-// Shutdown asks for a graceful close on behalf of the server: queued output
-// is flushed, then the engine half-closes and lingers. Input read after
-// Shutdown is discarded.
-func (e *Engine) Shutdown(now time.Time) {
-	e.now = now
-	e.requestClose(closeFull, ReasonShutdown)
-}
-
-// Abort closes the connection with RST at once, with reason
-// ReasonShutdownDeadline and cause ErrShutdownDeadline.
-func (e *Engine) Abort(now time.Time) {
-	e.now = now
-	e.debug = e.debugEnabled()
-	e.abort(ReasonShutdownDeadline, ErrShutdownDeadline)
+	e.endStep()
 }
 
 // CloseInfo says how the connection ended, or how it stands so far.
 func (e *Engine) CloseInfo() CloseInfo {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.closeInfo()
+}
+
+func (e *Engine) closeInfo() CloseInfo {
 	return CloseInfo{
 		Reason:       e.reason,
 		Err:          e.err,
@@ -619,48 +926,124 @@ func (e *Engine) CloseInfo() CloseInfo {
 	}
 }
 
-// The handler's callbacks. A panic aborts the connection.
+// The handler's callbacks. They run with the lock released, so that they
+// may call Conn's methods; a panic aborts the connection.
 
-func (e *Engine) recoverHandler() {
-	if r := recover(); r != nil {
-		e.abort(ReasonHandlerPanic, &PanicError{Value: r, Stack: debug.Stack()})
+type cbKind uint8
+
+const (
+	cbOpen cbKind = iota
+	cbData
+	cbPeerClose
+	cbDrain
+	cbClose
+)
+
+// callback calls the handler with the lock released.
+func (e *Engine) callback(k cbKind, p []byte) {
+	var info CloseInfo
+	if k == cbClose {
+		info = e.closeInfo()
+	}
+	e.mu.Unlock()
+	perr := e.invoke(k, p, &info)
+	e.mu.Lock()
+	if perr != nil {
+		if k == cbClose {
+			e.logger().Error("handler panic in OnClose", "panic", perr.Value, "stack", string(perr.Stack))
+			return
+		}
+		e.askAbort(ReasonHandlerPanic, perr)
 	}
 }
 
-func (e *Engine) callOpen() {
-	defer e.recoverHandler()
-	e.hOpen.OnOpen(&e.conn)
-}
-
-func (e *Engine) callData(p []byte) {
-	defer e.recoverHandler()
-	e.h.OnData(&e.conn, p)
-}
-
-func (e *Engine) callPeerClose() {
-	defer e.recoverHandler()
-	e.hPeer.OnPeerClose(&e.conn)
-}
-
-func (e *Engine) callHook(info CloseInfo) {
+//go:noinline
+func (e *Engine) invoke(k cbKind, p []byte, info *CloseInfo) (perr *PanicError) {
 	defer func() {
 		if r := recover(); r != nil {
-			e.logger().Error("panic in Config.OnClose", "panic", r, "stack", string(debug.Stack()))
+			perr = &PanicError{Value: r, Stack: debug.Stack()}
+		}
+	}()
+	switch k {
+	case cbOpen:
+		e.hOpen.OnOpen(&e.conn)
+	case cbData:
+		e.h.OnData(&e.conn, p)
+	case cbPeerClose:
+		e.hPeer.OnPeerClose(&e.conn)
+	case cbDrain:
+		e.hDrain.OnDrain(&e.conn)
+	case cbClose:
+		e.hClose.OnClose(&e.conn, *info)
+	}
+	return nil
+}
+
+// callTask runs a task queued by Conn.Do, as a callback.
+func (e *Engine) callTask(f func(*Conn)) {
+	e.mu.Unlock()
+	perr := e.invokeTask(f)
+	e.mu.Lock()
+	if perr != nil {
+		e.askAbort(ReasonHandlerPanic, perr)
+	}
+}
+
+func (e *Engine) invokeTask(f func(*Conn)) (perr *PanicError) {
+	defer func() {
+		if r := recover(); r != nil {
+			perr = &PanicError{Value: r, Stack: debug.Stack()}
+		}
+	}()
+	f(&e.conn)
+	return nil
+}
+
+func (e *Engine) callOnCloseHook() {
+	info := e.closeInfo()
+	e.mu.Unlock()
+	perr := e.invokeOnClose(info)
+	e.mu.Lock()
+	if perr != nil {
+		e.logger().Error("panic in Config.OnClose", "panic", perr.Value, "stack", string(perr.Stack))
+	}
+}
+
+func (e *Engine) invokeOnClose(info CloseInfo) (perr *PanicError) {
+	defer func() {
+		if r := recover(); r != nil {
+			perr = &PanicError{Value: r, Stack: debug.Stack()}
 		}
 	}()
 	e.onClose(e.info, info)
+	return nil
 }
 
-func (e *Engine) callClose(info CloseInfo) {
-	defer func() {
-		if r := recover(); r != nil {
-			e.logger().Error("handler panic in OnClose", "panic", r, "stack", string(debug.Stack()))
+// logClose logs how the connection ended. A graceful close is logged only
+// at debug level, so the connection's tagged logger is not even built for
+// it unless that level is on.
+//
+//go:noinline
+func (e *Engine) logClose() {
+	ctx := context.Background()
+	info := e.closeInfo()
+	switch {
+	case errors.Is(info.Err, ErrHandlerPanic):
+		var pe *PanicError
+		errors.As(info.Err, &pe)
+		stack := ""
+		if pe != nil {
+			stack = string(pe.Stack)
 		}
-	}()
-	e.hClose.OnClose(&e.conn, info)
-}
-
-// isReset reports whether err is the peer's RST.
-func isReset(err error) bool {
-	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED)
+		e.logger().Error("handler panic: connection aborted", "err", info.Err, "stack", stack)
+	case info.Reason.Abortive():
+		e.logger().LogAttrs(ctx, slog.LevelInfo, "connection aborted",
+			slog.String("reason", info.Reason.String()), slog.Any("err", info.Err),
+			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten))
+	case e.debug:
+		e.logger().LogAttrs(ctx, slog.LevelDebug, "connection closed",
+			slog.String("reason", info.Reason.String()), slog.String("linger", info.Linger.String()),
+			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten),
+			slog.Int64("discarded", info.Discarded), slog.Duration("duration", info.Duration))
+	}
 }

@@ -6,6 +6,7 @@ package sockfsm
 import (
 	"errors"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
 	"syscall"
@@ -57,6 +58,7 @@ func (h *testHandler) OnClose(c *Conn, info CloseInfo) {
 }
 
 var testCfg = Config{
+	Logger:      slog.New(discardHandler{}),
 	IdleTimeout: 10 * time.Second, WriteTimeout: 20 * time.Second,
 	LingerTimeout: 3 * time.Second, LingerTime: 7 * time.Second, LingerBytes: 100,
 }
@@ -70,9 +72,11 @@ func newTestEngine(t *testing.T, cfg Config, h Handler) *Engine {
 	return e
 }
 
-// expect asserts the next action.
+// expect handles what is due at now, as a driver does when a deadline
+// passes, and asserts the next action.
 func expect(t *testing.T, e *Engine, now time.Time, op Op, data string, deadline time.Time) Action {
 	t.Helper()
+	e.HandleTimeout(now)
 	a := e.Next(now)
 	if a.Op != op || string(a.Data) != data || !a.Deadline.Equal(deadline) {
 		t.Fatalf("Next = {%s %q %v}, want {%s %q %v} (state %s)", a.Op, a.Data, a.Deadline, op, data, deadline, e.State())
@@ -91,6 +95,8 @@ func expectState(t *testing.T, e *Engine, s fsm.State) {
 func receiving(t *testing.T, cfg Config) (*Engine, *testHandler) {
 	h := &testHandler{}
 	e := newTestEngine(t, cfg, h)
+	expect(t, e, t0, OpStart, "", time.Time{})
+	e.Start(t0)
 	expect(t, e, t0, OpRead, "", t0.Add(cfg.IdleTimeout))
 	expectState(t, e, fsm.Receiving)
 	return e, h
@@ -101,8 +107,9 @@ func receiving(t *testing.T, cfg Config) (*Engine, *testHandler) {
 func halfClosed(t *testing.T, cfg Config) (*Engine, *testHandler) {
 	e, h := receiving(t, cfg)
 	expect(t, e, t0.Add(cfg.IdleTimeout), OpCloseWrite, "", time.Time{})
+	expectState(t, e, fsm.HalfClosing) // the FIN is not out yet
+	e.CloseWriteDone(t0, ResultOK, nil)
 	expectState(t, e, fsm.HalfClosed)
-	e.CloseWriteDone(t0, nil)
 	return e, h
 }
 
@@ -112,6 +119,8 @@ func TestAcceptedStartsAndOpens(t *testing.T) {
 	h := &testHandler{onOpen: func(c *Conn) { c.Write([]byte("hello\n")) }}
 	e := newTestEngine(t, testCfg, h)
 	expectState(t, e, fsm.Accepted)
+	expect(t, e, t0, OpStart, "", time.Time{})
+	e.Start(t0)
 	expect(t, e, t0, OpWrite, "hello\n", t0.Add(testCfg.WriteTimeout))
 	expectState(t, e, fsm.Sending)
 	if strings.Join(h.calls, ",") != "open" {
@@ -122,10 +131,15 @@ func TestAcceptedStartsAndOpens(t *testing.T) {
 func TestAcceptedAbort(t *testing.T) {
 	h := &testHandler{}
 	e := newTestEngine(t, testCfg, h)
-	e.Abort(t0)
-	expectState(t, e, fsm.Closed)
+	e.Abort(ErrShutdownDeadline)
+	expectState(t, e, fsm.Accepted) // a request: the driver's next step takes it
+	if !e.Pending() {
+		t.Fatal("Abort left nothing pending")
+	}
 	expect(t, e, t0, OpAbort, "", time.Time{})
-	e.CloseDone(t0, nil)
+	expectState(t, e, fsm.Aborting) // the transport is not closed yet
+	e.CloseDone(t0)
+	expectState(t, e, fsm.Closed)
 	expect(t, e, t0, OpDone, "", time.Time{})
 	if len(h.infos) != 1 || h.infos[0].Reason != ReasonShutdownDeadline || !errors.Is(h.infos[0].Err, ErrShutdownDeadline) {
 		t.Fatalf("infos %+v", h.infos)
@@ -137,11 +151,11 @@ func TestAcceptedAbort(t *testing.T) {
 func TestReceivingEchoesAndResetsIdle(t *testing.T) {
 	e, h := receiving(t, testCfg)
 	at := t0.Add(4 * time.Second)
-	e.ReadDone(at, []byte("abc"), nil)
+	e.ReadDone(at, []byte("abc"), ResultOK, nil)
 	expectState(t, e, fsm.Sending)
 	expect(t, e, at, OpWrite, "abc", at.Add(testCfg.WriteTimeout))
 	flushed := at.Add(time.Second)
-	e.WriteDone(flushed, 3, nil)
+	e.WriteDone(flushed, 3, ResultOK, nil)
 	expectState(t, e, fsm.Receiving)
 	// The idle timer restarts when Receiving is entered again.
 	expect(t, e, flushed, OpRead, "", flushed.Add(testCfg.IdleTimeout))
@@ -153,9 +167,9 @@ func TestReceivingEchoesAndResetsIdle(t *testing.T) {
 func TestReceivingIdleTimeoutHalfCloses(t *testing.T) {
 	e, _ := receiving(t, testCfg)
 	// A read that returns early from its deadline changes nothing.
-	e.ReadDone(t0.Add(time.Second), nil, os.ErrDeadlineExceeded)
+	e.ReadDone(t0.Add(time.Second), nil, ResultTimeout, os.ErrDeadlineExceeded)
 	expect(t, e, t0.Add(time.Second), OpRead, "", t0.Add(testCfg.IdleTimeout))
-	e.ReadDone(t0.Add(testCfg.IdleTimeout), nil, os.ErrDeadlineExceeded)
+	e.ReadDone(t0.Add(testCfg.IdleTimeout), nil, ResultTimeout, os.ErrDeadlineExceeded)
 	expect(t, e, t0.Add(testCfg.IdleTimeout), OpCloseWrite, "", time.Time{})
 	if e.CloseInfo().Reason != ReasonIdleTimeout {
 		t.Fatalf("reason %s", e.CloseInfo().Reason)
@@ -166,6 +180,7 @@ func TestReceivingIdleOff(t *testing.T) {
 	cfg := testCfg
 	cfg.IdleTimeout = -1
 	e := newTestEngine(t, cfg, &testHandler{})
+	e.Start(t0)
 	expect(t, e, t0, OpRead, "", time.Time{})
 }
 
@@ -176,9 +191,9 @@ func TestReceivingMaxLifetime(t *testing.T) {
 	// Input keeps the idle timer away; the lifetime still ends it.
 	for i := 1; i <= 14; i++ {
 		at := t0.Add(time.Duration(i) * time.Second)
-		e.ReadDone(at, []byte("x"), nil)
+		e.ReadDone(at, []byte("x"), ResultOK, nil)
 		e.Next(at)
-		e.WriteDone(at, 1, nil)
+		e.WriteDone(at, 1, ResultOK, nil)
 	}
 	expect(t, e, t0.Add(14*time.Second), OpRead, "", t0.Add(15*time.Second))
 	expect(t, e, t0.Add(15*time.Second), OpCloseWrite, "", time.Time{})
@@ -190,20 +205,20 @@ func TestReceivingMaxLifetime(t *testing.T) {
 func TestReceivingPeerFINClosesAtOnce(t *testing.T) {
 	e, h := receiving(t, testCfg)
 	h.onPeer = func(c *Conn) { c.Write([]byte("bye")) }
-	e.ReadDone(t0, []byte("hi"), io.EOF) // data and EOF together
+	e.ReadDone(t0, []byte("hi"), ResultEOF, io.EOF) // data and EOF together
 	expect(t, e, t0, OpWrite, "hibye", t0.Add(testCfg.WriteTimeout))
-	e.WriteDone(t0, 5, nil)
+	e.WriteDone(t0, 5, ResultOK, nil)
 	expect(t, e, t0, OpCloseWrite, "", time.Time{})
-	e.CloseWriteDone(t0, nil)
+	e.CloseWriteDone(t0, ResultOK, nil)
 	expect(t, e, t0, OpClose, "", time.Time{}) // no linger: the peer's FIN was seen
-	e.CloseDone(t0, nil)
+	e.CloseDone(t0)
 	expect(t, e, t0, OpDone, "", time.Time{})
 	want := "open,data,peer-close,close"
 	if got := strings.Join(h.calls, ","); got != "data,peer-close,close" && got != want {
 		t.Fatalf("calls %s", got)
 	}
 	info := h.infos[0]
-	if info.Reason != ReasonPeerClosed || info.Linger != LingerNone || !info.PeerFIN || info.BytesRead != 2 || info.BytesWritten != 5 {
+	if info.Reason != ReasonPeerClosed || info.Linger != LingerEndNone || !info.PeerFIN || info.BytesRead != 2 || info.BytesWritten != 5 {
 		t.Fatalf("info %+v", info)
 	}
 }
@@ -218,9 +233,9 @@ func TestReceivingResetAndErrors(t *testing.T) {
 		{errors.New("disk on fire"), ReasonReadError, ErrIO},
 	} {
 		e, h := receiving(t, testCfg)
-		e.ReadDone(t0, nil, tc.err)
+		e.ReadDone(t0, nil, Classify(tc.err), tc.err)
 		expect(t, e, t0, OpAbort, "", time.Time{})
-		e.CloseDone(t0, nil)
+		e.CloseDone(t0)
 		if info := h.infos[0]; info.Reason != tc.reason || !errors.Is(info.Err, tc.is) || !errors.Is(info.Err, tc.err) || !info.Aborted() {
 			t.Fatalf("%v: info %+v", tc.err, info)
 		}
@@ -230,9 +245,9 @@ func TestReceivingResetAndErrors(t *testing.T) {
 func TestHandlerPanicAborts(t *testing.T) {
 	e, h := receiving(t, testCfg)
 	h.onData = func(*Conn, []byte) { panic("boom") }
-	e.ReadDone(t0, []byte("x"), nil)
+	e.ReadDone(t0, []byte("x"), ResultOK, nil)
 	expect(t, e, t0, OpAbort, "", time.Time{})
-	e.CloseDone(t0, nil)
+	e.CloseDone(t0)
 	var pe *PanicError
 	if info := h.infos[0]; info.Reason != ReasonHandlerPanic || !errors.As(info.Err, &pe) || pe.Value != "boom" || len(pe.Stack) == 0 {
 		t.Fatalf("info %+v", info)
@@ -249,7 +264,7 @@ func TestWriteOutputFull(t *testing.T) {
 		n1, err1 = c.Write([]byte("abc"))
 		n2, err2 = c.Write([]byte("def"))
 	}
-	e.ReadDone(t0, []byte("x"), nil)
+	e.ReadDone(t0, []byte("x"), ResultOK, nil)
 	if n1 != 3 || err1 != nil || n2 != 1 || !errors.Is(err2, ErrOutputFull) {
 		t.Fatalf("writes: %d %v, %d %v", n1, err1, n2, err2)
 	}
@@ -258,30 +273,38 @@ func TestWriteOutputFull(t *testing.T) {
 
 // --- Sending ---
 
-func TestSendingPartialWrites(t *testing.T) {
+// TestSendingWokenWriteResumes: a write stopped early by a wake-up (its
+// deadline moved into the past) resumes where it stopped; one stopped by the
+// engine's own deadline aborts.
+func TestSendingWokenWriteResumes(t *testing.T) {
 	e, _ := receiving(t, testCfg)
-	e.ReadDone(t0, []byte("hello"), nil)
+	e.ReadDone(t0, []byte("hello"), ResultOK, nil)
 	expect(t, e, t0, OpWrite, "hello", t0.Add(testCfg.WriteTimeout))
-	e.WriteDone(t0.Add(time.Second), 2, os.ErrDeadlineExceeded) // a short write that hit a (woken) deadline
-	expectState(t, e, fsm.Closed)
-	expect(t, e, t0.Add(time.Second), OpAbort, "", time.Time{})
+	e.WriteDone(t0.Add(time.Second), 2, ResultTimeout, os.ErrDeadlineExceeded)
+	expectState(t, e, fsm.Sending)
+	expect(t, e, t0.Add(time.Second), OpWrite, "llo", t0.Add(testCfg.WriteTimeout))
+	e.WriteDone(t0.Add(testCfg.WriteTimeout), 1, ResultTimeout, os.ErrDeadlineExceeded)
+	expect(t, e, t0.Add(testCfg.WriteTimeout), OpAbort, "", time.Time{})
+	if info := e.CloseInfo(); info.Reason != ReasonWriteTimeout || info.BytesWritten != 3 {
+		t.Fatalf("info %+v", info)
+	}
 }
 
 func TestSendingResumesAfterShortWrite(t *testing.T) {
 	e, _ := receiving(t, testCfg)
-	e.ReadDone(t0, []byte("hello"), nil)
+	e.ReadDone(t0, []byte("hello"), ResultOK, nil)
 	e.Next(t0)
-	e.WriteDone(t0, 2, nil)
+	e.WriteDone(t0, 2, ResultOK, nil)
 	// The deadline covers the whole flush: it does not move with progress.
 	expect(t, e, t0.Add(time.Second), OpWrite, "llo", t0.Add(testCfg.WriteTimeout))
 }
 
 func TestSendingWriteTimeoutAborts(t *testing.T) {
 	e, h := receiving(t, testCfg)
-	e.ReadDone(t0, []byte("hello"), nil)
+	e.ReadDone(t0, []byte("hello"), ResultOK, nil)
 	e.Next(t0)
 	expect(t, e, t0.Add(testCfg.WriteTimeout), OpAbort, "", time.Time{})
-	e.CloseDone(t0.Add(testCfg.WriteTimeout), nil)
+	e.CloseDone(t0.Add(testCfg.WriteTimeout))
 	if info := h.infos[0]; info.Reason != ReasonWriteTimeout || !errors.Is(info.Err, ErrWriteTimeout) {
 		t.Fatalf("info %+v", info)
 	}
@@ -296,9 +319,9 @@ func TestSendingFlushesBeforeHalfClose(t *testing.T) {
 			t.Errorf("write after Close: %d, %v", n, err)
 		}
 	}
-	e.ReadDone(t0, []byte("last"), nil)
+	e.ReadDone(t0, []byte("last"), ResultOK, nil)
 	expect(t, e, t0, OpWrite, "last", t0.Add(testCfg.WriteTimeout))
-	e.WriteDone(t0, 4, nil)
+	e.WriteDone(t0, 4, ResultOK, nil)
 	expect(t, e, t0, OpCloseWrite, "", time.Time{})
 }
 
@@ -309,42 +332,42 @@ func TestHalfClosedLingerDeadlines(t *testing.T) {
 	// The per-read bound comes first...
 	expect(t, e, t0, OpRead, "", t0.Add(testCfg.LingerTimeout))
 	// ...and moves with each read, until the total bound is nearer.
-	e.ReadDone(t0.Add(2*time.Second), []byte("xx"), nil)
+	e.ReadDone(t0.Add(2*time.Second), []byte("xx"), ResultOK, nil)
 	expect(t, e, t0.Add(2*time.Second), OpRead, "", t0.Add(5*time.Second))
-	e.ReadDone(t0.Add(5*time.Second), []byte("yy"), nil)
+	e.ReadDone(t0.Add(5*time.Second), []byte("yy"), ResultOK, nil)
 	expect(t, e, t0.Add(5*time.Second), OpRead, "", t0.Add(testCfg.LingerTime))
 	expect(t, e, t0.Add(testCfg.LingerTime), OpClose, "", time.Time{})
 	info := e.CloseInfo()
-	if info.Linger != LingerTime || info.Discarded != 4 || info.Aborted() {
+	if info.Linger != LingerEndTime || info.Discarded != 4 || info.Aborted() {
 		t.Fatalf("info %+v", info)
 	}
 }
 
 func TestHalfClosedLingerTimeout(t *testing.T) {
 	e, _ := halfClosed(t, testCfg)
-	e.ReadDone(t0.Add(testCfg.LingerTimeout), nil, os.ErrDeadlineExceeded)
+	e.ReadDone(t0.Add(testCfg.LingerTimeout), nil, ResultTimeout, os.ErrDeadlineExceeded)
 	expect(t, e, t0.Add(testCfg.LingerTimeout), OpClose, "", time.Time{})
-	if e.CloseInfo().Linger != LingerTimeout {
+	if e.CloseInfo().Linger != LingerEndTimeout {
 		t.Fatalf("linger %s", e.CloseInfo().Linger)
 	}
 }
 
 func TestHalfClosedLingerBytes(t *testing.T) {
 	e, h := halfClosed(t, testCfg)
-	e.ReadDone(t0, make([]byte, testCfg.LingerBytes), nil)
+	e.ReadDone(t0, make([]byte, testCfg.LingerBytes), ResultOK, nil)
 	expect(t, e, t0, OpClose, "", time.Time{})
-	if e.CloseInfo().Linger != LingerBytes || len(h.received) != 0 {
+	if e.CloseInfo().Linger != LingerEndBytes || len(h.received) != 0 {
 		t.Fatalf("linger %s; handler got %d bytes", e.CloseInfo().Linger, len(h.received))
 	}
 }
 
 func TestHalfClosedPeerFIN(t *testing.T) {
 	e, h := halfClosed(t, testCfg)
-	e.ReadDone(t0.Add(time.Second), []byte("late"), io.EOF)
+	e.ReadDone(t0.Add(time.Second), []byte("late"), ResultEOF, io.EOF)
 	expect(t, e, t0.Add(time.Second), OpClose, "", time.Time{})
-	e.CloseDone(t0.Add(time.Second), nil)
+	e.CloseDone(t0.Add(time.Second))
 	info := h.infos[0]
-	if info.Linger != LingerPeerFIN || info.Reason != ReasonIdleTimeout || info.Discarded != 4 || !info.PeerFIN {
+	if info.Linger != LingerEndPeerFIN || info.Reason != ReasonIdleTimeout || info.Discarded != 4 || !info.PeerFIN {
 		t.Fatalf("info %+v", info)
 	}
 }
@@ -360,12 +383,12 @@ func TestHalfClosedHandlerHalfCloseStillReceives(t *testing.T) {
 			t.Errorf("write after CloseWrite: %v", err)
 		}
 	}
-	e.ReadDone(t0, []byte("first"), nil)
+	e.ReadDone(t0, []byte("first"), ResultOK, nil)
 	expect(t, e, t0, OpWrite, "answer", t0.Add(testCfg.WriteTimeout))
-	e.WriteDone(t0, 6, nil)
+	e.WriteDone(t0, 6, ResultOK, nil)
 	expect(t, e, t0, OpCloseWrite, "", time.Time{})
-	e.CloseWriteDone(t0, nil)
-	e.ReadDone(t0, []byte("more"), nil)
+	e.CloseWriteDone(t0, ResultOK, nil)
+	e.ReadDone(t0, []byte("more"), ResultOK, nil)
 	if string(h.received) != "firstmore" {
 		t.Fatalf("handler received %q", h.received)
 	}
@@ -377,7 +400,7 @@ func TestHalfClosedHandlerHalfCloseStillReceives(t *testing.T) {
 func TestHalfClosedCloseWriteError(t *testing.T) {
 	e, _ := receiving(t, testCfg)
 	expect(t, e, t0.Add(testCfg.IdleTimeout), OpCloseWrite, "", time.Time{})
-	e.CloseWriteDone(t0, syscall.ECONNRESET)
+	e.CloseWriteDone(t0, ResultReset, syscall.ECONNRESET)
 	expect(t, e, t0, OpAbort, "", time.Time{})
 }
 
@@ -385,16 +408,18 @@ func TestHalfClosedCloseWriteError(t *testing.T) {
 
 func TestClosedIsTerminal(t *testing.T) {
 	e, h := halfClosed(t, testCfg)
-	e.ReadDone(t0, nil, io.EOF)
+	e.ReadDone(t0, nil, ResultEOF, io.EOF)
 	expect(t, e, t0, OpClose, "", time.Time{})
-	e.CloseDone(t0, nil)
+	e.CloseDone(t0)
 	// Nothing the driver or the server does afterwards changes anything.
-	e.ReadDone(t0, []byte("x"), nil)
-	e.WriteDone(t0, 1, nil)
-	e.CloseWriteDone(t0, nil)
-	e.Shutdown(t0)
-	e.Abort(t0)
-	e.CloseDone(t0, nil)
+	e.ReadDone(t0, []byte("x"), ResultOK, nil)
+	e.WriteDone(t0, 1, ResultOK, nil)
+	e.CloseWriteDone(t0, ResultOK, nil)
+	if err := e.Close(); !errors.Is(err, ErrClosed) {
+		t.Errorf("Close when closed: %v", err)
+	}
+	e.Abort(nil)
+	e.CloseDone(t0)
 	for range 3 {
 		expect(t, e, t0.Add(time.Hour), OpDone, "", time.Time{})
 	}
@@ -410,11 +435,13 @@ func TestClosedIsTerminal(t *testing.T) {
 
 func TestShutdownWhileSendingFlushesFirst(t *testing.T) {
 	e, _ := receiving(t, testCfg)
-	e.ReadDone(t0, []byte("in flight"), nil)
+	e.ReadDone(t0, []byte("in flight"), ResultOK, nil)
 	e.Next(t0)
-	e.Shutdown(t0)
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
 	expect(t, e, t0, OpWrite, "in flight", t0.Add(testCfg.WriteTimeout))
-	e.WriteDone(t0, 9, nil)
+	e.WriteDone(t0, 9, ResultOK, nil)
 	expect(t, e, t0, OpCloseWrite, "", time.Time{})
 	if e.CloseInfo().Reason != ReasonShutdown {
 		t.Fatalf("reason %s", e.CloseInfo().Reason)
@@ -430,7 +457,7 @@ func TestConfigValidate(t *testing.T) {
 		if err := bad.Validate(); !errors.Is(err, ErrInvalidConfig) || !strings.HasPrefix(err.Error(), "sockfsm: ") {
 			t.Errorf("%+v: %v", bad, err)
 		}
-		if _, err := NewEngine(bad, Echo, ConnInfo{}); !errors.Is(err, ErrInvalidConfig) {
+		if _, err := NewEngine(bad, Echo{}, ConnInfo{}); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("NewEngine(%+v): %v", bad, err)
 		}
 	}
@@ -467,12 +494,12 @@ func TestNamesAreComplete(t *testing.T) {
 			t.Errorf("reason %d has no name", r)
 		}
 	}
-	for l := LingerNone; l <= LingerBytes; l++ {
+	for l := LingerEndNone; l <= LingerEndBytes; l++ {
 		if strings.HasPrefix(l.String(), "LingerEnd(") {
 			t.Errorf("linger %d has no name", l)
 		}
 	}
-	for o := OpRead; o <= OpDone; o++ {
+	for o := OpStart; o <= OpDone; o++ {
 		if o.String() == "" || o.String() == "Op(?)" {
 			t.Errorf("op %d has no name", o)
 		}
@@ -494,11 +521,11 @@ func TestOnCloseHookReportsTheReason(t *testing.T) {
 	}
 	h := &testHandler{onData: func(c *Conn, _ []byte) { c.Abort(errors.New("policy")) }}
 	e := newTestEngine(t, cfg, h)
-	e.Next(t0)
-	e.ReadDone(t0, []byte("x"), nil)
+	e.Start(t0)
+	e.ReadDone(t0, []byte("x"), ResultOK, nil)
 	expect(t, e, t0, OpAbort, "", time.Time{})
-	e.CloseDone(t0, nil)
-	e.CloseDone(t0, nil)
+	e.CloseDone(t0)
+	e.CloseDone(t0)
 	order = append([]string{h.calls[len(h.calls)-1]}, order...)
 	if len(hooked) != 1 || hooked[0].Reason != ReasonHandlerAbort || !errors.Is(hooked[0].Err, ErrAborted) || hooked[0] != h.infos[0] {
 		t.Fatalf("hook got %+v; handler got %+v", hooked, h.infos)

@@ -7,8 +7,9 @@ import (
 
 // Sentinel errors. Match them with errors.Is.
 var (
-	// ErrShutdown is returned by Conn.Write once the connection is
-	// half-closed, closing or closed: nothing more may be sent.
+	// ErrShutdown is returned by Conn.Write once a close or an abort was
+	// asked for, or the connection is half-closed or closed: nothing more
+	// may be sent.
 	ErrShutdown = errors.New("sockfsm: write after shutdown")
 	// ErrOutputFull is returned by Conn.Write beyond MaxPendingOutput.
 	ErrOutputFull = errors.New("sockfsm: output buffer full")
@@ -24,8 +25,13 @@ var (
 	// ErrWriteTimeout is the cause of a connection whose peer did not read
 	// its output within WriteTimeout.
 	ErrWriteTimeout = errors.New("sockfsm: write timeout")
-	// ErrAborted is the cause of a connection the handler aborted.
-	ErrAborted = errors.New("sockfsm: aborted by handler")
+	// ErrAborted is the cause of a connection aborted on request:
+	// Conn.Abort, or Engine.Abort with a cause of its own.
+	ErrAborted = errors.New("sockfsm: aborted")
+	// ErrClosed is returned by Conn.Close, Conn.CloseWrite and
+	// Engine.Close when the connection is already closing or aborting, and
+	// by Conn.Do once the connection is closed.
+	ErrClosed = errors.New("sockfsm: connection closed")
 	// ErrHandlerPanic is the cause of a connection whose handler panicked.
 	ErrHandlerPanic = errors.New("sockfsm: handler panic")
 	// ErrShutdownDeadline is the cause of a connection aborted because the

@@ -281,7 +281,7 @@ func TestPeerResetMidStream(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			checkFDs(t)
-			s := fmStart(t, sockfsm.Config{WriteTimeout: fmDeadline, IdleTimeout: fmDeadline}, sockfsm.Echo)
+			s := fmStart(t, sockfsm.Config{WriteTimeout: fmDeadline, IdleTimeout: fmDeadline}, sockfsm.Echo{})
 
 			// A bystander is mid-exchange while the other client resets.
 			bystander := fmDial(t, s.addr)
@@ -425,7 +425,7 @@ func TestSlowloris(t *testing.T) {
 	t.Run("max-lifetime", func(t *testing.T) {
 		checkFDs(t)
 		s := fmStart(t, sockfsm.Config{IdleTimeout: idle, MaxLifetime: lifetime, WriteTimeout: fmDeadline,
-			LingerTimeout: fmDeadline, LingerTime: fmDeadline}, sockfsm.Echo)
+			LingerTimeout: fmDeadline, LingerTime: fmDeadline}, sockfsm.Echo{})
 		for attempt := 1; ; attempt++ {
 			// 200 bytes at 50 ms is 10 s: far past MaxLifetime, bounded.
 			r := trickle(t, s, interval, 200)
@@ -441,8 +441,8 @@ func TestSlowloris(t *testing.T) {
 			if r.info.Reason != sockfsm.ReasonMaxLifetime || r.info.Aborted() {
 				t.Errorf("CloseInfo.Reason = %v, want %v (graceful)", r.info.Reason, sockfsm.ReasonMaxLifetime)
 			}
-			if r.info.Linger != sockfsm.LingerPeerFIN {
-				t.Errorf("CloseInfo.Linger = %v, want %v: the client closed once it read EOF", r.info.Linger, sockfsm.LingerPeerFIN)
+			if r.info.Linger != sockfsm.LingerEndPeerFIN {
+				t.Errorf("CloseInfo.Linger = %v, want %v: the client closed once it read EOF", r.info.Linger, sockfsm.LingerEndPeerFIN)
 			}
 			if r.info.BytesWritten != int64(r.echoed) {
 				t.Errorf("CloseInfo.BytesWritten = %d, but the client read %d bytes before EOF", r.info.BytesWritten, r.echoed)
@@ -460,7 +460,7 @@ func TestSlowloris(t *testing.T) {
 	t.Run("idle-timeout-alone", func(t *testing.T) {
 		checkFDs(t)
 		s := fmStart(t, sockfsm.Config{IdleTimeout: idle, WriteTimeout: fmDeadline,
-			LingerTimeout: fmDeadline, LingerTime: fmDeadline}, sockfsm.Echo)
+			LingerTimeout: fmDeadline, LingerTime: fmDeadline}, sockfsm.Echo{})
 		for attempt := 1; ; attempt++ {
 			r := trickle(t, s, interval, 20)
 			t.Logf("attempt %d: sent %d bytes, %d echoed; CloseInfo: reason %v, duration %v", attempt, r.sent, r.echoed, r.info.Reason, r.info.Duration)
@@ -494,7 +494,7 @@ func TestMemoryBoundedByFlowControl(t *testing.T) {
 		readBuf  = sockfsm.DefaultReadBufferSize
 		maxBound = 16 << 20 // a loose bound: the kernel buffers of both sockets are a few MiB
 	)
-	s := fmStart(t, sockfsm.Config{WriteTimeout: 500 * time.Millisecond, ReadBufferSize: readBuf}, sockfsm.Echo)
+	s := fmStart(t, sockfsm.Config{WriteTimeout: 500 * time.Millisecond, ReadBufferSize: readBuf}, sockfsm.Echo{})
 	c := fmDial(t, s.addr)
 
 	// The write blocks once the buffers are full, until the server's
@@ -580,7 +580,7 @@ func emfileChild() int {
 	}
 	srv := &sockfsm.Server{
 		Config:     sockfsm.Config{Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))},
-		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo },
+		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo{} },
 	}
 	fmt.Printf("addr %s\n", ln.Addr())
 	fmt.Fprintf(os.Stderr, "emfile child: %d descriptors open, RLIMIT_NOFILE now %d\n", len(ents), lim.Cur)

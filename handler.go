@@ -9,15 +9,19 @@ import (
 	"github.com/sockfsm/sockfsm/fsm"
 )
 
-// Handler is a protocol running on the engine. The engine calls it from the
-// connection's goroutine, one call at a time; it must not block for long and
-// must not keep p, nor write to it, after OnData returns: p is a read buffer
-// that connections share (see Config.ReadBufferSize), and it may hold
-// another connection's input the moment OnData has returned. Copy what must
-// outlive the call; Conn.Write copies.
+// Handler is a protocol running on the engine. The engine calls it from
+// the connection's driver, one call at a time (on the connection's own
+// goroutine with Server and ServeConn; on the loop with an event loop). A
+// callback must not block for long: work that blocks belongs on another
+// goroutine, which may use the Conn at any time.
 //
-// A handler may also implement OpenHandler, PeerCloseHandler and
-// CloseHandler to hear of the other moments of the lifecycle.
+// OnData must not keep p, nor write to it, after it returns: p is a read
+// buffer that connections share (see Config.ReadBufferSize), and it may
+// hold another connection's input the moment OnData has returned. Copy what
+// must outlive the call; Conn.Write copies.
+//
+// A handler may also implement OpenHandler, PeerCloseHandler, DrainHandler
+// and CloseHandler to hear of the other moments of the lifecycle.
 type Handler interface {
 	// OnData is called with each chunk of input.
 	OnData(c *Conn, p []byte)
@@ -43,6 +47,14 @@ type PeerCloseHandler interface {
 	OnPeerClose(c *Conn)
 }
 
+// DrainHandler is implemented by handlers that produce output faster than
+// the peer may read it. OnDrain is called when the output queue has been
+// flushed after a Write returned ErrOutputFull, as Node's 'drain' event:
+// a producer that stopped on ErrOutputFull may resume.
+type DrainHandler interface {
+	OnDrain(c *Conn)
+}
+
 // CloseHandler is implemented by handlers that want to hear how the
 // connection ended. OnClose is called exactly once, last, after the
 // transport is closed.
@@ -51,7 +63,11 @@ type CloseHandler interface {
 }
 
 // Echo is the RFC 862 echo protocol: every chunk of input is written back.
-var Echo Handler = HandlerFunc(func(c *Conn, p []byte) { c.Write(p) })
+// Its zero value is ready to use: sockfsm.Echo{}.
+type Echo struct{}
+
+// OnData writes p back.
+func (Echo) OnData(c *Conn, p []byte) { c.Write(p) }
 
 // ConnInfo identifies a connection in hooks and logs.
 type ConnInfo struct {
@@ -60,8 +76,12 @@ type ConnInfo struct {
 	RemoteAddr net.Addr
 }
 
-// Conn is the handler's view of a connection. Its methods may be called only
-// from within the handler's callbacks.
+// Conn is the handler's view of a connection. Its methods are safe for use
+// by any goroutine at any time: from the handler's callbacks, and from
+// other goroutines (a publisher pushing to a subscriber, a proxy's other
+// side). A call from outside a callback wakes the connection's driver when
+// it must act; output is flushed, and closes are taken, in the order the
+// calls were made.
 type Conn struct {
 	e *Engine
 }
@@ -70,29 +90,164 @@ type Conn struct {
 func (c *Conn) Info() ConnInfo { return c.e.info }
 
 // State returns the connection's lifecycle state.
-func (c *Conn) State() fsm.State { return c.e.m.State() }
+func (c *Conn) State() fsm.State { return c.e.State() }
 
 // PeerClosed reports whether the peer's FIN has been seen.
-func (c *Conn) PeerClosed() bool { return c.e.m.PeerFIN() }
+func (c *Conn) PeerClosed() bool {
+	c.e.mu.Lock()
+	defer c.e.mu.Unlock()
+	return c.e.m.PeerFIN()
+}
 
-// Write queues p to be sent; the engine flushes it when the callback
-// returns. After CloseWrite, Close or Abort, or once the connection is
-// half-closed, it returns ErrShutdown and queues nothing. Beyond
-// MaxPendingOutput it queues what fits and returns ErrOutputFull.
-func (c *Conn) Write(p []byte) (int, error) { return c.e.write(p) }
+// mayWrite reports whether output may still be queued.
+func (e *Engine) mayWrite() bool {
+	if e.closeKind != closeNone || e.abortAsked {
+		return false
+	}
+	switch e.m.State() {
+	case fsm.Accepted, fsm.Receiving, fsm.Sending:
+		return true
+	}
+	return false
+}
+
+// Write queues p to be sent and returns at once; the engine flushes it, in
+// order, after the callback in progress returns, or at once when called
+// from another goroutine. Once a close or an abort was asked for, or the
+// connection is half-closed, it returns ErrShutdown and queues nothing:
+// nothing written after our half-close ever reaches the transport. Beyond
+// MaxPendingOutput it queues what fits and returns ErrOutputFull; a
+// DrainHandler hears when the queue has drained.
+func (c *Conn) Write(p []byte) (int, error) {
+	e := c.e
+	e.mu.Lock()
+	if !e.mayWrite() {
+		e.mu.Unlock()
+		return 0, ErrShutdown
+	}
+	n, err := len(p), error(nil)
+	if room := e.lim.maxOut - (len(e.out) - e.outOff); n > room {
+		n, err = max(room, 0), ErrOutputFull
+		e.full = true
+	}
+	wake := false
+	if n > 0 {
+		e.out = append(e.out, p[:n]...)
+		wake = e.request(wakeRead)
+	}
+	e.mu.Unlock()
+	if wake {
+		e.waker()
+	}
+	return n, err
+}
+
+// Buffered returns the number of bytes queued and not yet handed to the
+// transport.
+func (c *Conn) Buffered() int {
+	c.e.mu.Lock()
+	defer c.e.mu.Unlock()
+	return len(c.e.out) - c.e.outOff
+}
+
+// Available returns how many more bytes Write would queue now without
+// ErrOutputFull; zero once writing is shut down.
+func (c *Conn) Available() int {
+	e := c.e
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.mayWrite() {
+		return 0
+	}
+	return max(0, e.lim.maxOut-(len(e.out)-e.outOff))
+}
 
 // CloseWrite asks for a half-close: once the queued output is flushed the
 // engine sends our FIN. Input that arrives afterwards is still handed to
-// OnData, within the linger bounds, until the peer's FIN.
-func (c *Conn) CloseWrite() error { return c.e.requestClose(closeHalf, ReasonHandlerClose) }
+// OnData, within the linger bounds, until the peer's FIN. It returns
+// ErrClosed if the connection is already closing or aborting.
+func (c *Conn) CloseWrite() error { return c.e.askCloseAndWake(closeHalf, ReasonHandlerClose) }
 
 // Close asks for a graceful close: flush the queued output, half-close,
-// discard input until the peer's FIN within the linger bounds, close.
-func (c *Conn) Close() error { return c.e.requestClose(closeFull, ReasonHandlerClose) }
+// discard input until the peer's FIN within the linger bounds, close. It
+// returns at once, and ErrClosed if the connection is already closing or
+// aborting.
+func (c *Conn) Close() error { return c.e.askCloseAndWake(closeFull, ReasonHandlerClose) }
 
-// Abort closes the connection at once with RST; queued output is dropped.
-// err, which may be nil, is reported in CloseInfo.Err.
-func (c *Conn) Abort(err error) { c.e.abort(ReasonHandlerAbort, errors.Join(ErrAborted, err)) }
+func (e *Engine) askCloseAndWake(k closeKind, r Reason) error {
+	e.mu.Lock()
+	err := e.askClose(k, r)
+	wake := err == nil && e.request(wakeClose)
+	e.mu.Unlock()
+	if wake {
+		e.waker()
+	}
+	return err
+}
+
+// Abort closes the connection with RST as soon as its driver can: at once
+// from a callback, or by waking the driver from another goroutine. Queued
+// output is dropped. err, which may be nil, is reported in CloseInfo.Err,
+// joined to ErrAborted.
+func (c *Conn) Abort(err error) {
+	e := c.e
+	e.mu.Lock()
+	e.askAbort(ReasonHandlerAbort, errors.Join(ErrAborted, err))
+	wake := e.request(wakeAbort)
+	e.mu.Unlock()
+	if wake {
+		e.waker()
+	}
+}
+
+// Do runs f on the connection's driver, as a callback (x/net/quic's
+// runOnLoop): after the callback in progress, or as soon as the driver
+// wakes. Functions run in the order Do was called, each exactly once, even
+// if the connection closes first (before OnClose, so f's Writes then return
+// ErrShutdown). Do returns ErrClosed, and f never runs, if OnClose was
+// already called.
+func (c *Conn) Do(f func(c *Conn)) error {
+	e := c.e
+	e.mu.Lock()
+	if e.notified {
+		e.mu.Unlock()
+		return ErrClosed
+	}
+	e.tasks = append(e.tasks, f)
+	wake := e.request(wakeRead)
+	e.mu.Unlock()
+	if wake {
+		e.waker()
+	}
+	return nil
+}
+
+// PauseRead stops reading input: backpressure for a handler that cannot
+// take more yet (a proxy whose other side is full). A read already under
+// way may still deliver one chunk. While reading is paused, IdleTimeout
+// does not run (MaxLifetime and the linger bounds do), and a peer that keeps
+// sending is held back by TCP flow control. A handler that never resumes
+// holds the connection: pair it with ResumeRead.
+func (c *Conn) PauseRead() {
+	c.e.mu.Lock()
+	c.e.paused = true
+	c.e.mu.Unlock()
+}
+
+// ResumeRead resumes reading after PauseRead; the idle timer starts again.
+func (c *Conn) ResumeRead() {
+	e := c.e
+	e.mu.Lock()
+	wake := false
+	if e.paused {
+		e.paused, e.idleReset = false, true
+		wake = e.request(wakeRead)
+	}
+	e.mu.Unlock()
+	if wake {
+		e.waker()
+	}
+}
 
 // Reason says why a connection closed.
 type Reason uint8
@@ -109,7 +264,8 @@ const (
 	ReasonIdleTimeout
 	// ReasonMaxLifetime: the connection reached MaxLifetime.
 	ReasonMaxLifetime
-	// ReasonShutdown: the server is shutting down.
+	// ReasonShutdown: the engine's owner closed it: Server.Shutdown,
+	// Engine.Close.
 	ReasonShutdown
 
 	// ReasonPeerReset: the peer reset the connection.
@@ -121,7 +277,7 @@ const (
 	// ReasonWriteTimeout: the peer did not read our output within
 	// WriteTimeout.
 	ReasonWriteTimeout
-	// ReasonHandlerAbort: the handler called Abort.
+	// ReasonHandlerAbort: Conn.Abort was called.
 	ReasonHandlerAbort
 	// ReasonHandlerPanic: the handler panicked.
 	ReasonHandlerPanic
@@ -131,12 +287,16 @@ const (
 	// ReasonHandshake: the TLS handshake failed or did not finish within
 	// IdleTimeout (WriteTimeout if IdleTimeout is off).
 	ReasonHandshake
-	// ReasonInternal: the engine hit a bug (an illegal transition).
+	// ReasonAborted: Engine.Abort was called with a cause that names no
+	// other reason.
+	ReasonAborted
+	// ReasonInternal: the engine hit a bug (an illegal transition), or a
+	// panic escaped the engine.
 	ReasonInternal
 )
 
 var reasonNames = [...]string{"none", "peer-closed", "handler-close", "idle-timeout", "max-lifetime", "shutdown",
-	"peer-reset", "read-error", "write-error", "write-timeout", "handler-abort", "handler-panic", "shutdown-deadline", "handshake", "internal"}
+	"peer-reset", "read-error", "write-error", "write-timeout", "handler-abort", "handler-panic", "shutdown-deadline", "handshake", "aborted", "internal"}
 
 // String returns the reason's name.
 func (r Reason) String() string {
@@ -154,17 +314,17 @@ type LingerEnd uint8
 
 // How lingering ends.
 const (
-	// LingerNone: there was no linger (the peer's FIN came first, or the
+	// LingerEndNone: there was no linger (the peer's FIN came first, or the
 	// connection was aborted).
-	LingerNone LingerEnd = iota
-	// LingerPeerFIN: the peer's FIN arrived.
-	LingerPeerFIN
-	// LingerTimeout: a read waited LingerTimeout.
-	LingerTimeout
-	// LingerTime: the linger lasted LingerTime.
-	LingerTime
-	// LingerBytes: LingerBytes were read.
-	LingerBytes
+	LingerEndNone LingerEnd = iota
+	// LingerEndPeerFIN: the peer's FIN arrived while lingering.
+	LingerEndPeerFIN
+	// LingerEndTimeout: a linger read waited Config.LingerTimeout.
+	LingerEndTimeout
+	// LingerEndTime: the linger lasted Config.LingerTime.
+	LingerEndTime
+	// LingerEndBytes: Config.LingerBytes were read while lingering.
+	LingerEndBytes
 )
 
 var lingerNames = [...]string{"none", "peer-fin", "timeout", "time", "bytes"}

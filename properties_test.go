@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -38,7 +39,7 @@ func (d drawer) draw(label string, lo, hi int) (v int) {
 	defer func() {
 		if r := recover(); r != nil {
 			d.w.panicked = r
-			d.w.d.requestAbort()
+			d.w.d.e.Abort(errRapidStopped)
 			v = lo
 		}
 	}()
@@ -48,7 +49,7 @@ func (d drawer) draw(label string, lo, hi int) (v int) {
 func (d drawer) fatalf(format string, args ...any) {
 	if d.w.panicked == nil {
 		d.w.panicked = fmt.Sprintf(format, args...)
-		d.w.d.requestAbort()
+		d.w.d.e.Abort(errRapidStopped)
 	}
 }
 
@@ -83,7 +84,7 @@ func (r *recorder) note(ev string) {
 
 func (r *recorder) write(c *Conn, p []byte) {
 	n, err := c.Write(p)
-	if r.shutdownAsk || c.State() == fsm.HalfClosed || c.State() == fsm.Closed {
+	if st := c.State(); r.shutdownAsk || (st != fsm.Accepted && st != fsm.Receiving && st != fsm.Sending) {
 		if n != 0 || !errors.Is(err, ErrShutdown) {
 			r.badWrites = append(r.badWrites, fmt.Errorf("write after shutdown in %s: n=%d err=%v", c.State(), n, err))
 		}
@@ -152,7 +153,7 @@ type world struct {
 	cfg    Config
 	lim    limits
 	clock  *sim.Clock
-	conn   *sim.Conn
+	conn   *sim.Socket
 	d      *driver
 	h      *recorder
 	edges  []edge
@@ -165,9 +166,8 @@ type world struct {
 	hookInfo   CloseInfo
 }
 
-// testMutation is the deliberate bug run applies to the engine; see
-// mutation_test.go.
-var testMutation mutation
+// errRapidStopped aborts a connection whose case rapid stopped.
+var errRapidStopped = errors.New("rapid stopped the case")
 
 // maxOps bounds the driver's operations in one case: a livelock fails the
 // case instead of hanging it.
@@ -182,6 +182,7 @@ func drawConfig(t *rapid.T) Config {
 		return time.Duration(rapid.IntRange(lo, hi).Draw(t, label)) * time.Second
 	}
 	return Config{
+		Logger:           slog.New(discardHandler{}),
 		IdleTimeout:      d("idle", 1, 20, false),
 		WriteTimeout:     d("write", 1, 20, false),
 		LingerTimeout:    d("linger-timeout", 1, 10, true),
@@ -225,7 +226,7 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 	w.h = &recorder{d: dr, random: random}
 	w.start = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	w.clock = sim.NewClock(w.start)
-	w.conn = sim.NewConn(w.clock, dr, peer)
+	w.conn = sim.NewSocket(w.clock, dr, peer)
 	cfg.OnStateChange = func(_ ConnInfo, from, to fsm.State, ev fsm.Event) {
 		w.edges = append(w.edges, edge{from, to, ev})
 	}
@@ -233,9 +234,9 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 		w.hookCloses++
 		w.hookInfo = info
 	}
+	cfg.Logger = slog.New(discardHandler{})
 	w.d = &driver{}
-	w.d.init(w.conn, w.lim, w.h, ConnInfo{ID: 1}, &cfg, nil, w.clock.Now)
-	w.d.e.mut = testMutation
+	w.d.init(w.conn, w.lim, w.h, ConnInfo{ID: 1}, &cfg, w.clock.Now)
 	w.conn.Hook = func() {
 		if w.conn.Rec.Ops > maxOps {
 			dr.fatalf("livelock: more than %d operations", maxOps)
@@ -245,9 +246,9 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 		}
 		switch dr.draw("server", 0, 200) {
 		case 101:
-			w.d.requestShutdown()
+			w.d.e.Close()
 		case 102:
-			w.d.requestAbort()
+			w.d.e.Abort(ErrShutdownDeadline)
 		}
 	}
 	w.d.run()
@@ -308,7 +309,7 @@ func checkCommon(t *rapid.T, w *world) {
 	}
 	// No RST of ours over unread input, except when aborting or when the
 	// peer kept sending past the linger bounds.
-	if rec.ClosedWithUnread && !w.result.Aborted() && w.result.Linger != LingerTime && w.result.Linger != LingerBytes {
+	if rec.ClosedWithUnread && !w.result.Aborted() && w.result.Linger != LingerEndTime && w.result.Linger != LingerEndBytes {
 		t.Fatalf("closed with unread input (kernel RST) on a graceful path: %+v", w.result)
 	}
 	// The bound the docs promise.

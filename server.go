@@ -218,37 +218,36 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 		return
 	}
 	d := &driver{}
-	d.init(t, lim, h, info, &s.Config, log, time.Now)
+	d.init(t, lim, h, info, &s.Config, time.Now)
 
 	s.mu.Lock()
 	s.accepting--
 	s.conns[d] = struct{}{}
 	if s.closing {
-		d.shutdownReq.Store(true)
+		d.e.Close()
 	}
 	if s.killing {
-		d.abortReq.Store(true)
+		d.e.Abort(ErrShutdownDeadline)
 	}
 	s.mu.Unlock()
 
-	go s.serveConn(d)
+	go s.runConn(d)
 }
 
-// serveConn is the goroutine of one connection.
+// runConn is the goroutine of one connection.
 //
 // Its frame is under every other frame of the connection's goroutine, for
 // the connection's whole life, so it does no more than call run, and the
 // rest is in connDone (see driver.run on stack depth).
-func (s *Server) serveConn(d *driver) {
+func (s *Server) runConn(d *driver) {
 	d.run()
 	s.connDone(d)
 }
 
-// connDone logs how a connection ended and forgets it.
+// connDone forgets a connection that ended (the engine logged how).
 //
 //go:noinline
 func (s *Server) connDone(d *driver) {
-	logClose(&d.e, &d.result)
 	s.mu.Lock()
 	if d.result.Reason == ReasonShutdownDeadline {
 		s.aborted++
@@ -301,7 +300,7 @@ func (s *Server) abortAll() <-chan struct{} {
 	defer s.mu.Unlock()
 	s.killing = true
 	for d := range s.conns {
-		d.requestAbort()
+		d.e.Abort(ErrShutdownDeadline)
 	}
 	return s.drainedLocked()
 }
@@ -320,7 +319,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.stopLocked()
 	for d := range s.conns {
-		d.requestShutdown()
+		d.e.Close()
 	}
 	drained := s.drainedLocked()
 	abortedBefore := s.aborted

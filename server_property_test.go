@@ -54,7 +54,7 @@ func (l *pipeListener) Close() error {
 func (l *pipeListener) Addr() net.Addr { return transport.PipeAddr(0) }
 
 // dial hands the server one end of a new pipe and returns the other.
-func (l *pipeListener) dial() (transport.Conn, error) {
+func (l *pipeListener) dial() (transport.Stream, error) {
 	client, server := transport.PipeSize(4096)
 	select {
 	case l.conns <- server:
@@ -85,7 +85,7 @@ type peerResult struct {
 	readErr error
 }
 
-func runPeer(c transport.Conn, kind int, msg []byte) peerResult {
+func runPeer(c transport.Stream, kind int, msg []byte) peerResult {
 	r := peerResult{kind: kind}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second)) // a hang fails instead of hanging

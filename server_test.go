@@ -555,7 +555,7 @@ func describe(edges []edge) string {
 // tutorialEvents is the lifecycle of the Winsock tutorial's connection: the
 // client sends, half-closes and reads to EOF. A chunk may in principle
 // arrive in pieces, each echoed: hence the repetition.
-var tutorialEvents = regexp.MustCompile(`^start( input output flushed)+ peer-fin half-close close$`)
+var tutorialEvents = regexp.MustCompile(`^start( input output flushed)+ peer-fin half-close fin-sent close close-done$`)
 
 // TestTutorialFlow is the Winsock tutorial's client against the echo
 // server: dial, send, shutdown(SD_SEND), receive until the server's FIN. The
@@ -569,7 +569,7 @@ func TestTutorialFlow(t *testing.T) {
 				t.Skip("IPv6 is not available")
 			}
 			checkFDs(t)
-			ts := startServer(t, "tcp", net.JoinHostPort(tc.host, "0"), sockfsm.Config{}, always(sockfsm.Echo))
+			ts := startServer(t, "tcp", net.JoinHostPort(tc.host, "0"), sockfsm.Config{}, always(sockfsm.Echo{}))
 			c := ts.dial(t)
 
 			const msg = "this is a test"
@@ -580,7 +580,7 @@ func TestTutorialFlow(t *testing.T) {
 			}
 
 			info := ts.closes.wait(t, key(c))
-			checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerNone, PeerFIN: true,
+			checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
 				BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
 
 			edges := ts.states.edgesOf(key(c))
@@ -652,7 +652,7 @@ func TestLingerNoReset(t *testing.T) {
 
 	info := ts.closes.wait(t, key(c))
 	sent := int64(len(request) + (chunks+5)*len(chunk))
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerPeerFIN, PeerFIN: true,
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: sent, BytesWritten: int64(len(resp))})
 	// Everything after the request was discarded (and possibly the end of
 	// the request, if it arrived in pieces).
@@ -668,18 +668,18 @@ func TestIdleTimeout(t *testing.T) {
 	cfg := sockfsm.Config{IdleTimeout: 100 * time.Millisecond}
 	t.Run("Silent", func(t *testing.T) {
 		checkFDs(t)
-		ts := startServer(t, "tcp", "127.0.0.1:0", cfg, always(sockfsm.Echo))
+		ts := startServer(t, "tcp", "127.0.0.1:0", cfg, always(sockfsm.Echo{}))
 		c := ts.dial(t)
 		if got := readToEOF(t, c); len(got) != 0 {
 			t.Fatalf("client received %q, want nothing", got)
 		}
 		c.Close()
 		info := ts.closes.wait(t, key(c))
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerPeerFIN, PeerFIN: true})
+		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
 	})
 	t.Run("AfterEcho", func(t *testing.T) {
 		checkFDs(t)
-		ts := startServer(t, "tcp", "127.0.0.1:0", cfg, always(sockfsm.Echo))
+		ts := startServer(t, "tcp", "127.0.0.1:0", cfg, always(sockfsm.Echo{}))
 		c := ts.dial(t)
 		mustWrite(t, c, []byte("ping"))
 		if got := readFull(t, c, 4); string(got) != "ping" {
@@ -690,7 +690,7 @@ func TestIdleTimeout(t *testing.T) {
 		}
 		c.Close()
 		info := ts.closes.wait(t, key(c))
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerPeerFIN, PeerFIN: true,
+		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 			BytesRead: 4, BytesWritten: 4})
 	})
 }
@@ -706,7 +706,7 @@ func TestLingerBounds(t *testing.T) {
 	halfClosed := func(t *testing.T, cfg sockfsm.Config) (*testServer, net.Conn) {
 		t.Helper()
 		cfg.IdleTimeout = 100 * time.Millisecond
-		ts := startServer(t, "tcp", "127.0.0.1:0", cfg, always(sockfsm.Echo))
+		ts := startServer(t, "tcp", "127.0.0.1:0", cfg, always(sockfsm.Echo{}))
 		c := ts.dial(t)
 		if got := readToEOF(t, c); len(got) != 0 {
 			t.Fatalf("client received %q, want nothing", got)
@@ -718,7 +718,7 @@ func TestLingerBounds(t *testing.T) {
 		checkFDs(t)
 		ts, c := halfClosed(t, sockfsm.Config{LingerTimeout: 100 * time.Millisecond, LingerTime: time.Second})
 		info := ts.closes.wait(t, key(c))
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerTimeout, BytesRead: 0, BytesWritten: 0})
+		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTimeout, BytesRead: 0, BytesWritten: 0})
 		// Nothing was left unread: the close is graceful, EOF again.
 		if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 			t.Fatalf("client read = %d, %v; want 0, io.EOF", n, err)
@@ -741,7 +741,7 @@ func TestLingerBounds(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 		info := ts.closes.wait(t, key(c))
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerTime, BytesRead: -1, BytesWritten: 0})
+		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTime, BytesRead: -1, BytesWritten: 0})
 		if info.Discarded == 0 || info.Discarded != info.BytesRead {
 			t.Errorf("CloseInfo.Discarded = %d, BytesRead = %d; want all of the trickle discarded", info.Discarded, info.BytesRead)
 		}
@@ -762,7 +762,7 @@ func TestLingerBounds(t *testing.T) {
 			}
 		}
 		info := ts.closes.wait(t, key(c))
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerBytes, BytesRead: -1, BytesWritten: 0})
+		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndBytes, BytesRead: -1, BytesWritten: 0})
 		if info.Discarded < limit || info.Discarded != info.BytesRead {
 			t.Errorf("CloseInfo.Discarded = %d, BytesRead = %d; want at least %d, all discarded", info.Discarded, info.BytesRead, limit)
 		}
@@ -794,7 +794,7 @@ func TestWriteTimeout(t *testing.T) {
 	}
 
 	info := ts.closes.wait(t, key(c))
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonWriteTimeout, Linger: sockfsm.LingerNone, Aborted: true,
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonWriteTimeout, Linger: sockfsm.LingerEndNone, Aborted: true,
 		Err: sockfsm.ErrWriteTimeout, BytesRead: 3, BytesWritten: -1})
 	if info.BytesWritten >= int64(len(resp)) {
 		t.Errorf("CloseInfo.BytesWritten = %d: the whole response was sent to a client that never read", info.BytesWritten)
@@ -880,13 +880,13 @@ func TestShutdownBusyAndIdle(t *testing.T) {
 	}
 
 	for i, c := range idle {
-		checkInfo(t, ts.closes.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerPeerFIN, PeerFIN: true,
+		checkInfo(t, ts.closes.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 			BytesRead: 5, BytesWritten: 5})
 		if t.Failed() {
 			t.Fatalf("idle client %d", i)
 		}
 	}
-	checkInfo(t, ts.closes.wait(t, key(busy)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerPeerFIN, PeerFIN: true,
+	checkInfo(t, ts.closes.wait(t, key(busy)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: 3, BytesWritten: size})
 }
 
@@ -925,7 +925,7 @@ func TestShutdownDeadlineAborts(t *testing.T) {
 // until one of the open ones closes.
 func TestMaxConns(t *testing.T) {
 	checkFDs(t)
-	ts := startServer(t, "tcp", "127.0.0.1:0", sockfsm.Config{MaxConns: 2}, always(sockfsm.Echo))
+	ts := startServer(t, "tcp", "127.0.0.1:0", sockfsm.Config{MaxConns: 2}, always(sockfsm.Echo{}))
 	echo := func(c net.Conn, msg string) {
 		t.Helper()
 		mustWrite(t, c, []byte(msg))
@@ -1077,7 +1077,7 @@ func TestWriteAfterCloseWrite(t *testing.T) {
 			t.Errorf("state in OnData after CloseWrite = %s, want %s", s, fsm.HalfClosed)
 		}
 	}
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerPeerFIN, PeerFIN: true,
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: int64(len("one") + len("twothree")), BytesWritten: int64(len(halfAnswer))})
 	if info.Discarded != 0 {
 		t.Errorf("CloseInfo.Discarded = %d, want 0: a half-close hands input to the handler", info.Discarded)
@@ -1100,7 +1100,7 @@ func TestServeConnContextCancel(t *testing.T) {
 	logs := newTestWriter(t)
 	cfg := sockfsm.Config{IdleTimeout: time.Minute, Logger: slog.New(slog.NewTextHandler(logs, nil))}
 	go func() {
-		info, err := sockfsm.ServeConn(ctx, transport.TCP(sc.(*net.TCPConn)), sockfsm.Echo, cfg)
+		info, err := sockfsm.ServeConn(ctx, transport.TCP(sc.(*net.TCPConn)), sockfsm.Echo{}, cfg)
 		done <- result{info, err}
 	}()
 	t.Cleanup(func() { // if the test fails before ServeConn returns
@@ -1134,7 +1134,7 @@ func TestUnixSocket(t *testing.T) {
 		t.Skip("Unix sockets are not available")
 	}
 	checkFDs(t)
-	ts := startServer(t, "unix", filepath.Join(t.TempDir(), "echo.sock"), sockfsm.Config{}, always(sockfsm.Echo))
+	ts := startServer(t, "unix", filepath.Join(t.TempDir(), "echo.sock"), sockfsm.Config{}, always(sockfsm.Echo{}))
 	c := ts.dial(t)
 	const msg = "this is a test"
 	mustWrite(t, c, []byte(msg))
@@ -1143,7 +1143,7 @@ func TestUnixSocket(t *testing.T) {
 		t.Fatalf("client received %q, want %q", got, msg)
 	}
 	info := ts.closes.wait(t, "")
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerNone, PeerFIN: true,
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
 		BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
 }
 
@@ -1166,7 +1166,7 @@ func TestShutdownWaitsForConnBeingAccepted(t *testing.T) {
 			close(entered)
 			<-release
 		})
-		return sockfsm.Echo
+		return sockfsm.Echo{}
 	})
 	free := func() { freed.Do(func() { close(release) }) }
 	t.Cleanup(free) // before the server's shutdown
@@ -1197,7 +1197,7 @@ func TestShutdownWaitsForConnBeingAccepted(t *testing.T) {
 	if err := <-shut; err != nil {
 		t.Errorf("Shutdown = %v, want nil", err)
 	}
-	checkInfo(t, ts.closes.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerPeerFIN, PeerFIN: true})
+	checkInfo(t, ts.closes.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
 }
 
 // TestWriteTimeoutExcludesHandlerTime: the write deadline of a flush starts
@@ -1226,13 +1226,13 @@ func TestWriteTimeoutExcludesHandlerTime(t *testing.T) {
 
 // countingTransport counts the bytes its Writes accepted.
 type countingTransport struct {
-	transport.Conn
+	transport.Stream
 	mu      sync.Mutex
 	written int64
 }
 
 func (c *countingTransport) Write(p []byte) (int, error) {
-	n, err := c.Conn.Write(p)
+	n, err := c.Stream.Write(p)
 	c.mu.Lock()
 	c.written += int64(n)
 	c.mu.Unlock()
@@ -1247,7 +1247,7 @@ func (c *countingTransport) Write(p []byte) (int, error) {
 func TestAbortCountsBytesWritten(t *testing.T) {
 	checkFDs(t)
 	c, sc := tcpPair(t)
-	ct := &countingTransport{Conn: transport.TCP(sc.(*net.TCPConn))}
+	ct := &countingTransport{Stream: transport.TCP(sc.(*net.TCPConn))}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	type result struct {

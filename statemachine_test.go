@@ -75,6 +75,8 @@ type smTest struct {
 	closes, badWrite int
 	closedAt         time.Time
 	lastWrite        time.Time // the handler's last accepted Write outside a callback
+	paused           bool      // the handler paused reading
+	resumedAt        time.Time // the handler last resumed reading
 	sawClosed        bool
 	blocked          Action
 }
@@ -92,7 +94,6 @@ func newSMTest(t *rapid.T) *smTest {
 		t.Fatal(err)
 	}
 	s.e = e
-	s.e.mut = testMutation
 	s.pump(t)
 	return s
 }
@@ -102,27 +103,36 @@ var errSMReset = os.NewSyscallError("read", syscall.ECONNRESET)
 // pump performs the engine's operations until one would block.
 func (s *smTest) pump(t *rapid.T) {
 	for range 10000 {
+		// The driver's part: the deadlines that passed and the requests
+		// made since the last step are handled before the next operation.
+		s.e.HandleTimeout(s.now)
 		a := s.e.Next(s.now)
 		s.blocked = a
 		expired := !a.Deadline.IsZero() && !s.now.Before(a.Deadline)
 		switch a.Op {
+		case OpStart:
+			s.e.Start(s.now)
+		case OpWait:
+			if !expired && !s.e.Pending() {
+				return // blocked until a resume or the deadline
+			}
 		case OpRead:
 			switch {
 			case s.closed:
 				t.Fatal("read after close")
 			case s.peer.rst:
-				s.e.ReadDone(s.now, nil, errSMReset)
+				s.e.ReadDone(s.now, nil, ResultReset, errSMReset)
 			case len(s.peer.inbuf) > 0:
 				n := min(len(s.peer.inbuf), s.cfg.limits().readBuf)
 				p := append([]byte(nil), s.peer.inbuf[:n]...)
 				s.peer.inbuf = s.peer.inbuf[n:]
 				s.peer.lastInput = s.now
-				s.e.ReadDone(s.now, p, nil)
+				s.e.ReadDone(s.now, p, ResultOK, nil)
 			case s.peer.fin:
 				s.peer.lastInput = s.now
-				s.e.ReadDone(s.now, nil, io.EOF)
+				s.e.ReadDone(s.now, nil, ResultEOF, io.EOF)
 			case expired:
-				s.e.ReadDone(s.now, nil, os.ErrDeadlineExceeded)
+				s.e.ReadDone(s.now, nil, ResultTimeout, os.ErrDeadlineExceeded)
 			default:
 				return // blocked
 			}
@@ -133,29 +143,29 @@ func (s *smTest) pump(t *rapid.T) {
 			free := s.peer.windowSize - len(s.peer.window)
 			switch {
 			case s.peer.rst:
-				s.e.WriteDone(s.now, 0, errSMReset)
+				s.e.WriteDone(s.now, 0, ResultReset, errSMReset)
 			case free > 0:
 				n := min(free, len(a.Data))
 				s.peer.window = append(s.peer.window, a.Data[:n]...)
 				if n < len(a.Data) {
-					s.e.WriteDone(s.now, n, nil) // the rest waits for room
+					s.e.WriteDone(s.now, n, ResultOK, nil) // the rest waits for room
 					continue
 				}
-				s.e.WriteDone(s.now, n, nil)
+				s.e.WriteDone(s.now, n, ResultOK, nil)
 			case expired:
-				s.e.WriteDone(s.now, 0, os.ErrDeadlineExceeded)
+				s.e.WriteDone(s.now, 0, ResultTimeout, os.ErrDeadlineExceeded)
 			default:
 				return // blocked on the peer's window
 			}
 		case OpCloseWrite:
 			s.finSent = true
-			s.e.CloseWriteDone(s.now, nil)
+			s.e.CloseWriteDone(s.now, ResultOK, nil)
 		case OpClose, OpAbort:
 			s.closes++
 			if !s.closed {
 				s.closed, s.closedAt = true, s.now
 			}
-			s.e.CloseDone(s.now, nil)
+			s.e.CloseDone(s.now)
 		case OpDone:
 			return
 		}
@@ -170,7 +180,7 @@ func (s *smTest) check(t *rapid.T) {
 	}
 	st := s.e.State()
 	if int(st) >= len(fsm.States()) {
-		t.Fatalf("state %d is not one of the five", st)
+		t.Fatalf("state %d is not a state of the table", st)
 	}
 	if s.sawClosed && st != fsm.Closed {
 		t.Fatalf("left Closed for %s", st)
@@ -272,14 +282,44 @@ func propStateMachine(t *rapid.T) {
 				s.e.Conn().Abort(nil)
 				s.pump(t)
 			},
-			"server shuts down": step(func() { s.e.Shutdown(s.now) }),
+			"handler pauses reading": step(func() { s.e.Conn().PauseRead(); s.paused = true }),
+			"handler resumes reading": step(func() {
+				s.e.Conn().ResumeRead()
+				if s.paused {
+					s.paused, s.resumedAt = false, s.now
+				}
+			}),
+			"handler runs a task": step(func() {
+				s.e.Conn().Do(func(c *Conn) {
+					p := []byte("task")
+					n, _ := c.Write(p)
+					s.h.wrote = append(s.h.wrote, p[:n]...)
+					if n > 0 {
+						s.lastWrite = s.now
+					}
+				})
+			}),
+			"server shuts down": step(func() { s.e.Close() }),
+			"server aborts": func(t *rapid.T) {
+				if rapid.IntRange(0, 9).Draw(t, "really") != 5 {
+					t.Skip("aborts are rare")
+				}
+				s.e.Abort(ErrShutdownDeadline)
+				s.pump(t)
+			},
 			"":                  s.check,
 		})
 
 		// Liveness: the peer goes quiet (it may still have stopped
 		// reading, never sent FIN, anything); time runs to each deadline
 		// the engine sets. The connection closes, exactly once, within
-		// the bound.
+		// the bound. A handler that paused reading resumes: one that never
+		// does holds its connection, as PauseRead says.
+		if s.paused {
+			s.e.Conn().ResumeRead()
+			s.paused, s.resumedAt = false, s.now
+			s.pump(t)
+		}
 		for range 1000 {
 			if s.e.State() == fsm.Closed && s.closes > 0 {
 				break
@@ -303,6 +343,9 @@ func propStateMachine(t *rapid.T) {
 		}
 		if s.lastWrite.After(last) {
 			last = s.lastWrite // a write between callbacks starts a new flush and idle period
+		}
+		if s.resumedAt.After(last) {
+			last = s.resumedAt // the idle timer restarts when reading resumes
 		}
 		if b, ok := s.cfg.CloseBound(); ok && s.closedAt.Sub(last) > b {
 			t.Fatalf("closed %v after the last activity; the bound is %v", s.closedAt.Sub(last), b)

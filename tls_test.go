@@ -161,7 +161,7 @@ func TestTLSShutdownDuringHandshake(t *testing.T) {
 			OnClose: func(_ sockfsm.ConnInfo, info sockfsm.CloseInfo) { closed <- info }},
 		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler {
 			opened <- struct{}{}
-			return sockfsm.Echo
+			return sockfsm.Echo{}
 		},
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -10,20 +10,32 @@ import (
 // edges are not written here: Markdown derives them from the table.
 var stateDocs = [numStates]struct{ meaning, timeouts string }{
 	Accepted: {
-		"The engine has the connection but has not started reading.",
-		"None: the engine starts at once.",
+		"The engine has the connection but has not started reading (a TLS handshake may be under way).",
+		"None of the engine's: the driver bounds a TLS handshake by `IdleTimeout`.",
 	},
 	Receiving: {
-		"Waiting for input; nothing pending to send. Input goes to the handler, which may queue output.",
-		"`IdleTimeout` (no input for that long: graceful half-close); `MaxLifetime` (graceful close).",
+		"Waiting for input; nothing queued to send. Input goes to the handler, which may queue output, from its callbacks or from any goroutine. The handler may pause reading.",
+		"`IdleTimeout` (nothing read and nothing written for that long; stopped while reading is paused): graceful half-close; `MaxLifetime` (graceful close).",
 	},
 	Sending: {
 		"Flushing the output the handler queued. No input is read until the flush completes, so a peer that floods without reading is held back by TCP flow control.",
 		"`WriteTimeout` bounds the whole flush (the peer stopped reading: abort with RST).",
 	},
+	HalfClosing: {
+		"The engine decided to half-close and is handing our FIN to the transport. Nothing more is written.",
+		"None: the transport's CloseWrite does not block for long.",
+	},
 	HalfClosed: {
-		"We sent our FIN and write nothing more. The engine lingers: it reads (and discards, or hands to a handler that asked for a half-close) until the peer's FIN, then closes, so the kernel never answers unread input with an RST that would destroy the response.",
+		"Our FIN is out and we write nothing more. The engine lingers: it reads (and discards, or hands to a handler that asked for a half-close) until the peer's FIN, then closes, so the kernel never answers unread input with an RST that would destroy the response.",
 		"`LingerTimeout` per read, `LingerTime` in total, `LingerBytes` read in total; whichever comes first closes the connection. If the peer's FIN was already seen, the engine closes at once.",
+	},
+	Closing: {
+		"The engine decided to close gracefully; the transport's Close is under way.",
+		"None.",
+	},
+	Aborting: {
+		"The engine decided to abort; the transport's Abort (RST, `SO_LINGER` 0) is under way.",
+		"None.",
 	},
 	Closed: {
 		"Terminal. The transport has been closed exactly once, gracefully or by abort, and the handler has been told why.",
@@ -33,14 +45,26 @@ var stateDocs = [numStates]struct{ meaning, timeouts string }{
 
 // eventDocs says what each event means.
 var eventDocs = [numEvents]string{
-	Start:     "The engine starts reading.",
-	Input:     "A chunk of input arrived from the peer.",
-	Output:    "The handler queued output.",
-	Flushed:   "Every queued byte reached the transport.",
-	PeerFIN:   "The peer's FIN: end of file on read. The peer will send nothing more.",
-	HalfClose: "Our FIN: the transport's CloseWrite (`shutdown(SD_SEND)`). Taken on the handler's CloseWrite or Close, the idle timeout, `MaxLifetime`, server shutdown, or after the peer's FIN once the output is flushed.",
-	Close:     "The graceful close: the peer's FIN was seen, or a linger bound was reached; or the server shut down before the connection started (during its TLS handshake), when nothing was read or written.",
-	Abort:     "Abortive close, RST (`SO_LINGER` 0): a read or write error, the peer's reset, the write timeout, the handler's Abort or panic, or the server's shutdown deadline.",
+	Start:     "The engine starts (the driver calls Start): OnOpen runs.",
+	Input:     "A chunk of input arrived from the peer (ReadDone).",
+	Output:    "The handler queued output (state-triggered: output is queued).",
+	Flushed:   "Every queued byte reached the transport (WriteDone).",
+	PeerFIN:   "The peer's FIN: end of file on read (ReadDone). The peer will send nothing more.",
+	HalfClose: "The decision to half-close (state-triggered): a close was asked for with nothing left to flush, the peer's FIN was read, or a receive timer passed.",
+	FINSent:   "Our FIN was handed to the transport: its CloseWrite (`shutdown(SD_SEND)`) returned (CloseWriteDone).",
+	Close:     "The decision to close gracefully (state-triggered): the linger ended, or a connection that never started was asked to close.",
+	Abort:     "The decision to abort (state-triggered): an abort was asked for (a reset or I/O error the driver reported, Conn.Abort, Engine.Abort, a panic, the server's deadline), or the flush passed `WriteTimeout`.",
+	CloseDone: "The transport's Close or Abort returned (CloseDone). OnClose runs.",
+}
+
+// condDocs says what each fact means.
+var condDocs = [numConds]string{
+	"An abort was asked for: by Conn.Abort, Engine.Abort, the server, a handler panic, or a driver that reported a reset, an I/O error or a failed handshake.",
+	"A graceful close or half-close was asked for: Conn.Close or CloseWrite, Engine.Close (the server's shutdown), an idle timeout or MaxLifetime.",
+	"Output is queued and not yet handed to the transport.",
+	"The peer's FIN was read (the machine's own bit, which also guards the table).",
+	"The deadline of the current state has passed (see Timeouts above).",
+	"`LingerBytes` were read while lingering.",
 }
 
 // promises are the engine's guarantees and the tests that check them.
@@ -74,14 +98,43 @@ func goName(name string) string {
 	return b.String()
 }
 
+// label is an edge's label in the diagram: the event, then what triggers
+// it: the state-triggered rules' facts in brackets, and the guard.
+func label(t Transition) string {
+	l := t.Event.String()
+	var when Cond
+	for _, r := range rules {
+		if r.Fire == t.Event && slicesContains(r.From, t.From) {
+			when |= r.When
+		}
+	}
+	if when != 0 {
+		l += " [" + strings.ReplaceAll(when.String(), "|", " or ") + "]"
+	}
+	if refusedAfterPeerFIN(t.Event) {
+		l += " (until peer-fin)"
+	}
+	return l
+}
+
+func slicesContains(ss []State, s State) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
 // Mermaid renders the table as a fenced Mermaid stateDiagram-v2 block, with
-// start and end markers.
+// start and end markers. A state-triggered edge shows the facts that fire it
+// in brackets; a guarded edge says so.
 func Mermaid() string {
 	var b strings.Builder
 	b.WriteString("```mermaid\nstateDiagram-v2\n")
 	fmt.Fprintf(&b, "    [*] --> %s\n", goName(Accepted.String()))
 	for _, t := range Transitions() {
-		fmt.Fprintf(&b, "    %s --> %s: %s\n", goName(t.From.String()), goName(t.To.String()), t.Event)
+		fmt.Fprintf(&b, "    %s --> %s: %s\n", goName(t.From.String()), goName(t.To.String()), label(t))
 	}
 	for _, s := range States() {
 		if s.Terminal() {
@@ -100,10 +153,15 @@ func Markdown() []byte {
 
 	w("# Connection lifecycle\n\n")
 	w("<!-- Generated from fsm/table.go by `go test ./fsm -update`. Do not edit. -->\n\n")
-	w("Every sockfsm connection follows this state machine. The table is declared once, in\n")
-	w("`fsm/table.go`, with github.com/looplab/fsm; this page, the engine's lookup array and the\n")
-	w("tests' list of legal edges are all derived from it. An event that is not an edge here is\n")
-	w("refused with `fsm.ErrInvalidTransition` and changes nothing.\n\n")
+	w("Every sockfsm connection follows this state machine. The lifecycle is declared once, as data, in\n")
+	w("`fsm/table.go`: the edges (with github.com/looplab/fsm), the guard, and the state-triggered rules.\n")
+	w("This page, the engine's lookup arrays and the tests' lists of legal edges and rules are all\n")
+	w("derived from it. An event that is not an edge here is refused with `fsm.ErrInvalidTransition`\n")
+	w("and changes nothing. Each state is entered when it is true of the socket: HalfClosed once our\n")
+	w("FIN was handed to the transport, Closed once the transport was closed.\n\n")
+	w("An edge labelled `event [facts]` is state-triggered: the engine fires it when one of the facts\n")
+	w("holds (see the rules below). The others are fired by what the driver reports: `start`, `input`,\n")
+	w("`flushed`, `peer-fin`, `fin-sent`, `close-done`.\n\n")
 
 	b.WriteString(Mermaid())
 	w("\n")
@@ -136,6 +194,22 @@ func Markdown() []byte {
 		w("| `%s` | %s | %s |\n", e, eventDocs[e], strings.Join(on, "; "))
 	}
 
+	w("\n## State-triggered rules\n\n")
+	w("After every event it fires and every request it takes (from a callback or from another goroutine),\n")
+	w("the engine computes these facts and fires the first rule that applies, until none does.\n\n")
+	w("| Fact | Meaning |\n|---|---|\n")
+	for i, c := range Conds() {
+		w("| `%s` | %s |\n", c, condDocs[i])
+	}
+	w("\n| # | In | When any of | Fires | Why |\n|---|---|---|---|---|\n")
+	for i, r := range rules {
+		var from []string
+		for _, s := range r.From {
+			from = append(from, goName(s.String()))
+		}
+		w("| %d | %s | `%s` | `%s` | %s |\n", i+1, strings.Join(from, ", "), strings.ReplaceAll(r.When.String(), "|", "` or `"), r.Fire, r.Why)
+	}
+
 	w("\n## The peer's FIN\n\n")
 	w("Whether the peer has sent its FIN is metadata of the machine (`Machine.PeerFIN`), set by the\n")
 	w("`peer-fin` event. It guards the table: once it is set, these events are refused in every state:\n")
@@ -143,7 +217,7 @@ func Markdown() []byte {
 	for _, e := range guardedByPeerFIN {
 		g = append(g, "`"+e.String()+"`")
 	}
-	w("%s. The engine uses it to end the connection: after the peer's FIN it lets the handler\n", strings.Join(g, ", "))
+	w("%s. It is also the fact `peer-fin` of the rules: after the peer's FIN the engine lets the handler\n", strings.Join(g, ", "))
 	w("answer, flushes, half-closes and closes at once, without lingering, so no socket is left in CLOSE_WAIT.\n")
 
 	w("\n## Promises\n\n")

@@ -1,17 +1,25 @@
 // Package fsm defines the lifecycle of one sockfsm connection:
 //
-//	Accepted → Receiving ⇄ Sending → HalfClosed → Closed
+//	Accepted → Receiving ⇄ Sending → HalfClosing → HalfClosed → Closing → Closed
+//	                                   (any state before Closing) → Aborting → Closed
 //
-// The transition table is declared once, with github.com/looplab/fsm, in
-// table.go. Everything else is derived from it: the compiled lookup array
-// that Machine uses on the hot path, the looplab reference machine returned
-// by NewReference, the list of legal edges the tests check against
-// (Transitions), and docs/state-diagram.md (Markdown).
+// The lifecycle is declared once, as data, in table.go: the edges (with
+// github.com/looplab/fsm's declaration), the guard (the peer's FIN), and the
+// state-triggered rules that decide when the engine fires an event of its
+// own: a close was asked for and nothing is left to flush, our FIN is out
+// and the peer's FIN or a linger bound is there, a timer passed. The engine
+// computes the facts the rules read (Cond) and fires what Due returns; it
+// decides nothing else.
 //
-// Besides the state, a Machine tracks one bit of metadata: whether the
-// peer's FIN has been seen (PeerFIN). It is set by the PeerFIN event and
-// guards the events that need a peer that can still send: once it is set,
-// Input and PeerFIN are illegal in every state.
+// Everything else is derived from that data: the compiled lookup array that
+// Machine uses on the hot path, the looplab reference machine returned by
+// NewReference, the list of legal edges (Transitions) and rules (Rules) the
+// tests check against, and docs/state-diagram.md (Markdown).
+//
+// Each state means what is true of the socket: HalfClosed from the moment
+// our FIN was handed to the transport, Closed from the moment the transport
+// was closed. HalfClosing, Closing and Aborting are the moments between a
+// decision and the operation that makes it true.
 //
 // Like h11's state machine, an illegal event returns an error and changes
 // nothing.
@@ -20,6 +28,7 @@ package fsm
 import (
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // State is a connection's lifecycle state. The zero value is Accepted.
@@ -29,27 +38,39 @@ type State uint8
 // the table by TestStateDocsMatchTable.
 const (
 	// Accepted is the state of a connection the engine has been given but
-	// not started. May go to: Receiving, Closed.
+	// not started. May go to: Receiving, Closing, Aborting.
 	Accepted State = iota
 
 	// Receiving waits for input; nothing is pending to send. Input that
 	// arrives goes to the handler. May go to: Receiving, Sending,
-	// HalfClosed, Closed.
+	// HalfClosing, Aborting.
 	Receiving
 
-	// Sending flushes output the handler wrote; no input is read until
-	// the flush completes. May go to: Receiving, Sending, Closed.
+	// Sending flushes output the handler queued; no input is read until
+	// the flush completes. May go to: Receiving, Aborting.
 	Sending
 
-	// HalfClosed means we have shut down our sending side (our FIN,
-	// shutdown(SD_SEND), CloseWrite) and may still receive: the engine
-	// lingers, reading until the peer's FIN within bounds, before it
-	// closes. Nothing is ever written in this state. May go to:
-	// HalfClosed, Closed.
+	// HalfClosing means the engine has decided to half-close and is
+	// handing our FIN to the transport (CloseWrite); nothing more is
+	// written. May go to: HalfClosed, Aborting.
+	HalfClosing
+
+	// HalfClosed means our FIN was handed to the transport (shutdown(SD_SEND),
+	// CloseWrite) and we may still receive: the engine lingers, reading
+	// until the peer's FIN within bounds, before it closes. Nothing is ever
+	// written in this state. May go to: HalfClosed, Closing, Aborting.
 	HalfClosed
 
-	// Closed is terminal: the transport has been closed (gracefully or by
-	// abort). May go to: nothing.
+	// Closing means the engine has decided to close gracefully and the
+	// transport's Close is under way. May go to: Closed.
+	Closing
+
+	// Aborting means the engine has decided to abort and the transport's
+	// Abort (RST) is under way. May go to: Closed.
+	Aborting
+
+	// Closed is terminal: the transport has been closed, gracefully or by
+	// abort. May go to: nothing.
 	Closed
 
 	numStates = iota
@@ -64,21 +85,48 @@ const (
 	Start Event = iota
 	// Input is a chunk of input read from the peer.
 	Input
-	// Output is output queued by the handler, to be flushed.
+	// Output: the handler queued output, to be flushed.
 	Output
 	// Flushed means all queued output reached the transport.
 	Flushed
 	// PeerFIN is end of file from the peer: it half-closed its side.
 	PeerFIN
-	// HalfClose is our half-close: the transport's CloseWrite, our FIN.
+	// HalfClose is the decision to half-close: our FIN is next.
 	HalfClose
-	// Close is the graceful close of a half-closed connection.
+	// FINSent: the transport's CloseWrite returned; our FIN is out.
+	FINSent
+	// Close is the decision to close gracefully.
 	Close
-	// Abort is an abortive close (RST) on an error, a reset, the write
-	// timeout, an explicit abort or the shutdown deadline.
+	// Abort is the decision to close abortively (RST).
 	Abort
+	// CloseDone: the transport's Close or Abort returned.
+	CloseDone
 
 	numEvents = iota
+)
+
+// Cond is a set of facts about a connection that the state-triggered rules
+// read. The engine computes them; the rules decide what they mean.
+type Cond uint8
+
+// The facts.
+const (
+	// IfAbortAsked: an abort was asked for and not yet taken.
+	IfAbortAsked Cond = 1 << iota
+	// IfCloseAsked: a graceful close or half-close was asked for.
+	IfCloseAsked
+	// IfOutputQueued: output is queued and not yet handed to the transport.
+	IfOutputQueued
+	// IfPeerFIN: the peer's FIN was read (the Machine's own guard bit).
+	IfPeerFIN
+	// IfTimer: the deadline of the current state has passed: IdleTimeout
+	// or MaxLifetime while Receiving, WriteTimeout while Sending,
+	// LingerTimeout or LingerTime while HalfClosed.
+	IfTimer
+	// IfLingerBytes: LingerBytes were read while HalfClosed.
+	IfLingerBytes
+
+	numConds = iota
 )
 
 // ErrInvalidTransition is matched by every *TransitionError.
@@ -122,6 +170,23 @@ func (e Event) String() string {
 	return fmt.Sprintf("Event(%d)", uint8(e))
 }
 
+// String returns the facts' names joined by "|", or "none".
+func (c Cond) String() string {
+	if c == 0 {
+		return "none"
+	}
+	var parts []string
+	for i := range numConds {
+		if c&(1<<i) != 0 {
+			parts = append(parts, condNames[i])
+		}
+	}
+	if rest := c &^ (1<<numConds - 1); rest != 0 {
+		parts = append(parts, fmt.Sprintf("Cond(%#x)", uint8(rest)))
+	}
+	return strings.Join(parts, "|")
+}
+
 // States returns every state, in lifecycle order.
 func States() []State {
 	s := make([]State, numStates)
@@ -138,6 +203,15 @@ func Events() []Event {
 		e[i] = Event(i)
 	}
 	return e
+}
+
+// Conds returns every single fact, in declaration order.
+func Conds() []Cond {
+	c := make([]Cond, numConds)
+	for i := range c {
+		c[i] = 1 << i
+	}
+	return c
 }
 
 // Machine is one connection's lifecycle state. The zero value is a machine in
@@ -174,6 +248,30 @@ func (m *Machine) Fire(ev Event) (from State, err error) {
 	return from, nil
 }
 
+// Due returns the event the state-triggered rules fire now, given the facts
+// c (IfPeerFIN is added from the machine itself), and the facts that made
+// the rule apply. ok is false when no rule applies.
+func (m *Machine) Due(c Cond) (ev Event, cause Cond, ok bool) {
+	if m.peerFIN {
+		c |= IfPeerFIN
+	}
+	return Due(m.state, c)
+}
+
+// Due returns the event the rules fire in state s given the facts c, and
+// the facts that made the rule apply. ok is false when no rule applies.
+func Due(s State, c Cond) (ev Event, cause Cond, ok bool) {
+	if int(s) >= numStates {
+		return 0, 0, false
+	}
+	for _, r := range compiledRules[s] {
+		if hit := r.when & c; hit != 0 {
+			return r.fire, hit, true
+		}
+	}
+	return 0, 0, false
+}
+
 func (m *Machine) next(ev Event) (State, bool) {
 	if int(ev) >= numEvents || int(m.state) >= numStates {
 		return 0, false
@@ -205,6 +303,20 @@ func Transitions() []Transition {
 	}
 	return ts
 }
+
+// Rules returns a copy of the state-triggered rules, in the order they are
+// tried.
+func Rules() []Rule {
+	out := make([]Rule, len(rules))
+	for i, r := range rules {
+		r.From = append([]State(nil), r.From...)
+		out[i] = r
+	}
+	return out
+}
+
+// Guarded returns the events the peer's FIN refuses.
+func Guarded() []Event { return append([]Event(nil), guardedByPeerFIN...) }
 
 // Lookup returns the table's destination for ev in state from, ignoring the
 // PeerFIN guard, and whether the table has that edge.

@@ -65,11 +65,95 @@ func TestDiagramGolden(t *testing.T) {
 // expected is the lifecycle written out by hand, independently of table.go,
 // so that an accidental edit of the table shows up here.
 var expected = map[State]map[Event]State{
-	Accepted:   {Start: Receiving, Close: Closed, Abort: Closed},
-	Receiving:  {Input: Receiving, Output: Sending, PeerFIN: Receiving, HalfClose: HalfClosed, Abort: Closed},
-	Sending:    {Output: Sending, Flushed: Receiving, PeerFIN: Sending, Abort: Closed},
-	HalfClosed: {Input: HalfClosed, PeerFIN: HalfClosed, Close: Closed, Abort: Closed},
-	Closed:     {},
+	Accepted:    {Start: Receiving, Close: Closing, Abort: Aborting},
+	Receiving:   {Input: Receiving, Output: Sending, PeerFIN: Receiving, HalfClose: HalfClosing, Abort: Aborting},
+	Sending:     {Flushed: Receiving, Abort: Aborting},
+	HalfClosing: {FINSent: HalfClosed, Abort: Aborting},
+	HalfClosed:  {Input: HalfClosed, PeerFIN: HalfClosed, Close: Closing, Abort: Aborting},
+	Closing:     {CloseDone: Closed},
+	Aborting:    {CloseDone: Closed},
+	Closed:      {},
+}
+
+// expectedRules is the state-triggered rules written out by hand, as a
+// function of the state and the facts, independently of table.go.
+func expectedRule(s State, c Cond) (Event, bool) {
+	abortable := s != Closing && s != Aborting && s != Closed
+	switch {
+	case abortable && c&IfAbortAsked != 0:
+		return Abort, true
+	case s == Accepted && c&IfCloseAsked != 0:
+		return Close, true
+	case s == Receiving && c&IfOutputQueued != 0:
+		return Output, true
+	case s == Receiving && c&(IfCloseAsked|IfPeerFIN|IfTimer) != 0:
+		return HalfClose, true
+	case s == Sending && c&IfTimer != 0:
+		return Abort, true
+	case s == HalfClosed && c&(IfPeerFIN|IfTimer|IfLingerBytes) != 0:
+		return Close, true
+	}
+	return 0, false
+}
+
+// TestRulesMatchExpected checks Due against expectedRule for every state
+// and every combination of facts, and that the cause it returns is made of
+// facts that were given and that the rule reads.
+func TestRulesMatchExpected(t *testing.T) {
+	for _, s := range States() {
+		for c := Cond(0); c < 1<<numConds; c++ {
+			ev, cause, ok := Due(s, c)
+			wev, wok := expectedRule(s, c)
+			if ok != wok || (ok && ev != wev) {
+				t.Errorf("Due(%s, %s) = %s, %v; want %s, %v", s, c, ev, ok, wev, wok)
+				continue
+			}
+			if !ok {
+				continue
+			}
+			if cause == 0 || cause&^c != 0 {
+				t.Errorf("Due(%s, %s): cause %s is not a subset of the facts", s, c, cause)
+			}
+			if _, legal := Lookup(s, ev); !legal {
+				t.Errorf("Due(%s, %s) fires %s, which is not an edge", s, c, ev)
+			}
+		}
+	}
+}
+
+// TestMachineDueReadsPeerFIN: the machine adds its own peer-fin bit to the
+// facts.
+func TestMachineDueReadsPeerFIN(t *testing.T) {
+	var m Machine
+	m.Fire(Start)
+	if _, _, ok := m.Due(0); ok {
+		t.Fatal("a rule applies to a fresh Receiving machine with no facts")
+	}
+	m.Fire(PeerFIN)
+	ev, cause, ok := m.Due(0)
+	if !ok || ev != HalfClose || cause != IfPeerFIN {
+		t.Fatalf("after the peer's FIN: Due = %s, %s, %v; want half-close, peer-fin", ev, cause, ok)
+	}
+}
+
+// TestCompileRejectsRuleOffTable shows a rule that fires an event the table
+// does not allow from its state does not compile.
+func TestCompileRejectsRuleOffTable(t *testing.T) {
+	defer func() {
+		if recover() == nil {
+			t.Fatal("compileRules accepted a rule off the table")
+		}
+	}()
+	compileRules([]Rule{{From: []State{Sending}, When: IfCloseAsked, Fire: HalfClose}}, compiled)
+}
+
+func TestCondString(t *testing.T) {
+	if got := (IfAbortAsked | IfTimer).String(); got != "abort-asked|timer" {
+		t.Errorf("String = %q", got)
+	}
+	if got := Cond(0).String(); got != "none" {
+		t.Errorf("String = %q", got)
+	}
 }
 
 // TestEveryStateEventPair fires every event in every state, with and without
@@ -265,8 +349,7 @@ func BenchmarkFire(b *testing.B) {
 	var m Machine
 	m.Fire(Start)
 	for b.Loop() {
-		m.Fire(Output)
-		m.Fire(Flushed)
+		m.Fire(Input)
 	}
 }
 
@@ -277,5 +360,6 @@ func BenchmarkLooplabReference(b *testing.B) {
 	for b.Loop() {
 		Step(ref, Output)
 		Step(ref, Flushed)
+		Step(ref, Input)
 	}
 }

@@ -8,35 +8,97 @@ import (
 	lfsm "github.com/looplab/fsm"
 )
 
+// This file is the whole lifecycle: the states and events, the edges
+// (table), the guard (guardedByPeerFIN) and the state-triggered rules
+// (rules). In the words of h11's _state.py, everything that affects the
+// state machine lives here. The engine computes the facts that the rules
+// read (Cond), fires the events its driver reports, and fires what the rules
+// say; it decides nothing else. Machine, the looplab reference, the diagram
+// in docs/state-diagram.md and the tests are derived from this data.
+
 // stateNames and eventNames are the names the table uses.
 var (
-	stateNames = [numStates]string{"accepted", "receiving", "sending", "half-closed", "closed"}
-	eventNames = [numEvents]string{"start", "input", "output", "flushed", "peer-fin", "half-close", "close", "abort"}
+	stateNames = [numStates]string{"accepted", "receiving", "sending", "half-closing", "half-closed", "closing", "aborting", "closed"}
+	eventNames = [numEvents]string{"start", "input", "output", "flushed", "peer-fin", "half-close", "fin-sent", "close", "abort", "close-done"}
+	condNames  = [numConds]string{"abort-asked", "close-asked", "output-queued", "peer-fin", "timer", "linger-bytes"}
 )
 
-// table is the lifecycle, declared once. Everything else derives from it.
+// table is the lifecycle's edges, declared once.
 var table = lfsm.Events{
 	{Name: "start", Src: []string{"accepted"}, Dst: "receiving"},
 	{Name: "input", Src: []string{"receiving"}, Dst: "receiving"},
+	// Lingering reads: the input goes to a handler that asked for a
+	// half-close, or is discarded.
 	{Name: "input", Src: []string{"half-closed"}, Dst: "half-closed"},
-	{Name: "output", Src: []string{"receiving", "sending"}, Dst: "sending"},
+	{Name: "output", Src: []string{"receiving"}, Dst: "sending"},
 	{Name: "flushed", Src: []string{"sending"}, Dst: "receiving"},
 	{Name: "peer-fin", Src: []string{"receiving"}, Dst: "receiving"},
-	// A read can return input and EOF together; the handler's answer to the
-	// input has moved the machine to sending by the time EOF is seen.
-	{Name: "peer-fin", Src: []string{"sending"}, Dst: "sending"},
 	{Name: "peer-fin", Src: []string{"half-closed"}, Dst: "half-closed"},
-	{Name: "half-close", Src: []string{"receiving"}, Dst: "half-closed"},
-	{Name: "close", Src: []string{"half-closed"}, Dst: "closed"},
+	{Name: "half-close", Src: []string{"receiving"}, Dst: "half-closing"},
+	{Name: "fin-sent", Src: []string{"half-closing"}, Dst: "half-closed"},
+	{Name: "close", Src: []string{"half-closed"}, Dst: "closing"},
 	// A connection that never started (the server shut down during its TLS
 	// handshake) has read and written nothing: it closes without lingering.
-	{Name: "close", Src: []string{"accepted"}, Dst: "closed"},
-	{Name: "abort", Src: []string{"accepted", "receiving", "sending", "half-closed"}, Dst: "closed"},
+	{Name: "close", Src: []string{"accepted"}, Dst: "closing"},
+	{Name: "abort", Src: []string{"accepted", "receiving", "sending", "half-closing", "half-closed"}, Dst: "aborting"},
+	{Name: "close-done", Src: []string{"closing", "aborting"}, Dst: "closed"},
 }
 
 // guardedByPeerFIN lists the events refused once the peer's FIN was seen:
 // a peer that has sent FIN can send neither input nor another FIN.
 var guardedByPeerFIN = []Event{Input, PeerFIN}
+
+// Rule is a state-triggered transition: in any state of From, when any of
+// the conditions in When holds, the engine fires Fire. Rules are tried in
+// order; the first that applies wins. Why says why, for the docs.
+type Rule struct {
+	From []State
+	When Cond
+	Fire Event
+	Why  string
+}
+
+// rules are the state-triggered transitions. The engine fires the first
+// that applies after every event and every request, until none does. An
+// abort comes first; then output queued by the handler; then the close.
+var rules = []Rule{
+	{
+		From: []State{Accepted, Receiving, Sending, HalfClosing, HalfClosed},
+		When: IfAbortAsked,
+		Fire: Abort,
+		Why:  "an abort was asked for: by Conn.Abort, Engine.Abort, the server's deadline, or a driver that saw a reset, an I/O error or a failed handshake",
+	},
+	{
+		From: []State{Accepted},
+		When: IfCloseAsked,
+		Fire: Close,
+		Why:  "a close was asked for before the connection started (its TLS handshake was interrupted): nothing was read or written",
+	},
+	{
+		From: []State{Receiving},
+		When: IfOutputQueued,
+		Fire: Output,
+		Why:  "the handler queued output, from a callback or from another goroutine",
+	},
+	{
+		From: []State{Receiving},
+		When: IfCloseAsked | IfPeerFIN | IfTimer,
+		Fire: HalfClose,
+		Why:  "nothing is left to flush and a close was asked for, the peer's FIN was read (so no socket is left in CLOSE_WAIT), or IdleTimeout or MaxLifetime passed",
+	},
+	{
+		From: []State{Sending},
+		When: IfTimer,
+		Fire: Abort,
+		Why:  "the flush did not finish within WriteTimeout: the peer does not read",
+	},
+	{
+		From: []State{HalfClosed},
+		When: IfPeerFIN | IfTimer | IfLingerBytes,
+		Fire: Close,
+		Why:  "our FIN is out and the peer's FIN was read, or a linger bound was reached: LingerTimeout, LingerTime or LingerBytes",
+	},
+}
 
 // noState marks a missing edge in compiled.
 const noState State = 0xff
@@ -64,6 +126,28 @@ func compile(evs lfsm.Events) [numStates][numEvents]State {
 		}
 	}
 	return c
+}
+
+// compiledRules is rules indexed by state, checked against the table at
+// init: every rule's event must be an edge from each of its states.
+var compiledRules = compileRules(rules, compiled)
+
+type stateRule struct {
+	when Cond
+	fire Event
+}
+
+func compileRules(rs []Rule, c [numStates][numEvents]State) [numStates][]stateRule {
+	var out [numStates][]stateRule
+	for _, r := range rs {
+		for _, s := range r.From {
+			if c[s][r.Fire] == noState {
+				panic(fmt.Sprintf("fsm: rule fires %s from %s, which the table does not allow", r.Fire, s))
+			}
+			out[s] = append(out[s], stateRule{r.When, r.Fire})
+		}
+	}
+	return out
 }
 
 // ParseState returns the State named name.

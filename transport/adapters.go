@@ -9,14 +9,14 @@ import (
 // TCP adapts c: CloseWrite sends our FIN and Abort sets SO_LINGER 0 before
 // closing, so that the kernel sends RST and discards unsent data. On Unix
 // systems the adapter is also a LazyReader.
-func TCP(c *net.TCPConn) Conn { return &tcpConn{TCPConn: c, rawReader: newRawReader(c)} }
+func TCP(c *net.TCPConn) Stream { return &tcpConn{TCPConn: c, rawReader: newRawReader(c)} }
 
 type tcpConn struct {
 	*net.TCPConn
 	rawReader
 }
 
-// Abort implements Conn.
+// Abort implements Stream.
 func (c *tcpConn) Abort() error {
 	lerr := c.SetLinger(0)
 	if err := c.Close(); err != nil {
@@ -29,14 +29,14 @@ func (c *tcpConn) Abort() error {
 // RST, so Abort is the same as Close. (On Linux, closing a Unix socket that
 // holds unread input still makes the peer's Read fail with ECONNRESET.) On
 // Unix systems the adapter is also a LazyReader.
-func Unix(c *net.UnixConn) Conn { return &unixConn{UnixConn: c, rawReader: newRawReader(c)} }
+func Unix(c *net.UnixConn) Stream { return &unixConn{UnixConn: c, rawReader: newRawReader(c)} }
 
 type unixConn struct {
 	*net.UnixConn
 	rawReader
 }
 
-// Abort implements Conn.
+// Abort implements Stream.
 func (c *unixConn) Abort() error { return c.Close() }
 
 // TLS adapts c.
@@ -57,11 +57,11 @@ func (c *unixConn) Abort() error { return c.Close() }
 //
 // Abort aborts the underlying connection (RST on TCP) without sending
 // close_notify; later calls on c fail because that connection is closed.
-func TLS(c *tls.Conn) Conn { return tlsConn{c} }
+func TLS(c *tls.Conn) Stream { return tlsConn{c} }
 
 type tlsConn struct{ *tls.Conn }
 
-// CloseWrite implements Conn.
+// CloseWrite implements Stream.
 func (c tlsConn) CloseWrite() error {
 	if err := c.Handshake(); err != nil {
 		return err
@@ -76,7 +76,7 @@ func (c tlsConn) CloseWrite() error {
 	return nil
 }
 
-// Abort implements Conn.
+// Abort implements Stream.
 func (c tlsConn) Abort() error {
 	raw, err := Wrap(c.NetConn())
 	if err != nil {
@@ -85,15 +85,15 @@ func (c tlsConn) Abort() error {
 	return raw.Abort()
 }
 
-// Wrap returns c as a Conn: c itself if it already is one (a Pipe end, say),
+// Wrap returns c as a Stream: c itself if it already is one (a Pipe end, say),
 // otherwise the adapter for *net.TCPConn, *net.UnixConn or *tls.Conn, or,
 // for any other type with a CloseWrite() error method, a generic adapter
 // whose Abort sets SO_LINGER 0 if c has SetLinger(int) error, then closes.
 // A connection that cannot half-close is refused with an error wrapping
 // ErrUnsupported: the engine cannot close it without risking an RST.
-func Wrap(c net.Conn) (Conn, error) {
+func Wrap(c net.Conn) (Stream, error) {
 	switch c := c.(type) {
-	case Conn:
+	case Stream:
 		return c, nil
 	case *net.TCPConn:
 		return TCP(c), nil
@@ -114,7 +114,7 @@ type halfCloser interface {
 
 type genericConn struct{ halfCloser }
 
-// Abort implements Conn.
+// Abort implements Stream.
 func (c genericConn) Abort() error {
 	if l, ok := c.halfCloser.(interface{ SetLinger(int) error }); ok {
 		l.SetLinger(0)

@@ -245,11 +245,11 @@ func TestWrap(t *testing.T) {
 	for _, tt := range []struct {
 		name string
 		c    net.Conn
-		ok   func(Conn) bool
+		ok   func(Stream) bool
 	}{
-		{"TCP", tc, func(c Conn) bool { w, ok := c.(*tcpConn); return ok && w.TCPConn == tc }},
-		{"Unix", uc, func(c Conn) bool { w, ok := c.(*unixConn); return ok && w.UnixConn == uc }},
-		{"TLS", tls.Client(tc, &tls.Config{}), func(c Conn) bool { _, ok := c.(tlsConn); return ok }},
+		{"TCP", tc, func(c Stream) bool { w, ok := c.(*tcpConn); return ok && w.TCPConn == tc }},
+		{"Unix", uc, func(c Stream) bool { w, ok := c.(*unixConn); return ok && w.UnixConn == uc }},
+		{"TLS", tls.Client(tc, &tls.Config{}), func(c Stream) bool { _, ok := c.(tlsConn); return ok }},
 	} {
 		got, err := Wrap(tt.c)
 		if err != nil || !tt.ok(got) {
@@ -257,7 +257,7 @@ func TestWrap(t *testing.T) {
 			continue
 		}
 		if again, err := Wrap(got); err != nil || again != got {
-			t.Errorf("Wrap(Wrap(%s)) = %#v, %v; want the same Conn", tt.name, again, err)
+			t.Errorf("Wrap(Wrap(%s)) = %#v, %v; want the same Stream", tt.name, again, err)
 		}
 	}
 

@@ -15,7 +15,7 @@ import (
 // lazyPairs runs f over each kind of connection whose adapter is a
 // LazyReader: TCP on 127.0.0.1 and ::1, and Unix sockets. lazy is the
 // adapter of one end, peer the other end.
-func lazyPairs(t *testing.T, f func(t *testing.T, lazy LazyReader, lazyConn Conn, peer net.Conn)) {
+func lazyPairs(t *testing.T, f func(t *testing.T, lazy LazyReader, lazyConn Stream, peer net.Conn)) {
 	forEachLoopback(t, func(t *testing.T, host string) {
 		client, server := tcpPair(t, host)
 		c := TCP(server)
@@ -42,7 +42,7 @@ func waitBorrowed(t *testing.T, bufs *Buffers, n int64) {
 // input it holds no buffer; a read that finds input at once keeps the one it
 // holds; the peer's FIN is io.EOF; ReleaseBuffer gives the buffer back.
 func TestReadLazy(t *testing.T) {
-	lazyPairs(t, func(t *testing.T, r LazyReader, _ Conn, peer net.Conn) {
+	lazyPairs(t, func(t *testing.T, r LazyReader, _ Stream, peer net.Conn) {
 		bufs := NewBuffers(4)
 
 		// More input than one buffer: it comes in order, 4 bytes at a time.
@@ -110,7 +110,7 @@ func TestReadLazy(t *testing.T) {
 // waits, the peer's reset and a closed connection are reported as Read
 // reports them, and none leaves a buffer borrowed.
 func TestReadLazyErrors(t *testing.T) {
-	lazyPairs(t, func(t *testing.T, r LazyReader, c Conn, peer net.Conn) {
+	lazyPairs(t, func(t *testing.T, r LazyReader, c Stream, peer net.Conn) {
 		bufs := NewBuffers(64)
 
 		c.SetReadDeadline(time.Now().Add(-time.Second))

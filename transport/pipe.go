@@ -32,7 +32,7 @@ func (a PipeAddr) String() string { return "pipe:" + strconv.Itoa(int(a)) }
 // Pipe returns the two ends of an in-memory, buffered, full-duplex
 // connection with DefaultPipeSize bytes of buffer in each direction. See
 // PipeSize.
-func Pipe() (Conn, Conn) { return PipeSize(DefaultPipeSize) }
+func Pipe() (Stream, Stream) { return PipeSize(DefaultPipeSize) }
 
 // PipeSize returns the two ends of an in-memory, buffered, full-duplex
 // connection that behaves like a kernel TCP socket pair, with capacity bytes
@@ -53,7 +53,7 @@ func Pipe() (Conn, Conn) { return PipeSize(DefaultPipeSize) }
 //
 // All errors other than io.EOF are *net.OpError values; test them with
 // errors.Is.
-func PipeSize(capacity int) (Conn, Conn) {
+func PipeSize(capacity int) (Stream, Stream) {
 	if capacity <= 0 {
 		panic("sockfsm: transport: PipeSize: capacity must be positive")
 	}
@@ -170,7 +170,7 @@ func (c *pipeEnd) writeErr() error {
 	return c.opError("write", err)
 }
 
-// CloseWrite implements Conn: the peer reads io.EOF after the data already
+// CloseWrite implements Stream: the peer reads io.EOF after the data already
 // written.
 func (c *pipeEnd) CloseWrite() error {
 	c.p.mu.Lock()
@@ -194,7 +194,7 @@ func (c *pipeEnd) Close() error {
 	return nil
 }
 
-// Abort implements Conn: it closes c and resets the peer.
+// Abort implements Stream: it closes c and resets the peer.
 func (c *pipeEnd) Abort() error {
 	c.p.mu.Lock()
 	defer c.p.mu.Unlock()

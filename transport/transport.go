@@ -5,7 +5,7 @@
 // The adapters here are TCP (TCP), Unix stream sockets (Unix), TLS (TLS) and
 // an in-memory pair with real half-close semantics (Pipe). Wrap picks the
 // right adapter for a net.Conn. This package never imports the engine: the
-// engine declares the interface it consumes, which Conn satisfies.
+// engine declares the interface it consumes, which Stream satisfies.
 package transport
 
 import (
@@ -13,12 +13,12 @@ import (
 	"net"
 )
 
-// Conn is a full-duplex byte stream that can be half-closed and aborted.
+// Stream is a full-duplex byte stream that can be half-closed and aborted.
 //
 // Read, Write, Close, the deadline setters and the address getters behave as
 // they do on net.Conn. Deadline expiry makes Read and Write return an error
 // for which errors.Is(err, os.ErrDeadlineExceeded) holds.
-type Conn interface {
+type Stream interface {
 	net.Conn
 
 	// CloseWrite shuts down the sending side: the peer reads end of file

@@ -92,7 +92,7 @@ func plainServer(t *testing.T) (*plain.Server, string) {
 func sockfsmServer(t *testing.T) string {
 	s := &sockfsm.Server{
 		Config:     sockfsm.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))},
-		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo },
+		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo{} },
 	}
 	return startServer(t, s.Serve, s.Shutdown)
 }

@@ -138,7 +138,7 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 			if o.verbose {
 				return &tutorialEcho{out: out}
 			}
-			return sockfsm.Echo
+			return sockfsm.Echo{}
 		},
 	}
 	served := make(chan error, len(lns))

@@ -95,7 +95,7 @@ func TestSoak(t *testing.T) {
 			LingerTimeout: 500 * time.Millisecond, LingerTime: time.Second, MaxLifetime: time.Second,
 			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		},
-		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo },
+		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo{} },
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

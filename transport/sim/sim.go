@@ -1,7 +1,7 @@
 // Package sim is a deterministic simulated peer and network on a virtual
 // clock, for testing the sockfsm engine without real sockets or real time.
 //
-// A Conn is the server's end of a simulated TCP connection. It runs on the
+// A Socket is the server's end of a simulated TCP connection. It runs on the
 // caller's goroutine: a call that would block (a read with nothing to read,
 // a write the peer's window cannot take) advances the virtual clock to the
 // peer's next action or to the deadline, whichever comes first. Every choice
@@ -10,7 +10,7 @@
 // pgregory.net/rapid can draw, shrink and replay them from a seed. There is
 // no math/rand and no sleeping.
 //
-// The Conn records what the properties of the engine are about: every write
+// The Socket records what the properties of the engine are about: every write
 // attempted after our half-close or close, how often the connection was
 // closed, whether we closed with unread input (a kernel would send RST), and
 // what the peer received and lost.
@@ -79,7 +79,7 @@ var (
 	ErrShutdown = errors.New("sockfsm: sim: write after CloseWrite")
 )
 
-// Record is what happened on a Conn.
+// Record is what happened on a Socket.
 type Record struct {
 	// Sent is what the peer sent; Read is what we read of it.
 	Sent, Read []byte
@@ -112,10 +112,10 @@ type Record struct {
 	Ops int
 }
 
-// Conn is the server's end of a simulated connection. It implements the
+// Socket is the server's end of a simulated connection. It implements the
 // engine's transport and is not safe for concurrent use: the hook runs on
 // the same goroutine.
-type Conn struct {
+type Socket struct {
 	clock *Clock
 	ch    Chooser
 	peer  Peer
@@ -140,9 +140,9 @@ type Conn struct {
 	startTime time.Time
 }
 
-// NewConn returns a connection to a peer that behaves as p, on clock c, with
+// NewSocket returns a connection to a peer that behaves as p, on clock c, with
 // choices from ch.
-func NewConn(c *Clock, ch Chooser, p Peer) *Conn {
+func NewSocket(c *Clock, ch Chooser, p Peer) *Socket {
 	if p.MaxChunk <= 0 {
 		p.MaxChunk = 64
 	}
@@ -152,10 +152,10 @@ func NewConn(c *Clock, ch Chooser, p Peer) *Conn {
 	if p.Window <= 0 {
 		p.Window = 256
 	}
-	return &Conn{clock: c, ch: ch, peer: p, toSend: p.Input, startTime: c.Now()}
+	return &Socket{clock: c, ch: ch, peer: p, toSend: p.Input, startTime: c.Now()}
 }
 
-func (c *Conn) pick(label string, n int) int {
+func (c *Socket) pick(label string, n int) int {
 	if n <= 1 {
 		return 0
 	}
@@ -175,12 +175,18 @@ const (
 	numActs
 )
 
-// act advances the clock to the peer's next action, or to deadline if that
-// comes first (a zero deadline means none), and performs the action. It
-// reports false if the peer will never act again and there is no deadline.
-func (c *Conn) act(deadline time.Time) bool {
+// act advances the clock to the peer's next action, or to the deadline
+// *dl if that comes first (a zero deadline means none), and performs the
+// action. It reports false if the peer will never act again and there is
+// no deadline. The deadline is read after the hook, which may move it (a
+// wake-up); one that has passed ends the wait at once.
+func (c *Socket) act(dl *time.Time) bool {
 	if c.Hook != nil {
 		c.Hook()
+	}
+	deadline := *dl
+	if !deadline.IsZero() && !c.clock.t.Before(deadline) {
+		return true
 	}
 	if c.silent {
 		if deadline.IsZero() {
@@ -278,7 +284,7 @@ func maxTime(a, b time.Time) time.Time {
 var errReset = &net.OpError{Op: "read", Net: "sim", Err: os.NewSyscallError("read", syscall.ECONNRESET)}
 
 // Read reads the peer's input, advancing the clock while there is none.
-func (c *Conn) Read(p []byte) (int, error) {
+func (c *Socket) Read(p []byte) (int, error) {
 	c.Rec.Ops++
 	for {
 		switch {
@@ -305,15 +311,34 @@ func (c *Conn) Read(p []byte) (int, error) {
 		case !c.rdl.IsZero() && !c.clock.t.Before(c.rdl):
 			return 0, os.ErrDeadlineExceeded
 		}
-		if !c.act(c.rdl) {
+		if !c.act(&c.rdl) {
 			return 0, ErrStuck
+		}
+	}
+}
+
+// Wait waits without reading, advancing the clock, until the read deadline
+// passes; a wake-up moves it into the past. It is how a driver waits on the
+// virtual clock while its handler has paused reading, and it returns
+// os.ErrDeadlineExceeded as a read would.
+func (c *Socket) Wait() error {
+	c.Rec.Ops++
+	for {
+		switch {
+		case c.closed:
+			return net.ErrClosed
+		case !c.rdl.IsZero() && !c.clock.t.Before(c.rdl):
+			return os.ErrDeadlineExceeded
+		}
+		if !c.act(&c.rdl) {
+			return ErrStuck
 		}
 	}
 }
 
 // Write hands p to the peer's receive window, advancing the clock while the
 // window is full. Like a kernel it returns short only with an error.
-func (c *Conn) Write(p []byte) (int, error) {
+func (c *Socket) Write(p []byte) (int, error) {
 	c.Rec.Ops++
 	if c.finSent || c.closed {
 		c.Rec.WritesAfterShutdown++
@@ -340,7 +365,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 			n += k
 			continue
 		}
-		if !c.act(c.wdl) {
+		if !c.act(&c.wdl) {
 			return n, ErrStuck
 		}
 	}
@@ -348,7 +373,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 }
 
 // CloseWrite sends our FIN after the bytes already written.
-func (c *Conn) CloseWrite() error {
+func (c *Socket) CloseWrite() error {
 	c.Rec.Ops++
 	c.Rec.CloseWrites++
 	if c.closed {
@@ -364,7 +389,7 @@ func (c *Conn) CloseWrite() error {
 	return nil
 }
 
-func (c *Conn) close(abort bool) error {
+func (c *Socket) close(abort bool) error {
 	c.Rec.Closes++
 	if c.closed {
 		return net.ErrClosed
@@ -396,26 +421,26 @@ func (c *Conn) close(abort bool) error {
 
 // Close closes the connection. With unread input it resets the peer, as a
 // kernel does.
-func (c *Conn) Close() error { return c.close(false) }
+func (c *Socket) Close() error { return c.close(false) }
 
 // Abort closes the connection with RST.
-func (c *Conn) Abort() error {
+func (c *Socket) Abort() error {
 	c.Rec.Aborts++
 	return c.close(true)
 }
 
 // Pending returns our bytes still in the peer's receive buffer, not yet read
 // by the peer's application.
-func (c *Conn) Pending() []byte { return c.window }
+func (c *Socket) Pending() []byte { return c.window }
 
 // SetReadDeadline sets the read deadline on the virtual clock.
-func (c *Conn) SetReadDeadline(t time.Time) error { c.rdl = t; return nil }
+func (c *Socket) SetReadDeadline(t time.Time) error { c.rdl = t; return nil }
 
 // SetWriteDeadline sets the write deadline on the virtual clock.
-func (c *Conn) SetWriteDeadline(t time.Time) error { c.wdl = t; return nil }
+func (c *Socket) SetWriteDeadline(t time.Time) error { c.wdl = t; return nil }
 
 // SetDeadline sets both deadlines.
-func (c *Conn) SetDeadline(t time.Time) error { c.rdl, c.wdl = t, t; return nil }
+func (c *Socket) SetDeadline(t time.Time) error { c.rdl, c.wdl = t, t; return nil }
 
 // Addr is a simulated address.
 type Addr string
@@ -427,7 +452,7 @@ func (Addr) Network() string { return "sim" }
 func (a Addr) String() string { return string(a) }
 
 // LocalAddr returns "sim:server".
-func (c *Conn) LocalAddr() net.Addr { return Addr("sim:server") }
+func (c *Socket) LocalAddr() net.Addr { return Addr("sim:server") }
 
 // RemoteAddr returns "sim:peer".
-func (c *Conn) RemoteAddr() net.Addr { return Addr("sim:peer") }
+func (c *Socket) RemoteAddr() net.Addr { return Addr("sim:peer") }
