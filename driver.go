@@ -517,4 +517,3 @@ func connLogger(log *slog.Logger, info ConnInfo) *slog.Logger {
 	}
 	return log.With(slog.Uint64("conn", info.ID), slog.String("remote", remote))
 }
-

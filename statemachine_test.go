@@ -307,7 +307,7 @@ func propStateMachine(t *rapid.T) {
 				s.e.Abort(ErrShutdownDeadline)
 				s.pump(t)
 			},
-			"":                  s.check,
+			"": s.check,
 		})
 
 		// Liveness: the peer goes quiet (it may still have stopped
