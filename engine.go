@@ -679,7 +679,7 @@ func (e *Engine) Start(now time.Time) {
 	if e.m.State() == fsm.Accepted && !e.abortAsked {
 		e.start = now
 		if e.fire(fsm.Start) && e.hOpen != nil {
-			e.callback(cbOpen, nil)
+			e.callback(cbOpen)
 		}
 	}
 	e.endStep()
@@ -806,7 +806,7 @@ func (e *Engine) readEnded(r Result, err error) {
 		if e.m.Can(fsm.PeerFIN) {
 			e.fire(fsm.PeerFIN)
 			if e.hPeer != nil {
-				e.callback(cbPeerClose, nil)
+				e.callback(cbPeerClose)
 			}
 		}
 	case ResultReset:
@@ -830,7 +830,7 @@ func (e *Engine) input(p []byte) {
 			return
 		}
 	}
-	e.callback(cbData, p)
+	e.callData(p)
 }
 
 // WriteDone reports the result of OpWrite: how many bytes were written and
@@ -849,7 +849,7 @@ func (e *Engine) WriteDone(now time.Time, n int, r Result, err error) {
 			if e.full {
 				e.full = false
 				if e.hDrain != nil {
-					e.callback(cbDrain, nil)
+					e.callback(cbDrain)
 				}
 			}
 		} else {
@@ -896,7 +896,7 @@ func (e *Engine) CloseDone(now time.Time) {
 		e.notified = true
 		e.tasks = nil
 		if e.hClose != nil {
-			e.callback(cbClose, nil)
+			e.callClose()
 		}
 		if e.onClose != nil {
 			e.callOnCloseHook()
@@ -933,32 +933,25 @@ type cbKind uint8
 
 const (
 	cbOpen cbKind = iota
-	cbData
 	cbPeerClose
 	cbDrain
-	cbClose
 )
 
-// callback calls the handler with the lock released.
-func (e *Engine) callback(k cbKind, p []byte) {
-	var info CloseInfo
-	if k == cbClose {
-		info = e.closeInfo()
-	}
+// callback calls the handler with the lock released. The frames on the
+// path from the driver to the handler's OnData are kept small (callData,
+// invokeData): a connection's goroutine that outgrows its initial 2 KiB
+// stack keeps 4 KiB for good (TestIdleConnectionStack).
+func (e *Engine) callback(k cbKind) {
 	e.mu.Unlock()
-	perr := e.invoke(k, p, &info)
+	perr := e.invoke(k)
 	e.mu.Lock()
 	if perr != nil {
-		if k == cbClose {
-			e.logger().Error("handler panic in OnClose", "panic", perr.Value, "stack", string(perr.Stack))
-			return
-		}
 		e.askAbort(ReasonHandlerPanic, perr)
 	}
 }
 
 //go:noinline
-func (e *Engine) invoke(k cbKind, p []byte, info *CloseInfo) (perr *PanicError) {
+func (e *Engine) invoke(k cbKind) (perr *PanicError) {
 	defer func() {
 		if r := recover(); r != nil {
 			perr = &PanicError{Value: r, Stack: debug.Stack()}
@@ -967,15 +960,56 @@ func (e *Engine) invoke(k cbKind, p []byte, info *CloseInfo) (perr *PanicError) 
 	switch k {
 	case cbOpen:
 		e.hOpen.OnOpen(&e.conn)
-	case cbData:
-		e.h.OnData(&e.conn, p)
 	case cbPeerClose:
 		e.hPeer.OnPeerClose(&e.conn)
 	case cbDrain:
 		e.hDrain.OnDrain(&e.conn)
-	case cbClose:
-		e.hClose.OnClose(&e.conn, *info)
 	}
+	return nil
+}
+
+// callData calls the handler's OnData with the lock released.
+func (e *Engine) callData(p []byte) {
+	e.mu.Unlock()
+	perr := e.invokeData(p)
+	e.mu.Lock()
+	if perr != nil {
+		e.askAbort(ReasonHandlerPanic, perr)
+	}
+}
+
+//go:noinline
+func (e *Engine) invokeData(p []byte) (perr *PanicError) {
+	defer func() {
+		if r := recover(); r != nil {
+			perr = &PanicError{Value: r, Stack: debug.Stack()}
+		}
+	}()
+	e.h.OnData(&e.conn, p)
+	return nil
+}
+
+// callClose calls the handler's OnClose with the lock released; a panic
+// there is logged, since the connection is closed already.
+//
+//go:noinline
+func (e *Engine) callClose() {
+	info := e.closeInfo()
+	e.mu.Unlock()
+	perr := e.invokeClose(&info)
+	e.mu.Lock()
+	if perr != nil {
+		e.logger().Error("handler panic in OnClose", "panic", perr.Value, "stack", string(perr.Stack))
+	}
+}
+
+func (e *Engine) invokeClose(info *CloseInfo) (perr *PanicError) {
+	defer func() {
+		if r := recover(); r != nil {
+			perr = &PanicError{Value: r, Stack: debug.Stack()}
+		}
+	}()
+	e.hClose.OnClose(&e.conn, *info)
 	return nil
 }
 
