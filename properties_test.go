@@ -164,6 +164,20 @@ type world struct {
 	// hookCloses and hookInfo record Config.OnClose.
 	hookCloses int
 	hookInfo   CloseInfo
+	// lastPush is when another goroutine last had output accepted or
+	// resumed reading: activity, like the peer's input.
+	lastPush time.Time
+	paused   bool // "another goroutine" paused reading
+}
+
+// push writes p from outside the handler's callbacks, as another goroutine
+// would, and records what was accepted.
+func (w *world) push(c *Conn, p []byte) {
+	before := len(w.h.wrote)
+	w.h.write(c, p)
+	if len(w.h.wrote) > before {
+		w.lastPush = w.clock.Now()
+	}
 }
 
 // errRapidStopped aborts a connection whose case rapid stopped.
@@ -244,11 +258,39 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 		if !control {
 			return
 		}
+		// A paused connection is resumed at the latest when its driver
+		// waits: one that is never resumed is held, as PauseRead says.
+		if w.paused && (w.conn.Waiting() || dr.draw("resume", 0, 1) == 0) {
+			w.paused = false
+			w.lastPush = w.clock.Now()
+			w.d.e.Conn().ResumeRead()
+		}
+		// The server, and other goroutines acting on the connection
+		// while its driver is blocked in an operation: the hook runs
+		// inside the transport's Read, Write and Wait.
+		c := w.d.e.Conn()
 		switch dr.draw("server", 0, 200) {
 		case 101:
 			w.d.e.Close()
 		case 102:
 			w.d.e.Abort(ErrShutdownDeadline)
+		case 103, 104, 105:
+			w.push(c, bytes.Repeat([]byte{'p'}, dr.draw("push", 1, 200)))
+		case 106:
+			w.h.shutdownAsk = true
+			c.CloseWrite()
+			w.push(c, []byte("late"))
+		case 107:
+			w.h.shutdownAsk = true
+			c.Close()
+		case 108:
+			w.h.shutdownAsk, w.h.aborted = true, true
+			c.Abort(nil)
+		case 109:
+			c.Do(func(c *Conn) { w.push(c, []byte("task")) })
+		case 110:
+			w.paused = true
+			c.PauseRead()
 		}
 	}
 	w.d.run()
@@ -345,6 +387,9 @@ func checkEdges(t *rapid.T, edges []edge) {
 func checkBound(t *rapid.T, w *world) {
 	closedAt := w.conn.Rec.ClosedAt
 	last := w.start
+	if w.lastPush.After(last) {
+		last = w.lastPush
+	}
 	if w.conn.Rec.LastInput.After(last) {
 		last = w.conn.Rec.LastInput
 	}

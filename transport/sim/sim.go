@@ -138,7 +138,12 @@ type Socket struct {
 	closed    bool
 	rdl, wdl  time.Time
 	startTime time.Time
+	waiting   bool // in Wait
 }
+
+// Waiting reports whether the driver is in Wait: its handler paused
+// reading, and only a wake-up or the deadline ends the wait.
+func (c *Socket) Waiting() bool { return c.waiting }
 
 // NewSocket returns a connection to a peer that behaves as p, on clock c, with
 // choices from ch.
@@ -323,6 +328,8 @@ func (c *Socket) Read(p []byte) (int, error) {
 // os.ErrDeadlineExceeded as a read would.
 func (c *Socket) Wait() error {
 	c.Rec.Ops++
+	c.waiting = true
+	defer func() { c.waiting = false }()
 	for {
 		switch {
 		case c.closed:
