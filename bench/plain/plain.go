@@ -145,9 +145,10 @@ func (s *Server) Serve(ln net.Listener) error {
 }
 
 // Shutdown stops accepting and wakes every connection's read, so that each
-// half-closes, lingers and closes as on its idle timeout. If ctx ends first,
-// the connections still open are closed with RST. It returns when every
-// Serve loop and connection goroutine has returned: nil, or ctx's error.
+// half-closes, lingers and closes as on its idle timeout; a connection
+// already lingering lingers on. If ctx ends first, the connections still
+// open are closed with RST. It returns when every Serve loop and connection
+// goroutine has returned: nil, or ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing.Store(true)
@@ -245,7 +246,12 @@ func serveConn(c *net.TCPConn, cfg *Config, closing *atomic.Bool) Outcome {
 		c.Close()
 		return PeerClosed
 	}
-	// Linger: read and discard until the peer's FIN, within bounds.
+	return linger(c, buf, cfg)
+}
+
+// linger reads and discards until the peer's FIN, within cfg's bounds, and
+// closes c.
+func linger(c *net.TCPConn, buf []byte, cfg *Config) Outcome {
 	end := time.Now().Add(cfg.LingerTime)
 	var read int64
 	for read < cfg.LingerBytes {
@@ -255,6 +261,15 @@ func serveConn(c *net.TCPConn, cfg *Config, closing *atomic.Bool) Outcome {
 		}
 		c.SetReadDeadline(dl)
 		n, err := c.Read(buf)
+		// Shutdown's wake-up (a read deadline in the past) is for the echo
+		// loop, but it lands here when the connection was already lingering
+		// (on its idle timeout, or having seen the closing flag before
+		// Shutdown got to it): this read's own deadline has not come. Re-arm
+		// it and read on. Each Shutdown call wakes a connection once.
+		for n == 0 && errors.Is(err, os.ErrDeadlineExceeded) && time.Now().Before(dl) {
+			c.SetReadDeadline(dl)
+			n, err = c.Read(buf)
+		}
 		read += int64(n)
 		if err == io.EOF || errors.Is(err, os.ErrDeadlineExceeded) {
 			break

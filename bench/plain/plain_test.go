@@ -1,10 +1,12 @@
 package plain
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -169,6 +171,61 @@ func TestShutdownDeadline(t *testing.T) {
 	}
 	if !errors.Is(werr, syscall.ECONNRESET) && !errors.Is(werr, syscall.EPIPE) {
 		t.Fatalf("write after the shutdown deadline: %v, want a reset", werr)
+	}
+}
+
+// lingering returns how many goroutines are blocked reading in the function
+// linger, that is, with their linger deadline armed: a moment the client
+// cannot see (its FIN comes before). It reads every goroutine's stack.
+func lingering() int {
+	buf := make([]byte, 64<<10)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	count := 0
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte("[IO wait")) && bytes.Contains(g, []byte("/bench/plain.linger(")) {
+			count++
+		}
+	}
+	return count
+}
+
+// TestShutdownWhileLingering: Shutdown's wake-up does not cut short a
+// linger already under way. The connection half-closed on its idle timeout
+// and lingers for the client's FIN, which never comes: Shutdown must wait
+// until its context ends and then reset it.
+func TestShutdownWhileLingering(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{Config: Config{IdleTimeout: 20 * time.Millisecond}}
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ln) }()
+	c := dial(t, ln.Addr().String())
+	echo(t, c, "x")
+	if n, err := io.Copy(io.Discard, c); n != 0 || err != nil {
+		t.Fatalf("waiting for the server's FIN: %d bytes, %v", n, err)
+	}
+	for deadline := time.Now().Add(clientDeadline); lingering() != 1; {
+		if time.Now().After(deadline) {
+			t.Fatal("the connection is not blocked lingering")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := s.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown: %v, want the deadline: the linger ended without the client's FIN", err)
+	}
+	if err := <-served; !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("Serve: %v", err)
 	}
 }
 

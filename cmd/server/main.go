@@ -117,8 +117,8 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	if err != nil {
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
-	o.cfg.Logger = log
+	srv := newServer(o, stdout, stderr)
+	log := srv.Config.Logger
 
 	lns, err := listen(o.addr)
 	if err != nil {
@@ -126,21 +126,6 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 		return 1
 	}
 
-	out := &storyWriter{w: stdout}
-	if o.verbose {
-		o.cfg.OnStateChange = func(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
-			out.printf(c, "%s -> %s (%s)", from, to, ev)
-		}
-	}
-	srv := &sockfsm.Server{
-		Config: o.cfg,
-		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler {
-			if o.verbose {
-				return &tutorialEcho{out: out}
-			}
-			return sockfsm.Echo{}
-		},
-	}
 	served := make(chan error, len(lns))
 	for _, ln := range lns {
 		log.Info("listening", "addr", ln.Addr().String())
@@ -187,6 +172,28 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	}
 	log.Info("server stopped")
 	return code
+}
+
+// newServer returns the server o describes (not yet serving). Its
+// Config.Logger, which run logs to as well, writes to stderr at o's level;
+// with -v, the connections' stories go to stdout.
+func newServer(o options, stdout, stderr io.Writer) *sockfsm.Server {
+	o.cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	out := &storyWriter{w: stdout}
+	if o.verbose {
+		o.cfg.OnStateChange = func(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
+			out.printf(c, "%s -> %s (%s)", from, to, ev)
+		}
+	}
+	return &sockfsm.Server{
+		Config: o.cfg,
+		NewHandler: func(sockfsm.ConnInfo) sockfsm.Handler {
+			if o.verbose {
+				return &tutorialEcho{out: out}
+			}
+			return sockfsm.Echo{}
+		},
+	}
 }
 
 // listen listens on addr. For the host name "localhost" it listens on every
