@@ -464,16 +464,19 @@ func (e *Engine) askAbort(r Reason, err error) {
 }
 
 // askClose records a graceful close of the given kind: a full close
-// overrides a half-close; the first reason given is kept.
-func (e *Engine) askClose(k closeKind, r Reason) error {
+// overrides a half-close; the first reason given is kept. It reports
+// whether the request changed anything, and ErrClosed once the connection
+// is being closed or aborted.
+func (e *Engine) askClose(k closeKind, r Reason) (bool, error) {
 	if !e.mayClose() || e.abortAsked {
-		return ErrClosed
+		return false, ErrClosed
 	}
-	if k > e.closeKind {
-		e.closeKind = k
+	if k <= e.closeKind {
+		return false, nil
 	}
+	e.closeKind = k
 	e.setReason(r)
-	return nil
+	return true, nil
 }
 
 // fire applies ev: the one place the state changes (smoltcp's set_state).
@@ -610,17 +613,21 @@ func (e *Engine) request(k wakeFor) (wake bool) {
 // half-closes, lingers and closes; input read after it is discarded. The
 // reason is ReasonShutdown. Safe from any goroutine; it takes effect at the
 // end of the driver's next step, so a handler still answers input that
-// arrived with it. It returns ErrClosed if the connection is already
-// closing or aborting.
+// arrived with it, and output queued until then is flushed before our FIN.
+// It returns ErrClosed if the connection is already being closed (Closing,
+// Aborting, Closed) or an abort was asked for; otherwise a second call is
+// harmless.
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	var err error
-	if !e.mayClose() || e.abortAsked {
+	wake := false
+	switch {
+	case !e.mayClose() || e.abortAsked:
 		err = ErrClosed
-	} else {
+	case e.closeKind != closeFull && !e.ownerClose:
 		e.ownerClose = true
+		wake = e.request(wakeClose)
 	}
-	wake := err == nil && e.request(wakeClose)
 	e.mu.Unlock()
 	if wake {
 		e.waker()

@@ -113,9 +113,11 @@ func (e *Engine) mayWrite() bool {
 
 // Write queues p to be sent and returns at once; the engine flushes it, in
 // order, after the callback in progress returns, or at once when called
-// from another goroutine. Once a close or an abort was asked for, or the
-// connection is half-closed, it returns ErrShutdown and queues nothing:
-// nothing written after our half-close ever reaches the transport. Beyond
+// from another goroutine. Once the handler asked for a close or an abort, or
+// the connection is half-closed, it returns ErrShutdown and queues nothing:
+// nothing written after our half-close ever reaches the transport. (The
+// owner's Engine.Close takes effect at the driver's next step; output
+// queued until then is flushed before our FIN.) Beyond
 // MaxPendingOutput it queues what fits and returns ErrOutputFull; a
 // DrainHandler hears when the queue has drained.
 func (c *Conn) Write(p []byte) (int, error) {
@@ -165,19 +167,23 @@ func (c *Conn) Available() int {
 // CloseWrite asks for a half-close: once the queued output is flushed the
 // engine sends our FIN. Input that arrives afterwards is still handed to
 // OnData, within the linger bounds, until the peer's FIN. It returns
-// ErrClosed if the connection is already closing or aborting.
+// ErrClosed if the connection is already being closed (Closing, Aborting,
+// Closed) or an abort was asked for; a call after a close or half-close was
+// asked changes nothing.
 func (c *Conn) CloseWrite() error { return c.e.askCloseAndWake(closeHalf, ReasonHandlerClose) }
 
 // Close asks for a graceful close: flush the queued output, half-close,
 // discard input until the peer's FIN within the linger bounds, close. It
-// returns at once, and ErrClosed if the connection is already closing or
-// aborting.
+// returns at once. After CloseWrite it turns the half-close into a close
+// (input is discarded from then on). It returns ErrClosed if the connection
+// is already being closed (Closing, Aborting, Closed) or an abort was asked
+// for.
 func (c *Conn) Close() error { return c.e.askCloseAndWake(closeFull, ReasonHandlerClose) }
 
 func (e *Engine) askCloseAndWake(k closeKind, r Reason) error {
 	e.mu.Lock()
-	err := e.askClose(k, r)
-	wake := err == nil && e.request(wakeClose)
+	changed, err := e.askClose(k, r)
+	wake := changed && e.request(wakeClose)
 	e.mu.Unlock()
 	if wake {
 		e.waker()
