@@ -112,7 +112,7 @@ func label(t Transition) string {
 		l += " [" + strings.ReplaceAll(when.String(), "|", " or ") + "]"
 	}
 	if refusedAfterPeerFIN(t.Event) {
-		l += " (until peer-fin)"
+		l += " (guarded: no peer-fin yet)"
 	}
 	return l
 }
