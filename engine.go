@@ -12,8 +12,9 @@ import (
 	"github.com/sockfsm/sockfsm/fsm"
 )
 
-// Op is an I/O operation the engine asks its driver to perform.
-type Op uint8
+// Op is an I/O operation the engine asks its driver to perform: the fsm
+// package says which for each state (fsm.State.Op).
+type Op = fsm.Op
 
 // The operations. After performing one, the driver reports its result with
 // the matching method: Start, ReadDone, WriteDone, CloseWriteDone or
@@ -22,36 +23,26 @@ type Op uint8
 const (
 	// OpStart: run the transport's handshake, if it has one, then call
 	// Start.
-	OpStart Op = iota + 1
+	OpStart = fsm.OpStart
 	// OpRead: read into a buffer of any size, with the read deadline
 	// Action.Deadline (zero: none); report with ReadDone.
-	OpRead
+	OpRead = fsm.OpRead
 	// OpWait: the handler paused reading. Perform no I/O; wait until
 	// Action.Deadline (zero: none) or the waker, then call HandleTimeout.
-	OpWait
+	OpWait = fsm.OpWait
 	// OpWrite: write Action.Data with the write deadline Action.Deadline;
 	// report with WriteDone.
-	OpWrite
+	OpWrite = fsm.OpWrite
 	// OpCloseWrite: half-close the transport (our FIN); report with
 	// CloseWriteDone.
-	OpCloseWrite
+	OpCloseWrite = fsm.OpCloseWrite
 	// OpClose: close the transport gracefully; report with CloseDone.
-	OpClose
+	OpClose = fsm.OpClose
 	// OpAbort: abort the transport (RST); report with CloseDone.
-	OpAbort
+	OpAbort = fsm.OpAbort
 	// OpDone: nothing more; the connection is closed and the handler told.
-	OpDone
+	OpDone = fsm.OpDone
 )
-
-var opNames = [...]string{"", "start", "read", "wait", "write", "close-write", "close", "abort", "done"}
-
-// String returns the operation's name.
-func (o Op) String() string {
-	if int(o) < len(opNames) && o != 0 {
-		return opNames[o]
-	}
-	return "Op(?)"
-}
 
 // Result classifies how an operation ended. The driver classifies the
 // transport's errors (Classify does it for net.Conn-like transports), so
@@ -698,36 +689,22 @@ func (e *Engine) Start(now time.Time) {
 // against WriteTimeout.
 func (e *Engine) Next(now time.Time) Action {
 	e.mu.Lock()
-	var a Action
-	switch e.m.State() {
-	case fsm.Accepted:
-		a.Op = OpStart
-	case fsm.Receiving:
-		a.Op = OpRead
-		if e.paused {
+	st := e.m.State()
+	a := Action{Op: st.Op()}
+	switch a.Op {
+	case OpRead:
+		// A paused handler stops reading; so does a lingering one that
+		// asked for a half-close (it still takes input).
+		if e.paused && (st == fsm.Receiving || e.closeKind == closeHalf) {
 			a.Op = OpWait
 		}
 		a.Deadline, _ = e.deadline()
-	case fsm.Sending:
+	case OpWrite:
 		if !e.flushing {
 			e.flushing, e.sendSince = true, now
 		}
-		a.Op, a.Data = OpWrite, e.out[e.outOff:len(e.out):len(e.out)]
+		a.Data = e.out[e.outOff:len(e.out):len(e.out)]
 		a.Deadline, _ = e.deadline()
-	case fsm.HalfClosing:
-		a.Op = OpCloseWrite
-	case fsm.HalfClosed:
-		a.Op = OpRead
-		if e.paused && e.closeKind == closeHalf {
-			a.Op = OpWait
-		}
-		a.Deadline, _ = e.deadline()
-	case fsm.Closing:
-		a.Op = OpClose
-	case fsm.Aborting:
-		a.Op = OpAbort
-	default:
-		a.Op = OpDone
 	}
 	e.op = a.Op
 	e.mu.Unlock()

@@ -167,7 +167,7 @@ func Markdown() []byte {
 	w("\n")
 
 	w("## States\n\n")
-	w("| State | Meaning | May go to | Timeouts |\n|---|---|---|---|\n")
+	w("| State | Meaning | The driver | May go to | Timeouts |\n|---|---|---|---|---|\n")
 	for _, s := range States() {
 		var to []string
 		for _, t := range edges {
@@ -179,7 +179,11 @@ func Markdown() []byte {
 		if s.Terminal() {
 			dst = "nothing: terminal"
 		}
-		w("| %s | %s | %s | %s |\n", goName(s.String()), stateDocs[s].meaning, dst, stateDocs[s].timeouts)
+		op := "`" + s.Op().String() + "`"
+		if s.Op() == OpRead {
+			op += " (`wait` while the handler has paused reading)"
+		}
+		w("| %s | %s | %s | %s | %s |\n", goName(s.String()), stateDocs[s].meaning, op, dst, stateDocs[s].timeouts)
 	}
 
 	w("\n## Events\n\n")

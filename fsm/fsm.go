@@ -105,6 +105,51 @@ const (
 	numEvents = iota
 )
 
+// Op is an I/O operation the driver performs for a connection: what it
+// does in each state (State.Op).
+type Op uint8
+
+// The operations. sockfsm's Engine hands them out with Next; its
+// documentation says how the driver reports each one's result.
+const (
+	// OpStart: run the transport's handshake, if any, then start.
+	OpStart Op = iota + 1
+	// OpRead: read, within the state's deadline.
+	OpRead
+	// OpWait: the handler paused reading: wait for the deadline or a
+	// wake-up, without I/O.
+	OpWait
+	// OpWrite: write queued output, within the flush's deadline.
+	OpWrite
+	// OpCloseWrite: half-close the transport: our FIN.
+	OpCloseWrite
+	// OpClose: close the transport gracefully.
+	OpClose
+	// OpAbort: abort the transport (RST).
+	OpAbort
+	// OpDone: nothing more: the connection is closed.
+	OpDone
+
+	numOps = iota + 1
+)
+
+// String returns the operation's name.
+func (o Op) String() string {
+	if o != 0 && int(o) < len(opNames) {
+		return opNames[o]
+	}
+	return fmt.Sprintf("Op(%d)", uint8(o))
+}
+
+// Op returns what the driver does in state s (OpRead for a read the
+// handler may pause into OpWait).
+func (s State) Op() Op {
+	if int(s) < numStates {
+		return stateOps[s]
+	}
+	return 0
+}
+
 // Cond is a set of facts about a connection that the state-triggered rules
 // read. The engine computes them; the rules decide what they mean.
 type Cond uint8

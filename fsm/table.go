@@ -20,6 +20,7 @@ import (
 var (
 	stateNames = [numStates]string{"accepted", "receiving", "sending", "half-closing", "half-closed", "closing", "aborting", "closed"}
 	eventNames = [numEvents]string{"start", "input", "output", "flushed", "peer-fin", "half-close", "fin-sent", "close", "abort", "close-done"}
+	opNames    = [numOps]string{"", "start", "read", "wait", "write", "close-write", "close", "abort", "done"}
 	condNames  = [numConds]string{"abort-asked", "close-asked", "output-queued", "peer-fin", "timer", "linger-bytes"}
 )
 
@@ -42,6 +43,19 @@ var table = lfsm.Events{
 	{Name: "close", Src: []string{"accepted"}, Dst: "closing"},
 	{Name: "abort", Src: []string{"accepted", "receiving", "sending", "half-closing", "half-closed"}, Dst: "aborting"},
 	{Name: "close-done", Src: []string{"closing", "aborting"}, Dst: "closed"},
+}
+
+// stateOps is what the driver does in each state: the operation the
+// engine's Next hands out (a paused read is a wait).
+var stateOps = [numStates]Op{
+	Accepted:    OpStart,
+	Receiving:   OpRead,
+	Sending:     OpWrite,
+	HalfClosing: OpCloseWrite,
+	HalfClosed:  OpRead,
+	Closing:     OpClose,
+	Aborting:    OpAbort,
+	Closed:      OpDone,
 }
 
 // guardedByPeerFIN lists the events refused once the peer's FIN was seen:
