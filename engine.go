@@ -169,6 +169,7 @@ type Engine struct {
 	hPeer    PeerCloseHandler
 	hClose   CloseHandler
 	hDrain   DrainHandler
+	hFlush   FlushHandler
 	onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event)
 	onClose  func(ConnInfo, CloseInfo)
 	waker    func()
@@ -195,6 +196,7 @@ type Engine struct {
 	inStep    bool // a step is running: requests need no wake-up
 	flushing  bool // the flush clock runs: sendSince is set
 	paused    bool // the handler paused reading
+	held      bool // the handler holds the connection after the peer's FIN
 	idleReset bool // reading resumed: the idle clock restarts at the next step
 	full      bool // a Write was refused for lack of room: OnDrain is owed
 	notified  bool // OnClose was called
@@ -232,6 +234,7 @@ func (e *Engine) init(lim limits, h Handler, info ConnInfo, cfg *Config, log *sl
 	e.hPeer, _ = h.(PeerCloseHandler)
 	e.hClose, _ = h.(CloseHandler)
 	e.hDrain, _ = h.(DrainHandler)
+	e.hFlush, _ = h.(FlushHandler)
 	e.info = info
 	e.onChange = cfg.OnStateChange
 	e.onClose = cfg.OnClose
@@ -375,6 +378,9 @@ func (e *Engine) facts() fsm.Cond {
 	}
 	if e.lim.lingerBytes > 0 && e.lingerRead >= e.lim.lingerBytes {
 		c |= fsm.IfLingerBytes
+	}
+	if e.held {
+		c |= fsm.IfHeld
 	}
 	return c
 }
@@ -694,8 +700,10 @@ func (e *Engine) Next(now time.Time) Action {
 	switch a.Op {
 	case OpRead:
 		// A paused handler stops reading; so does a lingering one that
-		// asked for a half-close (it still takes input).
-		if e.paused && (st == fsm.Receiving || e.closeKind == closeHalf) {
+		// asked for a half-close (it still takes input). After the peer's
+		// FIN there is nothing to read: a held connection waits for its
+		// handler to close it.
+		if (e.paused && (st == fsm.Receiving || e.closeKind == closeHalf)) || e.m.PeerFIN() {
 			a.Op = OpWait
 		}
 		a.Deadline, _ = e.deadline()
@@ -836,6 +844,9 @@ func (e *Engine) WriteDone(now time.Time, n int, r Result, err error) {
 					e.callback(cbDrain)
 				}
 			}
+			if e.hFlush != nil {
+				e.callback(cbFlush)
+			}
 		} else {
 			e.compactOutput()
 			switch r {
@@ -919,6 +930,7 @@ const (
 	cbOpen cbKind = iota
 	cbPeerClose
 	cbDrain
+	cbFlush
 )
 
 // callback calls the handler with the lock released. The frames on the
@@ -948,6 +960,8 @@ func (e *Engine) invoke(k cbKind) (perr *PanicError) {
 		e.hPeer.OnPeerClose(&e.conn)
 	case cbDrain:
 		e.hDrain.OnDrain(&e.conn)
+	case cbFlush:
+		e.hFlush.OnFlush(&e.conn)
 	}
 	return nil
 }

@@ -55,6 +55,13 @@ type DrainHandler interface {
 	OnDrain(c *Conn)
 }
 
+// FlushHandler is implemented by handlers that wait for their output to
+// leave: OnFlush is called each time the whole output queue has been
+// handed to the transport.
+type FlushHandler interface {
+	OnFlush(c *Conn)
+}
+
 // CloseHandler is implemented by handlers that want to hear how the
 // connection ended. OnClose is called exactly once, last, after the
 // transport is closed.
@@ -226,6 +233,17 @@ func (c *Conn) Do(f func(c *Conn)) error {
 		e.waker()
 	}
 	return nil
+}
+
+// Hold keeps the connection open after the peer's FIN until the handler
+// closes it, as the user of a net.Conn does: without it the engine
+// half-closes once the answer to the peer's FIN is flushed, so that no
+// socket is left in CLOSE_WAIT. A handler that holds must close. Call it
+// in OnOpen.
+func (c *Conn) Hold() {
+	c.e.mu.Lock()
+	c.e.held = true
+	c.e.mu.Unlock()
 }
 
 // PauseRead stops reading input: backpressure for a handler that cannot

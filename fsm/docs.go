@@ -65,6 +65,7 @@ var condDocs = [numConds]string{
 	"The peer's FIN was read (the machine's own bit, which also guards the table).",
 	"The deadline of the current state has passed (see Timeouts above).",
 	"`LingerBytes` were read while lingering.",
+	"The handler holds the connection open after the peer's FIN (`Conn.Hold`): the net.Conn face, whose application closes it as it would a net.Conn.",
 }
 
 // promises are the engine's guarantees and the tests that check them.
@@ -102,14 +103,18 @@ func goName(name string) string {
 // it: the state-triggered rules' facts in brackets, and the guard.
 func label(t Transition) string {
 	l := t.Event.String()
-	var when Cond
+	var when []string
 	for _, r := range rules {
 		if r.Fire == t.Event && slicesContains(r.From, t.From) {
-			when |= r.When
+			w := strings.ReplaceAll(r.When.String(), "|", " or ")
+			if r.Unless != 0 {
+				w += " unless " + strings.ReplaceAll(r.Unless.String(), "|", " or ")
+			}
+			when = append(when, w)
 		}
 	}
-	if when != 0 {
-		l += " [" + strings.ReplaceAll(when.String(), "|", " or ") + "]"
+	if len(when) > 0 {
+		l += " [" + strings.Join(when, "; ") + "]"
 	}
 	if refusedAfterPeerFIN(t.Event) {
 		l += " (guarded: no peer-fin yet)"
@@ -205,13 +210,17 @@ func Markdown() []byte {
 	for i, c := range Conds() {
 		w("| `%s` | %s |\n", c, condDocs[i])
 	}
-	w("\n| # | In | When any of | Fires | Why |\n|---|---|---|---|---|\n")
+	w("\n| # | In | When any of | Unless | Fires | Why |\n|---|---|---|---|---|---|\n")
 	for i, r := range rules {
 		var from []string
 		for _, s := range r.From {
 			from = append(from, goName(s.String()))
 		}
-		w("| %d | %s | `%s` | `%s` | %s |\n", i+1, strings.Join(from, ", "), strings.ReplaceAll(r.When.String(), "|", "` or `"), r.Fire, r.Why)
+		unless := ""
+		if r.Unless != 0 {
+			unless = "`" + strings.ReplaceAll(r.Unless.String(), "|", "` or `") + "`"
+		}
+		w("| %d | %s | `%s` | %s | `%s` | %s |\n", i+1, strings.Join(from, ", "), strings.ReplaceAll(r.When.String(), "|", "` or `"), unless, r.Fire, r.Why)
 	}
 
 	w("\n## The peer's FIN\n\n")

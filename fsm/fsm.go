@@ -170,6 +170,9 @@ const (
 	IfTimer
 	// IfLingerBytes: LingerBytes were read while HalfClosed.
 	IfLingerBytes
+	// IfHeld: the handler holds the connection open after the peer's FIN
+	// (Conn.Hold) and closes it itself, as the user of a net.Conn does.
+	IfHeld
 
 	numConds = iota
 )
@@ -310,7 +313,7 @@ func Due(s State, c Cond) (ev Event, cause Cond, ok bool) {
 		return 0, 0, false
 	}
 	for _, r := range compiledRules[s] {
-		if hit := r.when & c; hit != 0 {
+		if hit := r.when & c; hit != 0 && r.unless&c == 0 {
 			return r.fire, hit, true
 		}
 	}

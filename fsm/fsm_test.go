@@ -86,7 +86,9 @@ func expectedRule(s State, c Cond) (Event, bool) {
 		return Close, true
 	case s == Receiving && c&IfOutputQueued != 0:
 		return Output, true
-	case s == Receiving && c&(IfCloseAsked|IfPeerFIN|IfTimer) != 0:
+	case s == Receiving && c&(IfCloseAsked|IfTimer) != 0:
+		return HalfClose, true
+	case s == Receiving && c&IfPeerFIN != 0 && c&IfHeld == 0:
 		return HalfClose, true
 	case s == Sending && c&IfTimer != 0:
 		return Abort, true
@@ -111,7 +113,7 @@ func TestRulesMatchExpected(t *testing.T) {
 			if !ok {
 				continue
 			}
-			if cause == 0 || cause&^c != 0 {
+			if cause == 0 || cause&^c != 0 || cause&IfHeld != 0 {
 				t.Errorf("Due(%s, %s): cause %s is not a subset of the facts", s, c, cause)
 			}
 			if _, legal := Lookup(s, ev); !legal {

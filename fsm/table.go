@@ -21,7 +21,7 @@ var (
 	stateNames = [numStates]string{"accepted", "receiving", "sending", "half-closing", "half-closed", "closing", "aborting", "closed"}
 	eventNames = [numEvents]string{"start", "input", "output", "flushed", "peer-fin", "half-close", "fin-sent", "close", "abort", "close-done"}
 	opNames    = [numOps]string{"", "start", "read", "wait", "write", "close-write", "close", "abort", "done"}
-	condNames  = [numConds]string{"abort-asked", "close-asked", "output-queued", "peer-fin", "timer", "linger-bytes"}
+	condNames  = [numConds]string{"abort-asked", "close-asked", "output-queued", "peer-fin", "timer", "linger-bytes", "held"}
 )
 
 // table is the lifecycle's edges, declared once.
@@ -63,13 +63,15 @@ var stateOps = [numStates]Op{
 var guardedByPeerFIN = []Event{Input, PeerFIN}
 
 // Rule is a state-triggered transition: in any state of From, when any of
-// the conditions in When holds, the engine fires Fire. Rules are tried in
-// order; the first that applies wins. Why says why, for the docs.
+// the facts in When holds and none of those in Unless, the engine fires
+// Fire. Rules are tried in order; the first that applies wins. Why says
+// why, for the docs.
 type Rule struct {
-	From []State
-	When Cond
-	Fire Event
-	Why  string
+	From   []State
+	When   Cond
+	Unless Cond
+	Fire   Event
+	Why    string
 }
 
 // rules are the state-triggered transitions. The engine fires the first
@@ -96,9 +98,16 @@ var rules = []Rule{
 	},
 	{
 		From: []State{Receiving},
-		When: IfCloseAsked | IfPeerFIN | IfTimer,
+		When: IfCloseAsked | IfTimer,
 		Fire: HalfClose,
-		Why:  "nothing is left to flush and a close was asked for, the peer's FIN was read (so no socket is left in CLOSE_WAIT), or IdleTimeout or MaxLifetime passed",
+		Why:  "nothing is left to flush and a close was asked for, or IdleTimeout or MaxLifetime passed",
+	},
+	{
+		From:   []State{Receiving},
+		When:   IfPeerFIN,
+		Unless: IfHeld,
+		Fire:   HalfClose,
+		Why:    "the peer's FIN was read and the handler's answer is flushed: no socket is left in CLOSE_WAIT. A handler that holds the connection (the net.Conn face) closes it itself",
 	},
 	{
 		From: []State{Sending},
@@ -147,8 +156,8 @@ func compile(evs lfsm.Events) [numStates][numEvents]State {
 var compiledRules = compileRules(rules, compiled)
 
 type stateRule struct {
-	when Cond
-	fire Event
+	when, unless Cond
+	fire         Event
 }
 
 func compileRules(rs []Rule, c [numStates][numEvents]State) [numStates][]stateRule {
@@ -158,7 +167,7 @@ func compileRules(rs []Rule, c [numStates][numEvents]State) [numStates][]stateRu
 			if c[s][r.Fire] == noState {
 				panic(fmt.Sprintf("fsm: rule fires %s from %s, which the table does not allow", r.Fire, s))
 			}
-			out[s] = append(out[s], stateRule{r.When, r.Fire})
+			out[s] = append(out[s], stateRule{r.When, r.Unless, r.Fire})
 		}
 	}
 	return out
