@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/sockfsm/sockfsm/internal/deadline"
 )
 
 // DefaultPipeSize is the capacity, in bytes, of each direction of a Pipe.
@@ -85,7 +87,7 @@ type pipeEnd struct {
 	shut    bool         // no more writes: CloseWrite, Close or Abort was called
 	reset   bool         // the peer reset the connection
 	writing bool         // a Write is copying data
-	rd, wd  deadline
+	rd, wd  deadline.Deadline
 }
 
 func (c *pipeEnd) opError(op string, err error) error {
@@ -103,7 +105,7 @@ func (c *pipeEnd) Read(b []byte) (int, error) {
 			return 0, c.opError("read", net.ErrClosed)
 		case c.reset:
 			return 0, c.opError("read", syscall.ECONNRESET)
-		case c.rd.expired:
+		case c.rd.Expired():
 			return 0, c.opError("read", os.ErrDeadlineExceeded)
 		case len(b) == 0:
 			return 0, nil
@@ -162,7 +164,7 @@ func (c *pipeEnd) writeErr() error {
 		err = syscall.ECONNRESET
 	case c.peer.closed:
 		err = syscall.EPIPE
-	case c.wd.expired:
+	case c.wd.Expired():
 		err = os.ErrDeadlineExceeded
 	default:
 		return nil
@@ -209,8 +211,8 @@ func (c *pipeEnd) Abort() error {
 func (c *pipeEnd) close(rst bool) {
 	c.closed, c.shut = true, true
 	c.rx = bytes.Buffer{}
-	c.rd.set(c.p, time.Time{})
-	c.wd.set(c.p, time.Time{})
+	c.rd.Set(&c.p.cond, time.Time{})
+	c.wd.Set(&c.p.cond, time.Time{})
 	if rst && !c.peer.closed {
 		c.peer.reset = true
 		c.peer.rx = bytes.Buffer{}
@@ -240,64 +242,10 @@ func (c *pipeEnd) setDeadline(t time.Time, read, write bool) error {
 		return c.opError("set", net.ErrClosed)
 	}
 	if read {
-		c.rd.set(c.p, t)
+		c.rd.Set(&c.p.cond, t)
 	}
 	if write {
-		c.wd.set(c.p, t)
+		c.wd.Set(&c.p.cond, t)
 	}
 	return nil
-}
-
-// deadline is a read or write deadline of a pipeEnd, guarded by pipe.mu.
-// Its timer is made once and re-armed with Reset, so that setting a
-// deadline, which a server does on every read, does not allocate.
-type deadline struct {
-	p       *pipe
-	timer   *time.Timer // made on first use; armed while when is in the future
-	when    time.Time   // the armed expiry, or zero
-	expired bool
-}
-
-// set arms d to expire at t; the zero t disarms it. p.mu must be held.
-func (d *deadline) set(p *pipe, t time.Time) {
-	if d.timer == nil {
-		d.p = p // before the timer exists: fire reads it without the lock
-	}
-	d.expired = false
-	d.when = time.Time{}
-	if d.timer != nil {
-		d.timer.Stop()
-	}
-	if !t.IsZero() {
-		if dur := time.Until(t); dur > 0 {
-			d.when = t
-			if d.timer == nil {
-				d.timer = time.AfterFunc(dur, d.fire)
-			} else {
-				d.timer.Reset(dur)
-			}
-		} else {
-			d.expired = true
-		}
-	}
-	p.cond.Broadcast()
-}
-
-// fire expires d if its armed time has come. A firing of an earlier arming
-// that started before Stop (it cannot be recalled) finds no expiry, or one
-// still in the future, for which it re-arms the timer (as it does if the
-// clock reads a little early).
-func (d *deadline) fire() {
-	d.p.mu.Lock()
-	defer d.p.mu.Unlock()
-	if d.when.IsZero() {
-		return
-	}
-	if left := time.Until(d.when); left > 0 {
-		d.timer.Reset(left)
-		return
-	}
-	d.when = time.Time{}
-	d.expired = true
-	d.p.cond.Broadcast()
 }
