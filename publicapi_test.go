@@ -16,7 +16,7 @@ import (
 // driverFiles are the files of this package that drive engines: they may
 // use only what any driver outside the package can, the exported API of
 // Engine and Conn.
-var driverFiles = []string{"driver.go", "server.go"}
+var driverFiles = []string{"driver.go", "server.go", "listener.go", "netconn.go"}
 
 // TestDriverUsesPublicAPI fails when a driver file touches an unexported
 // field or method of Engine or Conn: the goroutine driver and Server are

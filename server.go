@@ -217,6 +217,12 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 		s.release()
 		return
 	}
+	s.start(t, lim, h, info)
+}
+
+// start registers a connection the Serve loop or Listener.Accept accepted
+// and starts its goroutine; it returns the connection's engine.
+func (s *Server) start(t Transport, lim limits, h Handler, info ConnInfo) *Engine {
 	d := &driver{}
 	d.init(t, lim, h, info, &s.Config, time.Now)
 
@@ -232,6 +238,7 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	s.mu.Unlock()
 
 	go s.runConn(d)
+	return d.e
 }
 
 // runConn is the goroutine of one connection.

@@ -1,0 +1,168 @@
+package sockfsm
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+
+	"github.com/sockfsm/sockfsm/transport"
+)
+
+// Listener is a net.Listener whose connections the engine drives: give it
+// to net/http, gRPC or any server written against net.Listener, and each
+// accepted connection (a *NetConn) gets the engine's lifecycle: a graceful
+// Close that lingers instead of answering unread input with RST, bounded
+// timeouts, and a Shutdown that returns only when every socket is closed.
+// The connections are the same Engine, table, promises and CloseInfo as
+// Server's; Config's hooks (OnStateChange, OnClose, Logger) and MaxConns
+// apply to them as they do to Server's.
+//
+// What Config's fields mean on this face:
+//
+//   - IdleTimeout: off unless set. The application owns idleness (net/http
+//     has its own IdleTimeout and ReadTimeout), and a handler that computes
+//     for minutes before it answers must not see its connection closed.
+//     Set it to bound a connection on which nothing is read or written.
+//   - WriteTimeout (default 60s): bounds each flush to the peer, as on
+//     Server: a peer that does not read its response is aborted.
+//   - LingerTimeout, LingerTime, LingerBytes: bound the linger after the
+//     application's Close, as on Server.
+//   - MaxLifetime: as on Server (off by default).
+//   - ReadBufferSize (default 16 KiB): how much input the engine reads
+//     ahead of the application's Read; beyond it, it stops reading.
+//   - MaxPendingOutput (default 1 MiB): how much a Write may queue before
+//     it waits for the peer.
+//   - MaxConns: Accept waits while that many connections are open.
+//
+// The application's own deadlines (SetDeadline and the like) are separate
+// from these and behave as net.Conn's.
+type Listener struct {
+	ln  net.Listener
+	srv Server
+	lim limits
+	err error // Config.Validate's
+
+	closeOnce sync.Once
+	closed    chan struct{} // Close was called
+}
+
+// NewListener returns a Listener that accepts from ln, with cfg for its
+// connections. An invalid cfg makes Accept return the error, matching
+// ErrInvalidConfig.
+func NewListener(ln net.Listener, cfg Config) *Listener {
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = -1 // the application owns idleness: see Listener
+	}
+	l := &Listener{ln: ln, lim: cfg.limits(), err: cfg.Validate(), closed: make(chan struct{})}
+	l.srv.Config = cfg
+	l.srv.mu.Lock()
+	l.srv.initLocked()
+	l.srv.listeners[ln] = struct{}{}
+	l.srv.mu.Unlock()
+	return l
+}
+
+// Listen announces on the local network address, as net.Listen does, and
+// returns a Listener for it.
+func Listen(network, address string, cfg Config) (*Listener, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen(network, address)
+	if err != nil {
+		return nil, err
+	}
+	return NewListener(ln, cfg), nil
+}
+
+// Accept waits for and returns the next connection, a *NetConn. At
+// MaxConns open connections it waits until one closes. After Close or
+// Shutdown it returns an error matching net.ErrClosed. Other errors are
+// the underlying listener's, for the caller's own back-off (net/http's
+// Serve backs off on temporary ones).
+func (l *Listener) Accept() (net.Conn, error) {
+	if l.err != nil {
+		return nil, l.err
+	}
+	s := &l.srv
+	for {
+		if s.sem != nil {
+			select {
+			case s.sem <- struct{}{}:
+			case <-l.closed:
+				return nil, l.closedError()
+			case <-s.done:
+				return nil, l.closedError()
+			}
+		}
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			s.release()
+			return nil, l.closedError()
+		}
+		s.accepting++
+		s.mu.Unlock()
+		c, err := l.ln.Accept()
+		if err != nil {
+			s.doneAccepting()
+			s.release()
+			select {
+			case <-l.closed:
+				return nil, l.closedError()
+			case <-s.done:
+				return nil, l.closedError()
+			default:
+			}
+			return nil, err
+		}
+		t, err := transport.Wrap(c)
+		if err != nil {
+			s.logger().Error("cannot serve connection", "err", err)
+			c.Close()
+			s.doneAccepting()
+			s.release()
+			continue
+		}
+		info := ConnInfo{ID: connIDs.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
+		nc := newNetConn(info, l.lim.readBuf)
+		nc.c = s.start(t, l.lim, nc, info).Conn()
+		return nc, nil
+	}
+}
+
+func (l *Listener) closedError() error {
+	return &net.OpError{Op: "accept", Net: l.ln.Addr().Network(), Addr: l.ln.Addr(), Err: net.ErrClosed}
+}
+
+// Close stops accepting, as net.Listener's Close does: the connections
+// already accepted carry on. Use Shutdown to close them too.
+func (l *Listener) Close() error {
+	err := errors.New("sockfsm: listener already closed")
+	l.closeOnce.Do(func() {
+		close(l.closed)
+		err = l.ln.Close()
+	})
+	return err
+}
+
+// Addr returns the listener's network address.
+func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
+
+// Shutdown stops accepting and closes every connection gracefully: each
+// flushes what the application wrote, sends our FIN, lingers within its
+// bounds and closes; the application's further Writes fail. If ctx ends
+// first, Shutdown aborts (RST) what is left. Either way it returns only
+// when every socket is closed: nil if all closed gracefully, ctx's error
+// otherwise. With net/http, call http.Server.Shutdown first, so that the
+// responses in flight finish, then Listener.Shutdown for the lingers.
+func (l *Listener) Shutdown(ctx context.Context) error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.srv.Shutdown(ctx)
+}
+
+// NumConns returns the number of open connections: accepted and not yet
+// closed by the engine (a connection the application closed is still open
+// while it lingers).
+func (l *Listener) NumConns() int { return l.srv.NumConns() }
