@@ -137,17 +137,26 @@ func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Co
 	d.e.SetWaker(d.wake)
 }
 
-// wake is the engine's waker: it interrupts a blocked read, write or
-// handshake by moving its deadline into the past, and ends a wait.
-// Safe for concurrent use.
-func (d *driver) wake() {
-	d.t.SetReadDeadline(past)
-	d.t.SetWriteDeadline(past)
-	if ch := d.wakeCh.Load(); ch != nil {
-		select {
-		case *ch <- struct{}{}:
-		default:
+// wake is the engine's waker: it interrupts the blocked operation op by
+// moving its deadline into the past (a read's, a write's, both for a
+// handshake), and ends a wait. Safe for concurrent use.
+func (d *driver) wake(op Op) {
+	switch op {
+	case OpRead:
+		d.t.SetReadDeadline(past)
+	case OpWrite, OpCloseWrite:
+		d.t.SetWriteDeadline(past)
+	case OpWait:
+		d.t.SetReadDeadline(past) // a transport that waits itself
+		if ch := d.wakeCh.Load(); ch != nil {
+			select {
+			case *ch <- struct{}{}:
+			default:
+			}
 		}
+	default:
+		d.t.SetReadDeadline(past)
+		d.t.SetWriteDeadline(past)
 	}
 }
 

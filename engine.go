@@ -172,7 +172,7 @@ type Engine struct {
 	hFlush   FlushHandler
 	onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event)
 	onClose  func(ConnInfo, CloseInfo)
-	waker    func()
+	waker    func(Op)
 
 	now        time.Time // the time of the step in progress
 	start      time.Time
@@ -243,11 +243,12 @@ func (e *Engine) init(lim limits, h Handler, info ConnInfo, cfg *Config, log *sl
 }
 
 // SetWaker sets the function a request calls when the driver must wake
-// from the operation it is blocked in: a read or a wait for any request, a
-// handshake for a close or an abort, a write for an abort. wake is called
-// from the requesting goroutine with no lock held; it must not block and
-// must not call the Engine. Set it before the first step.
-func (e *Engine) SetWaker(wake func()) {
+// from the operation it is blocked in, which it is given: a read or a wait
+// for any request, a handshake (OpStart) for a close or an abort, a write or
+// a half-close for an abort. wake is called from the requesting goroutine
+// with no lock held; it must not block and must not call the Engine. Set it
+// before the first step.
+func (e *Engine) SetWaker(wake func(op Op)) {
 	e.mu.Lock()
 	e.waker = wake
 	e.mu.Unlock()
@@ -587,22 +588,36 @@ const (
 	wakeAbort                // and a write or a half-close: for an abort
 )
 
-// request ends a request: it marks it pending and reports whether the
-// waker must be called (after the lock is released).
-func (e *Engine) request(k wakeFor) (wake bool) {
-	if e.inStep {
-		return false // the step in progress settles it
+// request ends a request: it marks it pending and returns the operation
+// the waker must interrupt (after the lock is released), or zero.
+func (e *Engine) request(k wakeFor) Op {
+	if e.inStep || e.waker == nil {
+		if !e.inStep {
+			e.pending.Store(true)
+		}
+		return 0 // the step in progress settles it
 	}
 	e.pending.Store(true)
 	switch e.op {
 	case OpRead, OpWait:
-		return e.waker != nil
+		return e.op
 	case OpStart:
-		return k >= wakeClose && e.waker != nil
+		if k >= wakeClose {
+			return e.op
+		}
 	case OpWrite, OpCloseWrite:
-		return k == wakeAbort && e.waker != nil
+		if k == wakeAbort {
+			return e.op
+		}
 	}
-	return false
+	return 0
+}
+
+// wake calls the waker to interrupt op, if any. The lock must not be held.
+func (e *Engine) wake(op Op) {
+	if op != 0 {
+		e.waker(op)
+	}
 }
 
 // Close asks for a graceful close on behalf of the engine's owner (a
@@ -617,7 +632,7 @@ func (e *Engine) request(k wakeFor) (wake bool) {
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	var err error
-	wake := false
+	var wake Op
 	switch {
 	case !e.mayClose() || e.abortAsked:
 		err = ErrClosed
@@ -626,9 +641,7 @@ func (e *Engine) Close() error {
 		wake = e.request(wakeClose)
 	}
 	e.mu.Unlock()
-	if wake {
-		e.waker()
-	}
+	e.wake(wake)
 	return err
 }
 
@@ -649,9 +662,7 @@ func (e *Engine) Abort(err error) {
 	e.askAbort(r, err)
 	wake := e.request(wakeAbort)
 	e.mu.Unlock()
-	if wake {
-		e.waker()
-	}
+	e.wake(wake)
 }
 
 // abortReason returns the reason err names.

@@ -139,15 +139,13 @@ func (c *Conn) Write(p []byte) (int, error) {
 		n, err = max(room, 0), ErrOutputFull
 		e.full = true
 	}
-	wake := false
+	var wake Op
 	if n > 0 {
 		e.out = append(e.out, p[:n]...)
 		wake = e.request(wakeRead)
 	}
 	e.mu.Unlock()
-	if wake {
-		e.waker()
-	}
+	e.wake(wake)
 	return n, err
 }
 
@@ -190,11 +188,12 @@ func (c *Conn) Close() error { return c.e.askCloseAndWake(closeFull, ReasonHandl
 func (e *Engine) askCloseAndWake(k closeKind, r Reason) error {
 	e.mu.Lock()
 	changed, err := e.askClose(k, r)
-	wake := changed && e.request(wakeClose)
-	e.mu.Unlock()
-	if wake {
-		e.waker()
+	wake := Op(0)
+	if changed {
+		wake = e.request(wakeClose)
 	}
+	e.mu.Unlock()
+	e.wake(wake)
 	return err
 }
 
@@ -208,9 +207,7 @@ func (c *Conn) Abort(err error) {
 	e.askAbort(ReasonHandlerAbort, errors.Join(ErrAborted, err))
 	wake := e.request(wakeAbort)
 	e.mu.Unlock()
-	if wake {
-		e.waker()
-	}
+	e.wake(wake)
 }
 
 // Do runs f on the connection's driver, as a callback (x/net/quic's
@@ -229,9 +226,7 @@ func (c *Conn) Do(f func(c *Conn)) error {
 	e.tasks = append(e.tasks, f)
 	wake := e.request(wakeRead)
 	e.mu.Unlock()
-	if wake {
-		e.waker()
-	}
+	e.wake(wake)
 	return nil
 }
 
@@ -262,15 +257,13 @@ func (c *Conn) PauseRead() {
 func (c *Conn) ResumeRead() {
 	e := c.e
 	e.mu.Lock()
-	wake := false
+	var wake Op
 	if e.paused {
 		e.paused, e.idleReset = false, true
 		wake = e.request(wakeRead)
 	}
 	e.mu.Unlock()
-	if wake {
-		e.waker()
-	}
+	e.wake(wake)
 }
 
 // Reason says why a connection closed.

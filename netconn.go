@@ -107,7 +107,9 @@ func (nc *NetConn) OnFlush(*Conn) {
 func (nc *NetConn) OnClose(_ *Conn, info CloseInfo) {
 	nc.mu.Lock()
 	nc.ended, nc.end = true, info
-	nc.in = nil
+	if info.Aborted() {
+		nc.in = nil // an RST destroys what was received and not read
+	}
 	nc.rd.Stop()
 	nc.wd.Stop()
 	nc.cond.Broadcast()

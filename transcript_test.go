@@ -447,7 +447,7 @@ func (tr *transcript) newEngine(t *testing.T, d *datadriven.TestData) {
 	if err != nil {
 		d.Fatalf(t, "NewEngine: %v", err)
 	}
-	e.SetWaker(func() { tr.printf("wake") })
+	e.SetWaker(func(op sockfsm.Op) { tr.printf("wake %s", op) })
 	tr.e, tr.now, tr.act = e, trT0, sockfsm.Action{}
 }
 
