@@ -484,7 +484,7 @@ func TestAuditAcceptBackoffResets(t *testing.T) {
 	// accepts it.
 	c := auditDial(t, inner.Addr().String())
 
-	auditStartLog(t, ln, sockfsm.Config{}, log, func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo })
+	auditStartLog(t, ln, sockfsm.Config{}, log, func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo{} })
 	auditEcho(t, c, "served between the errors")
 	c.Close()
 
@@ -547,7 +547,7 @@ func (l *auditFirstListener) Accept() (net.Conn, error) {
 func auditFirstHandler(first func() sockfsm.Handler) func(sockfsm.ConnInfo) sockfsm.Handler {
 	var once sync.Once
 	return func(sockfsm.ConnInfo) sockfsm.Handler {
-		h := sockfsm.Echo
+		var h sockfsm.Handler = sockfsm.Echo{}
 		once.Do(func() { h = first() })
 		return h
 	}
@@ -617,7 +617,7 @@ func TestAuditMaxConnsSlotReleasedOnEarlyExit(t *testing.T) {
 		if _, err := transport.Wrap(auditNoHalfClose{}); !errors.Is(err, transport.ErrUnsupported) {
 			t.Fatalf("transport.Wrap(auditNoHalfClose) = %v, want ErrUnsupported: the case tests nothing", err)
 		}
-		s := auditStart(t, ln, cfg, func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo })
+		s := auditStart(t, ln, cfg, func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo{} })
 		if err := early(t, s); err != nil && !auditIsReset(err) {
 			t.Fatalf("client of the unwrappable connection: read error %v, want EOF or ECONNRESET (closed)", err)
 		}
@@ -626,7 +626,7 @@ func TestAuditMaxConnsSlotReleasedOnEarlyExit(t *testing.T) {
 	t.Run("TLSHandshakeFails", func(t *testing.T) {
 		checkFDs(t)
 		ln := tls.NewListener(auditListen(t), &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
-		s := auditStart(t, ln, cfg, func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo })
+		s := auditStart(t, ln, cfg, func(sockfsm.ConnInfo) sockfsm.Handler { return sockfsm.Echo{} })
 		bad := auditDial(t, s.addr)
 		if _, err := bad.Write([]byte("GET / HTTP/1.0\r\n\r\n")); err != nil {
 			t.Fatal(err)
@@ -661,7 +661,7 @@ func TestAuditMaxConnsSlotReleasedOnEarlyExit(t *testing.T) {
 // until the write deadline passes, then it fails with a timeout, having
 // written nothing.
 type auditTapConn struct {
-	transport.Conn
+	transport.Stream
 	full atomic.Bool
 
 	mu         sync.Mutex
@@ -683,12 +683,12 @@ func (c *auditTapConn) setWDL(t time.Time) {
 
 func (c *auditTapConn) SetWriteDeadline(t time.Time) error {
 	c.setWDL(t)
-	return c.Conn.SetWriteDeadline(t)
+	return c.Stream.SetWriteDeadline(t)
 }
 
 func (c *auditTapConn) SetDeadline(t time.Time) error {
 	c.setWDL(t)
-	return c.Conn.SetDeadline(t)
+	return c.Stream.SetDeadline(t)
 }
 
 func (c *auditTapConn) Write(p []byte) (int, error) {
@@ -697,7 +697,7 @@ func (c *auditTapConn) Write(p []byte) (int, error) {
 	if c.full.Load() {
 		err = c.blockUntilWriteDeadline()
 	} else {
-		n, err = c.Conn.Write(p)
+		n, err = c.Stream.Write(p)
 	}
 	if err != nil {
 		c.mu.Lock()
@@ -735,7 +735,7 @@ func (c *auditTapConn) blockUntilWriteDeadline() error {
 }
 
 func (c *auditTapConn) CloseWrite() error {
-	err := c.Conn.CloseWrite()
+	err := c.Stream.CloseWrite()
 	c.finOnce.Do(func() {
 		c.mu.Lock()
 		c.finErr = err
@@ -758,7 +758,7 @@ func (l *auditTapListener) Accept() (net.Conn, error) {
 	}
 	tc := c.(*net.TCPConn)
 	tc.SetWriteBuffer(1 << 20) // the response fits, although the client does not read
-	tap := &auditTapConn{Conn: transport.TCP(tc), wdlChanged: make(chan struct{}), fin: make(chan struct{})}
+	tap := &auditTapConn{Stream: transport.TCP(tc), wdlChanged: make(chan struct{}), fin: make(chan struct{})}
 	select {
 	case l.conns <- tap:
 	default:

@@ -269,8 +269,9 @@ func TestPeerResetMidStream(t *testing.T) {
 			// client's write, until this deadline (a way to wait for the
 			// stall, not an assertion: if the write returns earlier the
 			// reset still lands mid-stream).
+			big := make([]byte, 64<<20) // before the deadline: under -race the allocation can take longer than it
 			c.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
-			n, err := c.Write(make([]byte, 64<<20))
+			n, err := c.Write(big)
 			if err == nil {
 				t.Fatalf("a 64 MiB write to a server whose echo is never read returned no error")
 			}
