@@ -109,6 +109,20 @@ const (
 	timerLingerTime
 )
 
+// init checks what internal relies on: abort is an edge from every state
+// that mayClose allows, so that an engine bug can always be aborted.
+func init() {
+	for _, s := range fsm.States() {
+		switch s {
+		case fsm.Closing, fsm.Aborting, fsm.Closed:
+			continue
+		}
+		if _, ok := fsm.Lookup(s, fsm.Abort); !ok {
+			panic("sockfsm: the table has no abort edge from " + s.String())
+		}
+	}
+}
+
 // maxSettle bounds the state-triggered transitions of one step: the longest
 // chain the rules allow is a handful of events. More is an engine bug.
 const maxSettle = 16

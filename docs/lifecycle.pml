@@ -153,7 +153,7 @@ inline due() {
 		ev = evAbort; cause = facts & (IfAbortAsked)
 	:: else ->
 		if
-		:: (st == Accepted) && (facts & (IfCloseAsked)) != 0 ->
+		:: (st == Accepted) && (facts & (IfCloseAsked)) != 0 && (facts & (IfOutputQueued)) == 0 ->
 			ev = evClose; cause = facts & (IfCloseAsked)
 		:: else ->
 			if
@@ -423,7 +423,7 @@ active proctype Driver() {
 				if
 				:: res = resDone
 				:: res = resFailed
-				:: owner_close || close_kind != closeNone || abort_asked -> res = resWoken
+				:: owner_close || (close_kind != closeNone && !out_q) || abort_asked -> res = resWoken /* the real driver starts a connection its wake-up left in Accepted */
 				fi
 			:: op == opRead ->
 				if

@@ -86,6 +86,10 @@ var promises = []struct{ promise, tests string }{
 		"**Only table edges.** Every transition the engine takes is an edge of this table, and the looplab/fsm reference machine accepts it.",
 		"`TestPropertyOnlyTableEdges` (properties_test.go), `TestEveryStateEventPair` (fsm)",
 	},
+	{
+		"**Exhaustively, on the model.** Every interleaving of the peer, the timers, the handler and the server against the table and rules: no write after our FIN, every run reaches Closed (weak fairness), Closed and OnClose once, no RST on a graceful path (docs/lifecycle.pml, generated from this table; docs/model-check.md).",
+		"`TestSpin` (fsm/promela_test.go, with spin)",
+	},
 }
 
 // goName turns a table name such as "half-closed" into "HalfClosed".

@@ -14,7 +14,7 @@ import (
 	"testing"
 )
 
-var update = flag.Bool("update", false, "rewrite ../docs/state-diagram.md from the table")
+var update = flag.Bool("update", false, "rewrite ../docs/state-diagram.md, ../docs/lifecycle.pml and the README's diagram from the table")
 
 const diagramPath = "../docs/state-diagram.md"
 
@@ -82,7 +82,7 @@ func expectedRule(s State, c Cond) (Event, bool) {
 	switch {
 	case abortable && c&IfAbortAsked != 0:
 		return Abort, true
-	case s == Accepted && c&IfCloseAsked != 0:
+	case s == Accepted && c&IfCloseAsked != 0 && c&IfOutputQueued == 0:
 		return Close, true
 	case s == Receiving && c&IfOutputQueued != 0:
 		return Output, true

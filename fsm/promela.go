@@ -596,7 +596,7 @@ active proctype Driver() {
 				if
 				:: res = resDone
 				:: res = resFailed
-				:: owner_close || close_kind != closeNone || abort_asked -> res = resWoken
+				:: owner_close || (close_kind != closeNone && !out_q) || abort_asked -> res = resWoken /* the real driver starts a connection its wake-up left in Accepted */
 				fi
 			:: op == $opRead ->
 				if

@@ -85,10 +85,11 @@ var rules = []Rule{
 		Why:  "an abort was asked for: by Conn.Abort, Engine.Abort, the server's deadline, or a driver that saw a reset, an I/O error or a failed handshake",
 	},
 	{
-		From: []State{Accepted},
-		When: IfCloseAsked,
-		Fire: Close,
-		Why:  "a close was asked for before the connection started (its TLS handshake was interrupted): nothing was read or written",
+		From:   []State{Accepted},
+		When:   IfCloseAsked,
+		Unless: IfOutputQueued,
+		Fire:   Close,
+		Why:    "a close was asked for before the connection started (its TLS handshake was interrupted): nothing was read or written. A connection with output queued starts instead, so that its output is flushed before our FIN",
 	},
 	{
 		From: []State{Receiving},
