@@ -14,7 +14,9 @@ package sockfsm
 import (
 	"bytes"
 	"errors"
+	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"sync/atomic"
 	"testing"
@@ -664,4 +666,76 @@ func TestBlindRequestsAndWaker(t *testing.T) {
 			t.Fatalf("infos %+v", h.infos)
 		}
 	})
+}
+
+// TestBlindDoFloodDoesNotStarveTheDriver: a task that queues another each
+// time it runs (a flood of Do) does not keep the driver inside one step:
+// each step runs the tasks queued before it and leaves the rest pending, so
+// an abort, a timer or the server's deadline is taken at the next step.
+func TestBlindDoFloodDoesNotStarveTheDriver(t *testing.T) {
+	e, _ := receiving(t, testCfg)
+	runs := 0
+	var f func(c *Conn)
+	f = func(c *Conn) {
+		runs++
+		if err := c.Do(f); err != nil && runs < 3 {
+			t.Errorf("Do from a task: %v", err)
+		}
+	}
+	if err := e.Conn().Do(f); err != nil {
+		t.Fatal(err)
+	}
+	e.HandleTimeout(t0)
+	if runs != 1 || !e.Pending() {
+		t.Fatalf("after one step: %d runs, pending %v; want 1 run and the next task pending", runs, e.Pending())
+	}
+	e.Abort(nil)
+	e.HandleTimeout(t0)
+	if runs != 2 || e.State() != fsm.Aborting {
+		t.Fatalf("after the abort's step: %d runs, state %s; want 2 runs and aborting", runs, e.State())
+	}
+	e.CloseDone(t0) // the task queued last runs before OnClose, as Do promises; the one it queues is refused
+	if runs != 3 || e.State() != fsm.Closed {
+		t.Fatalf("after CloseDone: %d runs, state %s", runs, e.State())
+	}
+	if err := e.Conn().Do(f); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Do after OnClose: %v, want ErrClosed", err)
+	}
+}
+
+// unhashableListener is a net.Listener that cannot be a map key.
+type unhashableListener struct {
+	net.Listener
+	tags []string
+}
+
+// TestBlindServeUnhashableListener: Serve takes any net.Listener, even one
+// that cannot be compared (net/http keys its listeners by pointer too).
+func TestBlindServeUnhashableListener(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := newEchoServer(0)
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(unhashableListener{Listener: ln}) }()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	var b [1]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("Serve: %v", err)
+	}
 }

@@ -59,7 +59,7 @@ var past = time.Unix(1, 0)
 // Classify says how an I/O operation on a net.Conn-like transport ended:
 // nil is ResultOK, io.EOF is ResultEOF, an error matching
 // os.ErrDeadlineExceeded is ResultTimeout, the peer's reset (ECONNRESET,
-// ECONNABORTED, EPIPE) is ResultReset, anything else ResultError. Drivers
+// ECONNABORTED, EPIPE, ENOTCONN) is ResultReset, anything else ResultError. Drivers
 // use it to report results to the Engine.
 func Classify(err error) Result {
 	switch {
@@ -75,9 +75,11 @@ func Classify(err error) Result {
 	return ResultError
 }
 
-// isReset reports whether err is the peer's RST.
+// isReset reports whether err is the peer's RST: ECONNRESET, ECONNABORTED,
+// EPIPE, or ENOTCONN (shutdown(2) on a socket the peer has reset).
 func isReset(err error) bool {
-	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE)
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ENOTCONN)
 }
 
 // driver runs one Engine over one Transport: the thin I/O loop around the

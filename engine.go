@@ -192,6 +192,7 @@ type Engine struct {
 	start      time.Time
 	recvSince  time.Time // Receiving entered, input read, or reading resumed: idle base
 	sendSince  time.Time // the flush began: write deadline base
+	flushTo    int64     // bytesOut at which the flush begun at sendSince ends
 	halfAt     time.Time // HalfClosed entered: LingerTime base
 	lastLinger time.Time // last read while HalfClosed: LingerTimeout base
 
@@ -214,6 +215,7 @@ type Engine struct {
 	idleReset bool // reading resumed: the idle clock restarts at the next step
 	full      bool // a Write was refused for lack of room: OnDrain is owed
 	notified  bool // OnClose was called
+	lastTasks bool // the tasks run for the last time: Do refuses more
 	debug     bool // the logger logs transitions: see debugEnabled
 
 	pending atomic.Bool // a request waits for the driver's next step
@@ -342,7 +344,7 @@ func (e *Engine) beginStep(now time.Time) {
 func (e *Engine) endStep() {
 	e.settle()
 	e.inStep = false
-	e.pending.Store(false)
+	e.pending.Store(len(e.tasks) > 0 && !e.notified)
 	e.mu.Unlock()
 }
 
@@ -355,13 +357,12 @@ func (e *Engine) settle() {
 		e.ownerClose = false
 		e.askClose(closeFull, ReasonShutdown)
 	}
+	// The tasks queued so far run now; those they or other goroutines
+	// queue meanwhile wait for the next step (endStep leaves them pending),
+	// so that a flood of Do cannot keep the driver from its timers, its
+	// aborts and the server's deadline.
+	e.runTasks()
 	for range maxSettle {
-		for len(e.tasks) > 0 && !e.notified {
-			f := e.tasks[0]
-			e.tasks[0] = nil
-			e.tasks = e.tasks[1:]
-			e.callTask(f)
-		}
 		if e.idleReset {
 			e.idleReset = false
 			e.recvSince = e.now
@@ -374,6 +375,17 @@ func (e *Engine) settle() {
 		e.fire(ev)
 	}
 	e.internal(errors.New("sockfsm: the state-triggered rules did not settle"))
+}
+
+// runTasks runs the tasks queued by Conn.Do so far, in order.
+func (e *Engine) runTasks() {
+	if tasks := e.tasks; len(tasks) > 0 && !e.notified {
+		e.tasks = nil
+		for i, f := range tasks {
+			tasks[i] = nil
+			e.callTask(f)
+		}
+	}
 }
 
 // facts computes what the rules read.
@@ -735,6 +747,7 @@ func (e *Engine) Next(now time.Time) Action {
 	case OpWrite:
 		if !e.flushing {
 			e.flushing, e.sendSince = true, now
+			e.flushTo = e.bytesOut + int64(len(e.out)-e.outOff)
 		}
 		a.Data = e.out[e.outOff:len(e.out):len(e.out)]
 		a.Deadline, _ = e.deadline()
@@ -873,6 +886,15 @@ func (e *Engine) WriteDone(now time.Time, n int, r Result, err error) {
 				e.callback(cbFlush)
 			}
 		} else {
+			if e.bytesOut >= e.flushTo {
+				// The bytes queued when the flush began are out: what
+				// was queued since (pushed from another goroutine) is a
+				// flush of its own, with a WriteTimeout of its own. A
+				// peer still has to read MaxPendingOutput bytes per
+				// WriteTimeout.
+				e.sendSince = now
+				e.flushTo = e.bytesOut + int64(len(e.out)-e.outOff)
+			}
 			e.compactOutput()
 			switch r {
 			case ResultOK, ResultTimeout, ResultEOF:
@@ -912,7 +934,11 @@ func (e *Engine) CloseDone(now time.Time) {
 		e.fire(fsm.CloseDone)
 	}
 	if e.m.State() == fsm.Closed && !e.notified {
-		e.settle() // the tasks
+		// Every task Do accepted runs, before OnClose; from here on Do
+		// refuses new ones, so a task that queues another cannot keep
+		// the connection from ending.
+		e.lastTasks = true
+		e.runTasks()
 		e.notified = true
 		e.tasks = nil
 		if e.hClose != nil {

@@ -214,12 +214,12 @@ func (c *Conn) Abort(err error) {
 // runOnLoop): after the callback in progress, or as soon as the driver
 // wakes. Functions run in the order Do was called, each exactly once, even
 // if the connection closes first (before OnClose, so f's Writes then return
-// ErrShutdown). Do returns ErrClosed, and f never runs, if OnClose was
-// already called.
+// ErrShutdown). Do returns ErrClosed, and f never runs, once the transport
+// is closed: the last tasks are running, or OnClose was called.
 func (c *Conn) Do(f func(c *Conn)) error {
 	e := c.e
 	e.mu.Lock()
-	if e.notified {
+	if e.notified || e.lastTasks {
 		e.mu.Unlock()
 		return ErrClosed
 	}

@@ -58,7 +58,7 @@ func NewListener(ln net.Listener, cfg Config) *Listener {
 	l.srv.Config = cfg
 	l.srv.mu.Lock()
 	l.srv.initLocked()
-	l.srv.listeners[ln] = struct{}{}
+	l.srv.listeners[&l.ln] = struct{}{}
 	l.srv.mu.Unlock()
 	return l
 }

@@ -126,8 +126,9 @@ func (nc *NetConn) opError(op string, err error) error {
 	return e
 }
 
-// endError is the error of a call on a connection the engine has closed.
-// mu must be held.
+// endError is the error of a Write on a connection the engine has closed
+// without the application's Close: a reset's, or EPIPE after a graceful
+// close (our FIN is out). mu must be held.
 func (nc *NetConn) endError(op string) error {
 	if nc.end.Aborted() {
 		if nc.end.Reason == ReasonPeerReset {
@@ -135,7 +136,7 @@ func (nc *NetConn) endError(op string) error {
 		}
 		return nc.opError(op, nc.end.Err)
 	}
-	return nc.opError(op, net.ErrClosed)
+	return nc.opError(op, syscall.EPIPE)
 }
 
 // Read implements net.Conn.

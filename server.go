@@ -34,7 +34,7 @@ type Server struct {
 	inited    bool
 	sem       chan struct{} // MaxConns slots; nil when unlimited
 	done      chan struct{} // closed when shutting down
-	listeners map[net.Listener]struct{}
+	listeners map[*net.Listener]struct{} // by address: a listener need not be comparable
 	conns     map[*driver]struct{}
 	// accepting counts the Serve loops between calling Accept and
 	// registering what it returned: a connection there is not in conns
@@ -55,7 +55,7 @@ func (s *Server) initLocked() {
 		s.sem = make(chan struct{}, s.Config.MaxConns)
 	}
 	s.done = make(chan struct{})
-	s.listeners = map[net.Listener]struct{}{}
+	s.listeners = map[*net.Listener]struct{}{}
 	s.conns = map[*driver]struct{}{}
 }
 
@@ -98,11 +98,11 @@ func (s *Server) Serve(ln net.Listener) error {
 		ln.Close()
 		return ErrServerClosed
 	}
-	s.listeners[ln] = struct{}{}
+	s.listeners[&ln] = struct{}{}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		delete(s.listeners, ln)
+		delete(s.listeners, &ln)
 		s.mu.Unlock()
 		ln.Close()
 	}()
@@ -287,7 +287,7 @@ func (s *Server) stopLocked() {
 		close(s.done)
 	}
 	for ln := range s.listeners {
-		ln.Close()
+		(*ln).Close()
 	}
 }
 
@@ -344,6 +344,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 	}
 	<-s.abortAll()
+	s.mu.Lock()
+	killed := s.aborted != abortedBefore
+	s.mu.Unlock()
+	if !killed {
+		return nil // every connection closed gracefully as the deadline came
+	}
 	return ctx.Err()
 }
 
