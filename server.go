@@ -32,8 +32,8 @@ type Server struct {
 
 	mu        sync.Mutex
 	inited    bool
-	sem       chan struct{} // MaxConns slots; nil when unlimited
-	done      chan struct{} // closed when shutting down
+	sem       chan struct{}              // MaxConns slots; nil when unlimited
+	done      chan struct{}              // closed when shutting down
 	listeners map[*net.Listener]struct{} // by address: a listener need not be comparable
 	conns     map[*driver]struct{}
 	// accepting counts the Serve loops between calling Accept and
