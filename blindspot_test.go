@@ -739,3 +739,35 @@ func TestBlindServeUnhashableListener(t *testing.T) {
 		t.Fatalf("Serve: %v", err)
 	}
 }
+
+// TestBlindWriteTimeoutPerFlushOfQueuedBytes: WriteTimeout bounds the
+// flush of the bytes queued when it began. Bytes pushed from another
+// goroutine during the flush are a flush of their own, timed from when the
+// first is done, so a pusher that keeps the queue from emptying does not
+// shorten a reader's time; a peer that stops reading is still aborted one
+// WriteTimeout after its last completed flush.
+func TestBlindWriteTimeoutPerFlushOfQueuedBytes(t *testing.T) {
+	cfg := testCfg // WriteTimeout 20s
+	e, _ := receiving(t, cfg)
+	c := e.Conn()
+	c.Write(bytes.Repeat([]byte("a"), 100))
+	a := expect(t, e, t0, OpWrite, string(bytes.Repeat([]byte("a"), 100)), t0.Add(cfg.WriteTimeout))
+	_ = a
+	c.Write(bytes.Repeat([]byte("b"), 100)) // pushed during the flush
+	// The first 100 bytes go out just before their deadline.
+	at := t0.Add(cfg.WriteTimeout - time.Second)
+	e.WriteDone(at, 150, ResultOK, nil)
+	// The pushed bytes have a WriteTimeout of their own, from there.
+	if a := expect(t, e, at, OpWrite, string(bytes.Repeat([]byte("b"), 50)), at.Add(cfg.WriteTimeout)); len(a.Data) != 50 {
+		t.Fatalf("data %d", len(a.Data))
+	}
+	later := t0.Add(cfg.WriteTimeout + 5*time.Second) // past the first flush's deadline
+	e.WriteDone(later, 10, ResultOK, nil)
+	expect(t, e, later, OpWrite, string(bytes.Repeat([]byte("b"), 40)), at.Add(cfg.WriteTimeout))
+	// The peer stops reading: the second flush's deadline aborts.
+	e.WriteDone(at.Add(cfg.WriteTimeout), 0, ResultTimeout, os.ErrDeadlineExceeded)
+	expect(t, e, at.Add(cfg.WriteTimeout), OpAbort, "", time.Time{})
+	if r := e.CloseInfo().Reason; r != ReasonWriteTimeout {
+		t.Fatalf("reason %s", r)
+	}
+}
