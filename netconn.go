@@ -299,36 +299,26 @@ func (nc *NetConn) LocalAddr() net.Addr { return nc.info.LocalAddr }
 func (nc *NetConn) RemoteAddr() net.Addr { return nc.info.RemoteAddr }
 
 // SetDeadline implements net.Conn.
-func (nc *NetConn) SetDeadline(t time.Time) error {
-	nc.mu.Lock()
-	defer nc.mu.Unlock()
-	if nc.closed {
-		return nc.opError("set", net.ErrClosed)
-	}
-	nc.rd.Set(&nc.cond, t)
-	nc.wd.Set(&nc.cond, t)
-	return nil
-}
+func (nc *NetConn) SetDeadline(t time.Time) error { return nc.setDeadline(t, true, true) }
 
 // SetReadDeadline implements net.Conn.
-func (nc *NetConn) SetReadDeadline(t time.Time) error {
-	nc.mu.Lock()
-	defer nc.mu.Unlock()
-	if nc.closed {
-		return nc.opError("set", net.ErrClosed)
-	}
-	nc.rd.Set(&nc.cond, t)
-	return nil
-}
+func (nc *NetConn) SetReadDeadline(t time.Time) error { return nc.setDeadline(t, true, false) }
 
 // SetWriteDeadline implements net.Conn.
-func (nc *NetConn) SetWriteDeadline(t time.Time) error {
+func (nc *NetConn) SetWriteDeadline(t time.Time) error { return nc.setDeadline(t, false, true) }
+
+func (nc *NetConn) setDeadline(t time.Time, read, write bool) error {
 	nc.mu.Lock()
 	defer nc.mu.Unlock()
 	if nc.closed {
 		return nc.opError("set", net.ErrClosed)
 	}
-	nc.wd.Set(&nc.cond, t)
+	if read {
+		nc.rd.Set(&nc.cond, t)
+	}
+	if write {
+		nc.wd.Set(&nc.cond, t)
+	}
 	return nil
 }
 

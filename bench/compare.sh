@@ -58,6 +58,8 @@ SERVERS=(sockfsm plain)
 read -ra MODES <<<"${MODES:-echo churn idle}"
 
 say() { printf '%s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 die() { say "compare.sh: $*"; exit 1; }
 
 [[ $ROUNDS =~ ^[0-9]+$ ]] && ((ROUNDS >= 1 && ROUNDS <= 50)) || die "ROUNDS=$ROUNDS: want 1 to 50"
@@ -77,49 +79,18 @@ go build -o "$OUT/bin/server" ./cmd/server
 go build -o "$OUT/bin/plainecho" ./bench/plainecho
 go build -o "$OUT/bin/loadgen" ./cmd/loadgen
 
-# cpu_ticks PID: the process's utime+stime, in clock ticks. The fields are
-# counted after the command name, which is in parentheses.
-cpu_ticks() {
-	awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
-}
-
 # kv KEY LINE: the value of KEY in a key=value line.
 kv() {
 	printf '%s\n' "$2" | tr ' ' '\n' | awk -F= -v k="$1" '$1 == k { print $2; exit }'
 }
 
 # start_server NAME LOG: starts the server pinned to SERVER_CPU; sets
-# SRV_PID and SRV_ADDR from its "listening" log line.
+# SRV_PID and SRV_ADDR (bench/lib.sh).
 start_server() {
-	local name=$1 log=$2
-	case $name in
-	sockfsm) taskset -c "$SERVER_CPU" "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info 2>"$log" & ;;
-	plain) taskset -c "$SERVER_CPU" "$OUT/bin/plainecho" -addr 127.0.0.1:0 2>"$log" & ;;
+	case $1 in
+	sockfsm) launch "$1" "$2" "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info ;;
+	plain) launch "$1" "$2" "$OUT/bin/plainecho" -addr 127.0.0.1:0 ;;
 	esac
-	SRV_PID=$!
-	SRV_ADDR=
-	for _ in $(seq 200); do
-		SRV_ADDR=$(sed -n 's/.*msg=listening addr=\([^ ]*\).*/\1/p' "$log" | head -n 1)
-		[[ -n $SRV_ADDR ]] && return 0
-		kill -0 "$SRV_PID" 2>/dev/null || break
-		sleep 0.05
-	done
-	cat "$log" >&2
-	die "$name did not start listening"
-}
-
-# stop_server: SIGTERM (a graceful shutdown), then SIGKILL after 20s.
-stop_server() {
-	kill -TERM "$SRV_PID" 2>/dev/null || true
-	for _ in $(seq 400); do
-		kill -0 "$SRV_PID" 2>/dev/null || break
-		sleep 0.05
-	done
-	if kill -0 "$SRV_PID" 2>/dev/null; then
-		say "warning: server $SRV_PID ignored SIGTERM for 20s; killing it"
-		kill -KILL "$SRV_PID" 2>/dev/null || true
-	fi
-	wait "$SRV_PID" 2>/dev/null || true
 }
 
 failures=0

@@ -36,6 +36,8 @@ SERVERS=(sockfsm plain)
 read -ra MODES <<<"${MODES:-keepalive close}"
 
 say() { printf '%s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 die() { say "http.sh: $*"; exit 1; }
 
 [[ $ROUNDS =~ ^[0-9]+$ ]] && ((ROUNDS >= 1 && ROUNDS <= 50)) || die "ROUNDS=$ROUNDS: want 1 to 50"
@@ -60,35 +62,7 @@ mkdir -p "$OUT/bin"
 say "== building into $OUT/bin"
 go build -o "$OUT/bin/httpserver" ./bench/httpserver
 
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-
-start_server() {
-	local name=$1 log=$2
-	taskset -c "$SERVER_CPU" "$OUT/bin/httpserver" -listener "$name" -addr 127.0.0.1:0 2>"$log" &
-	SRV_PID=$!
-	SRV_ADDR=
-	for _ in $(seq 200); do
-		SRV_ADDR=$(sed -n 's/.*msg=listening addr=\([^ ]*\).*/\1/p' "$log" | head -n 1)
-		[[ -n $SRV_ADDR ]] && return 0
-		kill -0 "$SRV_PID" 2>/dev/null || break
-		sleep 0.05
-	done
-	cat "$log" >&2
-	die "$name did not start listening"
-}
-
-stop_server() {
-	kill -TERM "$SRV_PID" 2>/dev/null || true
-	for _ in $(seq 400); do
-		kill -0 "$SRV_PID" 2>/dev/null || break
-		sleep 0.05
-	done
-	if kill -0 "$SRV_PID" 2>/dev/null; then
-		say "warning: server $SRV_PID ignored SIGTERM for 20s; killing it"
-		kill -KILL "$SRV_PID" 2>/dev/null || true
-	fi
-	wait "$SRV_PID" 2>/dev/null || true
-}
+start_server() { launch "$1" "$2" "$OUT/bin/httpserver" -listener "$1" -addr 127.0.0.1:0; }
 
 # to_us VALUE: wrk's latency (e.g. 1.23ms, 456.00us, 1.02s) in microseconds.
 to_us() {
