@@ -155,20 +155,36 @@ func (c Config) limits() limits {
 }
 
 // CloseBound returns the longest a connection can stay open after the last
-// activity, whatever the peer does next: a flush bounded by WriteTimeout, an
-// idle period bounded by IdleTimeout, then a linger bounded by LingerTime.
-// The last activity is the peer's last input, or the handler's last Write if
-// that came later (a handler writes in its callbacks, which input triggers,
-// so the two coincide unless the Engine is driven by a loop of the
-// embedder's own that writes on its own), or the accept. If
-// MaxLifetime is on, the connection also closes within MaxLifetime +
-// WriteTimeout + LingerTime of being accepted. The second result is false
-// when IdleTimeout is off, in which case a silent peer is not bounded
-// except by MaxLifetime.
+// activity, whatever the peer does next: the flush in progress, bounded by
+// WriteTimeout, then the flush of what was queued meanwhile, bounded by
+// WriteTimeout again (each flush of the bytes queued when it began has a
+// WriteTimeout of its own, so that a peer that reads MaxPendingOutput per
+// WriteTimeout is never aborted, however fast others push to it); an idle
+// period bounded by IdleTimeout; then a linger bounded by LingerTime. The
+// last activity is the peer's last input, the handler's last Write (from a
+// callback or another goroutine) or ResumeRead, or the accept. A handler
+// that writes only from its callbacks never has two flushes in a row, so
+// its connections close within WriteTimeout less. The second result is
+// false when IdleTimeout is off, in which case a silent peer is not bounded
+// except by MaxLifetime (see LifetimeBound).
 func (c Config) CloseBound() (time.Duration, bool) {
 	l := c.limits()
 	if l.idle == 0 {
 		return 0, false
 	}
-	return l.write + l.idle + l.lingerTime, true
+	return 2*l.write + l.idle + l.lingerTime, true
+}
+
+// LifetimeBound returns the longest a connection can stay open after it
+// was accepted when MaxLifetime is on: at MaxLifetime the engine asks for a
+// graceful close (writes are refused from then on), the output queued is
+// flushed (at most two flushes, each bounded by WriteTimeout), and the
+// linger is bounded by LingerTime. The second result is false when
+// MaxLifetime is off.
+func (c Config) LifetimeBound() (time.Duration, bool) {
+	l := c.limits()
+	if l.lifetime == 0 {
+		return 0, false
+	}
+	return l.lifetime + 2*l.write + l.lingerTime, true
 }

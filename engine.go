@@ -362,6 +362,14 @@ func (e *Engine) settle() {
 	// so that a flood of Do cannot keep the driver from its timers, its
 	// aborts and the server's deadline.
 	e.runTasks()
+	if e.lim.lifetime > 0 && !e.now.Before(e.start.Add(e.lim.lifetime)) {
+		// MaxLifetime asks for a graceful close, in any state, as a
+		// server's shutdown does: writes are refused from now on, so a
+		// connection that is kept busy still ends.
+		if st := e.m.State(); st == fsm.Receiving || st == fsm.Sending {
+			e.askClose(closeFull, ReasonMaxLifetime)
+		}
+	}
 	for range maxSettle {
 		if e.idleReset {
 			e.idleReset = false
@@ -750,7 +758,7 @@ func (e *Engine) Next(now time.Time) Action {
 			e.flushTo = e.bytesOut + int64(len(e.out)-e.outOff)
 		}
 		a.Data = e.out[e.outOff:len(e.out):len(e.out)]
-		a.Deadline, _ = e.deadline()
+		a.Deadline = e.wakeAt()
 	}
 	e.op = a.Op
 	e.mu.Unlock()
@@ -763,8 +771,21 @@ func (e *Engine) Next(now time.Time) Action {
 // clock starts at Next, so ask after Next.
 func (e *Engine) Timeout() time.Time {
 	e.mu.Lock()
-	dl, _ := e.deadline()
+	dl := e.wakeAt()
 	e.mu.Unlock()
+	return dl
+}
+
+// wakeAt is when the engine must next act: the deadline of the current
+// state, or, while Sending, MaxLifetime if that comes first (it asks for a
+// close; the flush goes on).
+func (e *Engine) wakeAt() time.Time {
+	dl, _ := e.deadline()
+	if e.lim.lifetime > 0 && e.m.State() == fsm.Sending && e.closeKind != closeFull {
+		if l := e.start.Add(e.lim.lifetime); dl.IsZero() || l.Before(dl) {
+			dl = l
+		}
+	}
 	return dl
 }
 
@@ -788,6 +809,7 @@ func (e *Engine) deadline() (time.Time, timer) {
 		if e.flushing {
 			return e.sendSince.Add(e.lim.write), timerWrite
 		}
+		return time.Time{}, timerNone
 	case fsm.HalfClosed:
 		dl, t := e.halfAt.Add(e.lim.lingerTime), timerLingerTime
 		if e.lim.lingerTimeout > 0 {

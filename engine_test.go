@@ -480,7 +480,7 @@ func TestConfigDefaultsAndOff(t *testing.T) {
 	if off.idle != 0 || off.lingerTimeout != 0 || off.lingerBytes != 0 || off.lifetime != 0 {
 		t.Errorf("off %+v", off)
 	}
-	if b, ok := (Config{}).CloseBound(); !ok || b != DefaultWriteTimeout+DefaultIdleTimeout+DefaultLingerTime {
+	if b, ok := (Config{}).CloseBound(); !ok || b != 2*DefaultWriteTimeout+DefaultIdleTimeout+DefaultLingerTime {
 		t.Errorf("CloseBound %v %v", b, ok)
 	}
 	if _, ok := (Config{IdleTimeout: -1}).CloseBound(); ok {

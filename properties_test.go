@@ -381,9 +381,10 @@ func checkEdges(t *rapid.T, edges []edge) {
 	}
 }
 
-// checkBound asserts the connection closed within the bound computed from
-// the configuration: Config.CloseBound after the peer's last input, and
-// MaxLifetime + WriteTimeout + LingerTime after the start.
+// checkBound asserts the connection closed within the bounds computed from
+// the configuration: Config.CloseBound after the last activity (the peer's
+// last input, a push or resume from another goroutine), and
+// Config.LifetimeBound after the start.
 func checkBound(t *rapid.T, w *world) {
 	closedAt := w.conn.Rec.ClosedAt
 	last := w.start
@@ -396,10 +397,8 @@ func checkBound(t *rapid.T, w *world) {
 	if b, ok := w.cfg.CloseBound(); ok && closedAt.Sub(last) > b {
 		t.Fatalf("closed %v after the last input; the bound is %v (%+v)", closedAt.Sub(last), b, w.result)
 	}
-	if l := w.lim.lifetime; l > 0 {
-		if b := l + w.lim.write + w.lim.lingerTime; closedAt.Sub(w.start) > b {
-			t.Fatalf("closed %v after the start; MaxLifetime bound is %v", closedAt.Sub(w.start), b)
-		}
+	if b, ok := w.cfg.LifetimeBound(); ok && closedAt.Sub(w.start) > b {
+		t.Fatalf("closed %v after the start; MaxLifetime bound is %v", closedAt.Sub(w.start), b)
 	}
 }
 

@@ -350,8 +350,8 @@ func propStateMachine(t *rapid.T) {
 		if b, ok := s.cfg.CloseBound(); ok && s.closedAt.Sub(last) > b {
 			t.Fatalf("closed %v after the last activity; the bound is %v", s.closedAt.Sub(last), b)
 		}
-		if l := s.cfg.limits(); l.lifetime > 0 && s.closedAt.Sub(s.start) > l.lifetime+l.write+l.lingerTime {
-			t.Fatalf("closed %v after the start; the MaxLifetime bound is %v", s.closedAt.Sub(s.start), l.lifetime+l.write+l.lingerTime)
+		if b, ok := s.cfg.LifetimeBound(); ok && s.closedAt.Sub(s.start) > b {
+			t.Fatalf("closed %v after the start; the MaxLifetime bound is %v", s.closedAt.Sub(s.start), b)
 		}
 	}
 }
