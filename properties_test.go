@@ -168,6 +168,8 @@ type world struct {
 	// resumed reading: activity, like the peer's input.
 	lastPush time.Time
 	paused   bool // "another goroutine" paused reading
+	// early lists states reported before they were true of the socket.
+	early []string
 }
 
 // push writes p from outside the handler's callbacks, as another goroutine
@@ -243,6 +245,13 @@ func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
 	w.conn = sim.NewSocket(w.clock, dr, peer)
 	cfg.OnStateChange = func(_ ConnInfo, from, to fsm.State, ev fsm.Event) {
 		w.edges = append(w.edges, edge{from, to, ev})
+		// A state is entered when it is true of the socket.
+		if to == fsm.HalfClosed && from != fsm.HalfClosed && w.conn.Rec.CloseWrites != 1 {
+			w.early = append(w.early, fmt.Sprintf("half-closed entered after %d CloseWrite calls", w.conn.Rec.CloseWrites))
+		}
+		if to == fsm.Closed && w.conn.Rec.Closes != 1 {
+			w.early = append(w.early, fmt.Sprintf("closed entered after %d Close calls", w.conn.Rec.Closes))
+		}
 	}
 	cfg.OnClose = func(_ ConnInfo, info CloseInfo) {
 		w.hookCloses++
@@ -341,8 +350,17 @@ func checkCommon(t *rapid.T, w *world) {
 		t.Fatalf("Config.OnClose called %d times with %+v; run returned %+v", w.hookCloses, w.hookInfo, w.result)
 	}
 	// Only table edges, in sequence, from Accepted to Closed, and the
-	// looplab reference accepts each one.
+	// looplab reference accepts each one; each state reported once it
+	// was true of the socket.
 	checkEdges(t, w.edges)
+	for _, e := range w.early {
+		t.Fatalf("a state reported early: %s", e)
+	}
+	// The linger reads at most LingerBytes (and the one read that
+	// crosses it).
+	if lb := w.lim.lingerBytes; lb > 0 && int64(rec.ReadAfterFIN) > lb+int64(w.lim.readBuf) {
+		t.Fatalf("read %d bytes after our FIN; LingerBytes is %d", rec.ReadAfterFIN, lb)
+	}
 	// Output: a prefix of what the handler wrote reached the peer, in order.
 	got := append(append([]byte{}, rec.Received...), rec.Lost...)
 	got = append(got, w.conn.Pending()...)

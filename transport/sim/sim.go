@@ -83,6 +83,9 @@ var (
 type Record struct {
 	// Sent is what the peer sent; Read is what we read of it.
 	Sent, Read []byte
+	// ReadAfterFIN counts the bytes we read after our CloseWrite: the
+	// linger's reads.
+	ReadAfterFIN int
 	// Received is what the peer's application has read of our output, in
 	// order; Lost is what our RST (or the kernel's, for a close with
 	// unread input) destroyed in the peer's receive buffer.
@@ -305,6 +308,9 @@ func (c *Socket) Read(p []byte) (int, error) {
 			copy(p, c.inbuf[:n])
 			c.inbuf = c.inbuf[n:]
 			c.Rec.Read = append(c.Rec.Read, p[:n]...)
+			if c.finSent {
+				c.Rec.ReadAfterFIN += n
+			}
 			c.Rec.LastInput = c.clock.t
 			if len(c.inbuf) == 0 && c.peerFIN && c.pick("eof-with-data", 2) == 1 {
 				return n, io.EOF // as io.Reader allows, and TLS does
