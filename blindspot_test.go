@@ -771,3 +771,45 @@ func TestBlindWriteTimeoutPerFlushOfQueuedBytes(t *testing.T) {
 		t.Fatalf("reason %s", r)
 	}
 }
+
+// TestBlindEngineCloseFromATask: Engine.Close made while a Do task runs
+// (the lock released, a step in progress) is taken by that step, not lost
+// until the next input.
+func TestBlindEngineCloseFromATask(t *testing.T) {
+	e, _ := receiving(t, testCfg)
+	if err := e.Conn().Do(func(*Conn) { e.Close() }); err != nil {
+		t.Fatal(err)
+	}
+	e.HandleTimeout(t0)
+	if a := e.Next(t0); a.Op != OpCloseWrite || e.CloseInfo().Reason != ReasonShutdown {
+		t.Fatalf("after a task closed the engine: %v in %s (reason %s); want close-write", a.Op, e.State(), e.CloseInfo().Reason)
+	}
+}
+
+// TestBlindHeldHalfCloseIsNotBounded: after a held connection's half-close
+// (a net.Conn's CloseWrite) its application still reads, so the linger
+// bounds do not cut its input; they start when it closes.
+func TestBlindHeldHalfCloseIsNotBounded(t *testing.T) {
+	cfg := testCfg // LingerBytes 100, LingerTimeout 3s, LingerTime 7s
+	h := &testHandler{onOpen: func(c *Conn) { c.Hold() }, onData: func(*Conn, []byte) {}}
+	e := newTestEngine(t, cfg, h)
+	e.Start(t0)
+	e.Conn().CloseWrite()
+	expect(t, e, t0, OpCloseWrite, "", time.Time{})
+	e.CloseWriteDone(t0, ResultOK, nil)
+	expect(t, e, t0, OpRead, "", time.Time{}) // no linger deadline
+	late := t0.Add(time.Hour)
+	e.ReadDone(late, make([]byte, 500), ResultOK, nil) // past LingerBytes
+	expect(t, e, late, OpRead, "", time.Time{})
+	if len(h.received) != 500 {
+		t.Fatalf("the handler got %d bytes, want 500", len(h.received))
+	}
+	// The application closes: the linger starts now, with its bounds.
+	e.Conn().Close()
+	expect(t, e, late, OpRead, "", late.Add(cfg.LingerTimeout))
+	e.ReadDone(late, make([]byte, 100), ResultOK, nil)
+	expect(t, e, late, OpClose, "", time.Time{})
+	if info := e.CloseInfo(); info.Linger != LingerEndBytes || info.Discarded != 100 {
+		t.Fatalf("info %+v", info)
+	}
+}

@@ -177,7 +177,10 @@ func (d *driver) handshake() bool {
 	d.t.SetWriteDeadline(dl)
 	d.forgetDeadlines()
 	if d.e.Pending() {
-		return d.handleRequests()
+		if !d.handleRequests() {
+			return false // a close or an abort came before the handshake
+		}
+		d.e.Next(d.now()) // OpStart again: HandleTimeout ended the last one
 	}
 	if err := d.t.(handshaker).Handshake(); err != nil {
 		if d.e.Pending() && !d.handleRequests() {

@@ -207,16 +207,17 @@ type Engine struct {
 	err        error
 	linger     LingerEnd
 
-	op        Op   // the operation Next returned and no step has followed yet
-	inStep    bool // a step is running: requests need no wake-up
-	flushing  bool // the flush clock runs: sendSince is set
-	paused    bool // the handler paused reading
-	held      bool // the handler holds the connection after the peer's FIN
-	idleReset bool // reading resumed: the idle clock restarts at the next step
-	full      bool // a Write was refused for lack of room: OnDrain is owed
-	notified  bool // OnClose was called
-	lastTasks bool // the tasks run for the last time: Do refuses more
-	debug     bool // the logger logs transitions: see debugEnabled
+	op          Op   // the operation Next returned and no step has followed yet
+	inStep      bool // a step is running: requests need no wake-up
+	flushing    bool // the flush clock runs: sendSince is set
+	paused      bool // the handler paused reading
+	held        bool // the handler holds the connection after the peer's FIN
+	idleReset   bool // reading resumed: the idle clock restarts at the next step
+	lingerReset bool // a held half-close became a close: the linger starts at the next step
+	full        bool // a Write was refused for lack of room: OnDrain is owed
+	notified    bool // OnClose was called
+	lastTasks   bool // the tasks run for the last time: Do refuses more
+	debug       bool // the logger logs transitions: see debugEnabled
 
 	pending atomic.Bool // a request waits for the driver's next step
 
@@ -344,19 +345,13 @@ func (e *Engine) beginStep(now time.Time) {
 func (e *Engine) endStep() {
 	e.settle()
 	e.inStep = false
-	e.pending.Store(len(e.tasks) > 0 && !e.notified)
+	e.pending.Store((len(e.tasks) > 0 || e.ownerClose) && !e.notified)
 	e.mu.Unlock()
 }
 
 // settle runs the tasks queued by Conn.Do and fires the state-triggered
 // rules of the fsm package until none applies.
 func (e *Engine) settle() {
-	if e.ownerClose {
-		// The owner's close takes effect after the step's own work: a
-		// handler answering input that arrived with it still may write.
-		e.ownerClose = false
-		e.askClose(closeFull, ReasonShutdown)
-	}
 	// The tasks queued so far run now; those they or other goroutines
 	// queue meanwhile wait for the next step (endStep leaves them pending),
 	// so that a flood of Do cannot keep the driver from its timers, its
@@ -371,9 +366,22 @@ func (e *Engine) settle() {
 		}
 	}
 	for range maxSettle {
+		if e.ownerClose {
+			// The owner's close takes effect after the step's own work
+			// (a handler answering input that arrived with it still may
+			// write), and after a task or a hook that made it.
+			e.ownerClose = false
+			e.askClose(closeFull, ReasonShutdown)
+		}
 		if e.idleReset {
 			e.idleReset = false
 			e.recvSince = e.now
+		}
+		if e.lingerReset {
+			// The application of a held connection closed after its
+			// half-close: the linger starts now.
+			e.lingerReset = false
+			e.halfAt, e.lastLinger, e.lingerRead = e.now, e.now, 0
 		}
 		ev, cause, ok := e.m.Due(e.facts())
 		if !ok {
@@ -411,7 +419,7 @@ func (e *Engine) facts() fsm.Cond {
 	if dl, _ := e.deadline(); !dl.IsZero() && !e.now.Before(dl) {
 		c |= fsm.IfTimer
 	}
-	if e.lim.lingerBytes > 0 && e.lingerRead >= e.lim.lingerBytes {
+	if e.lim.lingerBytes > 0 && e.lingerRead >= e.lim.lingerBytes && e.lingerBounded() {
 		c |= fsm.IfLingerBytes
 	}
 	if e.held {
@@ -505,6 +513,9 @@ func (e *Engine) askClose(k closeKind, r Reason) (bool, error) {
 	}
 	if k <= e.closeKind {
 		return false, nil
+	}
+	if e.held && e.closeKind == closeHalf && e.m.State() == fsm.HalfClosed {
+		e.lingerReset = true // the linger was not running: see lingerBounded
 	}
 	e.closeKind = k
 	e.setReason(r)
@@ -789,6 +800,12 @@ func (e *Engine) wakeAt() time.Time {
 	return dl
 }
 
+// lingerBounded reports whether the linger bounds apply in HalfClosed.
+// They do, except after a held connection's half-close: its application
+// still reads, as from a net.Conn after CloseWrite, and ends the connection
+// with its own Close, from which the linger and its bounds start.
+func (e *Engine) lingerBounded() bool { return !(e.held && e.closeKind == closeHalf) }
+
 // deadline returns the deadline of the current state and which timer it
 // is.
 func (e *Engine) deadline() (time.Time, timer) {
@@ -811,6 +828,9 @@ func (e *Engine) deadline() (time.Time, timer) {
 		}
 		return time.Time{}, timerNone
 	case fsm.HalfClosed:
+		if !e.lingerBounded() {
+			return time.Time{}, timerNone
+		}
 		dl, t := e.halfAt.Add(e.lim.lingerTime), timerLingerTime
 		if e.lim.lingerTimeout > 0 {
 			if l := e.lastLinger.Add(e.lim.lingerTimeout); l.Before(dl) {

@@ -233,8 +233,11 @@ func (c *Conn) Do(f func(c *Conn)) error {
 // Hold keeps the connection open after the peer's FIN until the handler
 // closes it, as the user of a net.Conn does: without it the engine
 // half-closes once the answer to the peer's FIN is flushed, so that no
-// socket is left in CLOSE_WAIT. A handler that holds must close. Call it
-// in OnOpen.
+// socket is left in CLOSE_WAIT. After a held connection's CloseWrite the
+// linger bounds do not apply either: its handler still takes the input,
+// as a net.Conn's user reads after CloseWrite, and the linger and its
+// bounds start at its Close. A handler that holds must close. Call it in
+// OnOpen.
 func (c *Conn) Hold() {
 	c.e.mu.Lock()
 	c.e.held = true

@@ -2,7 +2,6 @@ package sockfsm
 
 import (
 	"context"
-	"errors"
 	"net"
 	"sync"
 
@@ -139,7 +138,7 @@ func (l *Listener) closedError() error {
 // Close stops accepting, as net.Listener's Close does: the connections
 // already accepted carry on. Use Shutdown to close them too.
 func (l *Listener) Close() error {
-	err := errors.New("sockfsm: listener already closed")
+	err := error(&net.OpError{Op: "close", Net: l.ln.Addr().Network(), Addr: l.ln.Addr(), Err: net.ErrClosed})
 	l.closeOnce.Do(func() {
 		close(l.closed)
 		err = l.ln.Close()

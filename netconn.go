@@ -160,6 +160,12 @@ func (nc *NetConn) Read(b []byte) (int, error) {
 			if nc.end.Aborted() {
 				return 0, nc.endError("read")
 			}
+			if !nc.end.PeerFIN {
+				// The engine closed before the peer's FIN (a linger
+				// bound after the application's close): the input was
+				// cut short, not ended.
+				return 0, nc.opError("read", io.ErrUnexpectedEOF)
+			}
 			return 0, io.EOF
 		case nc.rd.Expired():
 			return 0, nc.opError("read", os.ErrDeadlineExceeded)
