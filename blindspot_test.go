@@ -703,10 +703,19 @@ func TestBlindDoFloodDoesNotStarveTheDriver(t *testing.T) {
 	}
 }
 
-// unhashableListener is a net.Listener that cannot be a map key.
+// unhashableListener is a net.Listener that cannot be a map key: it holds
+// a func.
 type unhashableListener struct {
 	net.Listener
-	tags []string
+	onAccept func()
+}
+
+// Accept implements net.Listener.
+func (l unhashableListener) Accept() (net.Conn, error) {
+	if l.onAccept != nil {
+		l.onAccept()
+	}
+	return l.Listener.Accept()
 }
 
 // TestBlindServeUnhashableListener: Serve takes any net.Listener, even one
@@ -718,7 +727,7 @@ func TestBlindServeUnhashableListener(t *testing.T) {
 	}
 	srv := newEchoServer(0)
 	done := make(chan error, 1)
-	go func() { done <- srv.Serve(unhashableListener{Listener: ln}) }()
+	go func() { done <- srv.Serve(unhashableListener{Listener: ln, onAccept: func() {}}) }()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
