@@ -197,3 +197,30 @@ func TestDriverPanicStillNotifiesOnce(t *testing.T) {
 		})
 	}
 }
+
+// handshaking is a scripted transport with a TLS-like handshake that
+// counts its calls.
+type handshaking struct {
+	*scripted
+	handshakes int
+}
+
+func (h *handshaking) Handshake() error { h.handshakes++; return nil }
+
+// TestDriverHandshakeRunsWithARequestPending: output queued before the
+// driver starts (a server that speaks first, right after Accept) does not
+// skip the handshake, which the driver runs first, bounded by its own
+// deadline, before the engine starts and the output is flushed.
+func TestDriverHandshakeRunsWithARequestPending(t *testing.T) {
+	tr := &handshaking{scripted: &scripted{t: t, reads: []scriptedRead{{"", io.EOF}}}}
+	cfg := hourCfg
+	d := &driver{}
+	d.init(tr, cfg.limits(), Echo{}, ConnInfo{ID: 1}, &cfg, time.Now)
+	if _, err := d.e.Conn().Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	d.run()
+	if tr.handshakes != 1 || tr.written.String() != "hello" || d.result.Aborted() {
+		t.Fatalf("handshakes %d, the peer got %q, info %+v; want 1 handshake, then the greeting", tr.handshakes, tr.written.String(), d.result)
+	}
+}
