@@ -178,7 +178,7 @@ func BenchmarkEngineLifecycle(b *testing.B) {
 // It runs only the state machine, not the engine around it.
 func BenchmarkLooplabLifecycle(b *testing.B) {
 	b.ReportAllocs()
-	events := []fsm.Event{fsm.Start, fsm.Input, fsm.Output, fsm.Flushed, fsm.PeerFIN, fsm.HalfClose, fsm.Close}
+	events := []fsm.Event{fsm.Start, fsm.Input, fsm.Output, fsm.Flushed, fsm.PeerFIN, fsm.HalfClose, fsm.FINSent, fsm.Close, fsm.CloseDone}
 	for b.Loop() {
 		ref := fsm.NewReference()
 		for _, ev := range events {
