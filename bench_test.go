@@ -164,7 +164,7 @@ func BenchmarkEngineLifecycle(b *testing.B) {
 			info := ConnInfo{ID: id, RemoteAddr: remote}
 			d := &driver{}
 			d.init(nil, lim, h, info, &cfg, time.Now)
-			if err := lifecycle(d.e, now); err != nil || h.closes != 1 {
+			if err := lifecycle(&d.e, now); err != nil || h.closes != 1 {
 				b.Fatalf("lifecycle: %v, %d closes", err, h.closes)
 			}
 			d.releaseBuffer()

@@ -88,7 +88,7 @@ func isReset(err error) bool {
 // checks it), as a driver of an embedder's own would.
 type driver struct {
 	t    Transport
-	e    *Engine
+	e    Engine // embedded: one allocation per connection, not two (Engine.Init)
 	now  func() time.Time
 	lazy transport.LazyReader // t, if it can wait for input without a buffer
 	bufs *transport.Buffers   // read buffers, shared by the connections
@@ -114,11 +114,9 @@ type driver struct {
 // init prepares d to run t with h. cfg must be valid and h not nil: the
 // callers check both once, not per connection.
 func (d *driver) init(t Transport, lim limits, h Handler, info ConnInfo, cfg *Config, now func() time.Time) {
-	e, err := NewEngine(*cfg, h, info)
-	if err != nil {
+	if err := d.e.Init(*cfg, h, info); err != nil {
 		panic("sockfsm: driver.init: " + err.Error()) // the callers validated both
 	}
-	d.e = e
 	d.t = t
 	d.log = cfg.Logger
 	d.now = now

@@ -228,19 +228,31 @@ type Engine struct {
 // error matching ErrInvalidConfig if cfg is invalid. cfg.MaxConns is
 // ignored.
 func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
-	if err := cfg.Validate(); err != nil {
+	e := &Engine{}
+	if err := e.Init(cfg, h, info); err != nil {
 		return nil, err
 	}
+	return e, nil
+}
+
+// Init prepares e, a zero Engine, for one connection, as NewEngine does: for
+// a driver that keeps the Engine inside its own per-connection struct and so
+// saves an allocation per connection (Server's driver does). It returns the
+// errors NewEngine returns. Call it once, before any other method, and do
+// not copy e afterwards.
+func (e *Engine) Init(cfg Config, h Handler, info ConnInfo) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
 	if h == nil {
-		return nil, ErrNoHandler
+		return ErrNoHandler
 	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	e := &Engine{}
 	e.init(cfg.limits(), h, info, &cfg, log)
-	return e, nil
+	return nil
 }
 
 func (e *Engine) init(lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger) {

@@ -238,7 +238,7 @@ func (s *Server) start(t Transport, lim limits, h Handler, info ConnInfo) *Engin
 	s.mu.Unlock()
 
 	go s.runConn(d)
-	return d.e
+	return &d.e
 }
 
 // runConn is the goroutine of one connection.
