@@ -36,6 +36,42 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // deadline bounds every socket operation and every wait in these tests.
 const deadline = 10 * time.Second
 
+// startProcess starts cmd with its stdout in story and its stderr copied,
+// line by line, to logs. It returns a channel that gets the address of the
+// server's "listening" log line, one closed when its stderr ends, and one
+// that gets cmd.Wait's result once the process has exited and its stderr
+// is read.
+func startProcess(t *testing.T, cmd *exec.Cmd, story, logs io.Writer) (addr <-chan string, logsDone <-chan struct{}, exited <-chan error) {
+	t.Helper()
+	cmd.Stdout = story
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	addrc := make(chan string, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(stderr)
+		re := regexp.MustCompile(`msg=listening addr=(\S+)`)
+		for sc.Scan() {
+			fmt.Fprintln(logs, sc.Text())
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				select {
+				case addrc <- m[1]:
+				default:
+				}
+			}
+		}
+	}()
+	exit := make(chan error, 1)
+	go func() { <-done; exit <- cmd.Wait() }()
+	return addrc, done, exit
+}
+
 // syncBuffer is a bytes.Buffer safe for concurrent use.
 type syncBuffer = testutil.SyncBuffer
 
@@ -219,34 +255,8 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	cmd := exec.Command(bin, "-addr", "127.0.0.1:0", "-v",
 		"-idle-timeout", "5s", "-write-timeout", "5s", "-linger-timeout", "2s", "-linger-time", "3s",
 		"-shutdown-timeout", shutdownTimeout.String())
-	var story syncBuffer
-	cmd.Stdout = &story
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var logs syncBuffer
-	addrc := make(chan string, 1)
-	logsDone := make(chan struct{})
-	go func() {
-		defer close(logsDone)
-		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`msg=listening addr=(\S+)`)
-		for sc.Scan() {
-			fmt.Fprintln(&logs, sc.Text())
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
-				select {
-				case addrc <- m[1]:
-				default:
-				}
-			}
-		}
-	}()
-	exited := make(chan error, 1)
-	go func() { <-logsDone; exited <- cmd.Wait() }()
+	var story, logs syncBuffer
+	addrc, logsDone, exited := startProcess(t, cmd, &story, &logs)
 	var (
 		exitErr error
 		hasExit bool

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"net"
 	"os/exec"
-	"regexp"
 	"runtime"
 	"strings"
 	"syscall"
@@ -34,32 +32,7 @@ func TestSecondSignal(t *testing.T) {
 	cmd := exec.Command(bin, "-addr", "127.0.0.1:0", "-v",
 		"-shutdown-timeout", "1h", "-linger-timeout", "1h", "-linger-time", "1h")
 	var story, logs syncBuffer
-	cmd.Stdout = &story
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	addrc := make(chan string, 1)
-	logsDone := make(chan struct{})
-	go func() {
-		defer close(logsDone)
-		sc := bufio.NewScanner(stderr)
-		re := regexp.MustCompile(`msg=listening addr=(\S+)`)
-		for sc.Scan() {
-			fmt.Fprintln(&logs, sc.Text())
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
-				select {
-				case addrc <- m[1]:
-				default:
-				}
-			}
-		}
-	}()
-	exited := make(chan error, 1)
-	go func() { <-logsDone; exited <- cmd.Wait() }()
+	addrc, logsDone, exited := startProcess(t, cmd, &story, &logs)
 	hasExited := false
 	defer func() {
 		if !hasExited {
