@@ -1,0 +1,79 @@
+// Package loop is an event-loop driver for sockfsm: its Server serves
+// connections with the same Engine, Handler, Config and promises as
+// sockfsm.Server, on a few event loops instead of a goroutine per
+// connection, so that an idle connection costs its Engine and its
+// descriptor and nothing more (no goroutine stack, no read buffer).
+//
+// On Linux the loops are epoll loops built on golang.org/x/sys/unix. On
+// other systems there is no event loop: Server delegates to
+// sockfsm.Server, the goroutine driver, with the same API and semantics
+// (and logs once, at Info, that it does).
+//
+// # Loops and accepting
+//
+// Server runs Loops event loops (runtime.GOMAXPROCS(0) by default), each a
+// goroutine with an epoll instance, an eventfd for wake-ups, a timer heap
+// and one read buffer of Config.ReadBufferSize shared by its connections.
+// Serve is given one listener, so one loop accepts on it: the listener's
+// descriptor is duplicated into that loop's epoll set (level-triggered) and
+// accept4 hands each new connection out, round-robin, to a loop (itself or
+// another, through that loop's mailbox and eventfd). SO_REUSEPORT, with a
+// listener per loop, would spread the accepts in the kernel instead, but
+// it must be set before bind, on sockets Serve does not create; and a
+// single accepting loop costs the loop it runs on no more than the kernel's
+// work per accept. At Config.MaxConns open connections the accepting loop
+// stops watching the listener until one closes; on EMFILE, ENFILE and the
+// other temporary accept errors it stops for a back-off of 5 ms doubling to
+// 1 s, as sockfsm.Server does.
+//
+// # Readiness
+//
+// Connections are registered edge-triggered (EPOLLET), once, for EPOLLIN
+// and EPOLLRDHUP; EPOLLOUT is added only after a write found the socket
+// full, and dropped again once our FIN is out (Linux reports a socket whose
+// sending side is shut down writable forever). The loop keeps what it
+// learnt from the edges (readable, writable, the peer's FIN seen) in the
+// connection, reads until a short read or EAGAIN and writes until EAGAIN,
+// so no readiness stays armed on a connection that cannot progress: a loop
+// with nothing to do sleeps in epoll_wait until an edge, its next timer or
+// a wake-up. A connection gets a budget of steps per turn; one that still
+// has work is queued for the next turn, so a peer that floods cannot keep
+// the loop from the others.
+//
+// TCP as the lifecycle wants it: a zero read (announced by EPOLLRDHUP) is
+// the peer's FIN, after which the connection keeps sending; our FIN is
+// shutdown(SHUT_WR); an abort is SO_LINGER {1, 0} then close, which sends
+// RST; ECONNRESET, EPIPE, ECONNABORTED and ENOTCONN are reported to the
+// engine as the peer's reset (sockfsm.Classify), other errors as I/O
+// errors. Accepted TCP connections get TCP_NODELAY, as net's do; no
+// keep-alive is set (IdleTimeout and the linger bounds end dead peers).
+//
+// # Timers
+//
+// Each engine has one deadline at a time (the deadline of its Next action).
+// A loop keeps them in a binary heap: arming a later deadline than the one
+// in the heap leaves the heap alone (the entry fires early, and is moved
+// then), so a busy connection touches the heap about once per IdleTimeout,
+// not once per read. epoll_wait sleeps until the earliest entry, to the
+// millisecond. Time is read from the monotonic clock.
+//
+// # Handlers run on the loop
+//
+// The Handler's callbacks, Conn.Do's functions and Config's hooks
+// (OnStateChange, OnClose) run on the connection's loop goroutine, and
+// NewHandler on the accepting loop's. A callback that blocks stalls every
+// connection of its loop: hand blocking work to another goroutine, which
+// may use the Conn at any time (Write, CloseWrite, Close, Abort, Do,
+// PauseRead, ResumeRead wake the loop through its eventfd), exactly as with
+// sockfsm.Server.
+//
+// # What is not supported
+//
+// TLS: Serve refuses a listener other than *net.TCPListener and
+// *net.UnixListener (a tls.Listener, say) with an error matching
+// ErrUnsupportedListener; serve TLS with sockfsm.Server. ConnInfo.ID is
+// numbered by this package, separately from sockfsm's own drivers.
+//
+// The driver uses the Engine's exported API only: it is a package of its
+// own (TestNoBackdoor checks that it reaches no further than any other).
+package loop

@@ -1,0 +1,841 @@
+package loop
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockfsm/sockfsm"
+)
+
+// Tuning.
+const (
+	// maxEvents is how many events one epoll_wait returns at most.
+	maxEvents = 256
+	// stepBudget is how many engine steps a connection gets per turn of
+	// its loop; one that still has work is queued for the next turn, so
+	// that a peer that floods cannot keep the loop from the others.
+	stepBudget = 32
+	// acceptBudget is how many connections a turn accepts at most per
+	// listener.
+	acceptBudget = 64
+	// maxWait bounds one epoll_wait, in milliseconds.
+	maxWait = 60 * 60 * 1000
+
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+)
+
+// The interest sets: connections are edge-triggered; EPOLLOUT is added once
+// a write finds the socket full (see the package doc).
+const (
+	interestRead  = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
+	interestWrite = interestRead | unix.EPOLLOUT
+)
+
+// conn flags: what the loop knows of a connection's socket.
+const (
+	// fReadable: an edge said input, the peer's FIN or an error is there;
+	// cleared by EAGAIN, or by a short read when no FIN is queued.
+	fReadable uint8 = 1 << iota
+	// fWritable: the last write did not find the socket full.
+	fWritable
+	// fPeerFIN: EPOLLRDHUP, EPOLLHUP or EPOLLERR came: read until zero or
+	// an error, however short the reads.
+	fPeerFIN
+	// fOutArmed: EPOLLOUT is in the interest set.
+	fOutArmed
+	// fFINSent: our FIN is out; EPOLLOUT must not stay armed.
+	fFINSent
+	// fQueued: in the loop's run queue.
+	fQueued
+	// fClosed: the descriptor is closed; the connection is gone from the
+	// loop.
+	fClosed
+)
+
+// conn is one connection of a loop: its engine (by value: one allocation
+// per connection, see sockfsm.Engine.Init), its descriptor, its timer and
+// what the edges said. It holds no buffer and no goroutine. The remote
+// address of a TCP connection lives here too, so that ConnInfo costs no
+// allocation of its own.
+type conn struct {
+	e     sockfsm.Engine
+	l     *eventLoop
+	raddr net.TCPAddr
+	ip    [16]byte
+	dl    int64 // the engine's deadline on the loop's clock; 0: none
+	fd    int32
+	ti    int32 // the timer heap's index of the connection's entry, plus one; 0: none
+	flags uint8
+	woken bool // in l.mail.woken; guarded by l.mu
+}
+
+// wake is the engine's waker: a request from any goroutine needs the loop.
+func (c *conn) wake(sockfsm.Op) { c.l.postWake(c) }
+
+// cmd is a command to a loop from the server.
+type cmd uint8
+
+const (
+	cmdStop   cmd = 1 << iota // stop accepting
+	cmdClose                  // close every connection gracefully
+	cmdKill                   // abort every connection (ErrShutdownDeadline)
+	cmdResume                 // a connection closed: resume accepting if paused at MaxConns
+	cmdExit                   // the server is drained: return
+)
+
+// mailbox is what other goroutines hand a loop; guarded by eventLoop.mu.
+type mailbox struct {
+	woken     []*conn     // engines whose waker was called
+	incoming  []*conn     // connections another loop accepted for this one
+	acceptors []*acceptor // listeners to accept on
+	cmds      cmd
+}
+
+// eventLoop is one event loop: a goroutine around epoll_wait.
+type eventLoop struct {
+	s      *serverState
+	k      kernel
+	wakefd int32
+	epoch  time.Time // the loop's clock reads nanoseconds since epoch
+	buf    []byte    // the read buffer, shared by the loop's connections
+	events []unix.EpollEvent
+	conns  []*conn // by descriptor
+	n      int     // open connections
+	timers timerHeap
+	runq   []*conn // connections with work left from their last turn
+	spare  []*conn // the run queue's other slice
+	accs   []*acceptor
+
+	stopped, closing, killing, exit bool
+
+	mu       sync.Mutex
+	posted   bool // the eventfd was written and the loop has not read its mail yet
+	shutdown bool // the loop has returned: posts are dropped
+	mail     mailbox
+	spareW   []*conn // mail.woken's other slice
+	spareI   []*conn // mail.incoming's other slice
+}
+
+func newEventLoop(s *serverState, k kernel, bufSize int) *eventLoop {
+	return &eventLoop{
+		s:      s,
+		k:      k,
+		wakefd: k.wakeFD(),
+		epoch:  k.now(),
+		buf:    make([]byte, bufSize),
+		events: make([]unix.EpollEvent, maxEvents),
+	}
+}
+
+// ns returns t on the loop's clock.
+func (l *eventLoop) ns(t time.Time) int64 { return int64(t.Sub(l.epoch)) }
+
+// run is the loop's goroutine.
+func (l *eventLoop) run() {
+	defer l.s.loopsDone.Done()
+	for !l.exit {
+		l.turn()
+	}
+	l.close()
+}
+
+// close releases the loop once it has returned.
+func (l *eventLoop) close() {
+	l.mu.Lock()
+	l.shutdown = true
+	l.mu.Unlock()
+	// The server exits a loop once it is drained; anything left is a
+	// bug, and its descriptors must not leak.
+	for _, c := range l.conns {
+		if c != nil {
+			l.s.log.Error("sockfsm/loop: connection left at exit; aborted", "conn", c.e.Info().ID)
+			l.closeFD(c, true)
+		}
+	}
+	for _, a := range slices.Clone(l.accs) {
+		l.closeAcceptor(a, sockfsm.ErrServerClosed)
+	}
+	l.k.shutdown()
+}
+
+// turn is one turn of the loop: wait, then handle the events, the mail, the
+// timers and the run queue.
+func (l *eventLoop) turn() {
+	n, err := l.k.wait(l.events, l.waitTimeout())
+	if err != nil {
+		if err != unix.EINTR {
+			l.s.log.Error("sockfsm/loop: epoll_wait failed", "err", err)
+		}
+		n = 0
+	}
+	mail := false
+	for i := range n {
+		ev := &l.events[i]
+		fd := ev.Fd
+		if fd == l.wakefd {
+			mail = true
+			continue
+		}
+		if int(fd) < len(l.conns) {
+			if c := l.conns[fd]; c != nil {
+				l.ready(c, ev.Events)
+				continue
+			}
+		}
+		for _, a := range l.accs {
+			if a.fd == fd {
+				l.accept(a)
+				break
+			}
+		}
+	}
+	if mail {
+		l.readMail()
+	}
+	l.fireTimers()
+	l.runQueue()
+}
+
+// waitTimeout is how long the next epoll_wait may sleep: until the first
+// timer, or not at all if the run queue has work.
+func (l *eventLoop) waitTimeout() int {
+	if len(l.runq) > 0 {
+		return 0
+	}
+	var at int64
+	if len(l.timers) > 0 {
+		at = l.timers[0].at
+	}
+	for _, a := range l.accs {
+		if a.resumeAt != 0 && (at == 0 || a.resumeAt < at) {
+			at = a.resumeAt
+		}
+	}
+	if at == 0 {
+		return -1
+	}
+	d := at - l.ns(l.k.now())
+	if d <= 0 {
+		return 0
+	}
+	return int(min((d+int64(time.Millisecond)-1)/int64(time.Millisecond), maxWait))
+}
+
+// ready records what an edge says of c's socket and drives c.
+func (l *eventLoop) ready(c *conn, ev uint32) {
+	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		c.flags |= fReadable
+	}
+	if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		c.flags |= fPeerFIN
+	}
+	if ev&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		c.flags |= fWritable
+	}
+	l.drive(c, false)
+}
+
+// ---- driving engines ----------------------------------------------------------
+
+// drive runs c's engine until it must wait for its socket, its timer or a
+// wake-up, or until its budget for this turn is spent. With handle, it
+// first lets the engine handle what is due (its deadline passed, or its
+// waker was called). A panic that escapes the engine (the engine recovers
+// the handler's) aborts the connection, and the loop goes on.
+func (l *eventLoop) drive(c *conn, handle bool) {
+	defer l.recoverConn(c)
+	if handle {
+		c.e.HandleTimeout(l.k.now())
+	}
+	for range stepBudget {
+		now := l.k.now()
+		a := c.e.Next(now)
+		switch a.Op {
+		case sockfsm.OpRead, sockfsm.OpWait:
+			l.arm(c, a.Deadline)
+			// A request may have come before the deadline was armed:
+			// see Engine.Pending.
+			if c.e.Pending() {
+				c.e.HandleTimeout(now)
+				continue
+			}
+			if a.Op == sockfsm.OpWait || c.flags&fReadable == 0 || !l.read(c, now) {
+				l.park(c)
+				return
+			}
+		case sockfsm.OpWrite:
+			l.arm(c, a.Deadline)
+			if c.e.Pending() {
+				c.e.HandleTimeout(now)
+				continue
+			}
+			if c.flags&fWritable == 0 || !l.write(c, now, a.Data) {
+				l.park(c)
+				return
+			}
+		case sockfsm.OpCloseWrite:
+			err := l.k.shutdownWrite(c.fd)
+			c.flags |= fFINSent
+			if err != nil {
+				err = opError("shutdown", c, err)
+			}
+			c.e.CloseWriteDone(now, sockfsm.Classify(err), err)
+		case sockfsm.OpClose, sockfsm.OpAbort:
+			l.closeFD(c, a.Op == sockfsm.OpAbort)
+			c.e.CloseDone(l.k.now())
+		case sockfsm.OpDone:
+			l.s.connGone(c.e.CloseInfo().Reason)
+			return
+		case sockfsm.OpStart:
+			c.e.Start(now)
+		default:
+			panic(fmt.Sprintf("sockfsm/loop: the engine returned unknown op %d", a.Op))
+		}
+	}
+	l.enqueue(c)
+}
+
+// read performs one read for OpRead and reports it. It returns false if
+// the socket had nothing (EAGAIN): the connection waits for an edge.
+func (l *eventLoop) read(c *conn, now time.Time) bool {
+	n, err := l.k.read(c.fd, l.buf)
+	switch {
+	case err == unix.EAGAIN:
+		c.flags &^= fReadable
+		return false
+	case err == unix.EINTR:
+	case err != nil:
+		err = opError("read", c, err)
+		c.e.ReadDone(now, nil, sockfsm.Classify(err), err)
+	case n == 0:
+		c.e.ReadDone(now, nil, sockfsm.ResultEOF, io.EOF)
+	default:
+		// A short read emptied the socket: the next input comes with an
+		// edge of its own. Not so the FIN behind it, whose edge came.
+		if n < len(l.buf) && c.flags&fPeerFIN == 0 {
+			c.flags &^= fReadable
+		}
+		c.e.ReadDone(now, l.buf[:n:n], sockfsm.ResultOK, nil) // capped: the buffer is the loop's
+	}
+	return true
+}
+
+// write performs one write of p for OpWrite and reports it. It returns
+// false if the socket was full (EAGAIN): the connection waits for EPOLLOUT,
+// armed now if it was not.
+func (l *eventLoop) write(c *conn, now time.Time, p []byte) bool {
+	n, err := l.k.write(c.fd, p)
+	switch {
+	case err == unix.EAGAIN:
+		c.flags &^= fWritable
+		if c.flags&fOutArmed == 0 {
+			// EPOLL_CTL_MOD reports the socket at once if it became
+			// writable since the EAGAIN: no edge is lost.
+			if err := l.k.ctl(unix.EPOLL_CTL_MOD, c.fd, interestWrite); err != nil {
+				c.e.Abort(errors.Join(sockfsm.ErrIO, os.NewSyscallError("epoll_ctl", err)))
+				return true
+			}
+			c.flags |= fOutArmed
+		}
+		return false
+	case err == unix.EINTR:
+	case err != nil:
+		err = opError("write", c, err)
+		c.e.WriteDone(now, 0, sockfsm.Classify(err), err)
+	default:
+		c.e.WriteDone(now, n, sockfsm.ResultOK, nil)
+	}
+	return true
+}
+
+// park leaves c waiting for an edge, its timer or its waker. After our FIN
+// it takes EPOLLOUT out of the interest set.
+func (l *eventLoop) park(c *conn) {
+	if c.flags&(fFINSent|fOutArmed) == fFINSent|fOutArmed {
+		c.flags &^= fOutArmed
+		l.k.ctl(unix.EPOLL_CTL_MOD, c.fd, interestRead)
+	}
+}
+
+// arm sets c's timer for the engine's deadline dl. A deadline later than
+// the armed one leaves the heap alone: the entry fires early and is moved
+// then (fireTimers).
+func (l *eventLoop) arm(c *conn, dl time.Time) {
+	if dl.IsZero() {
+		c.dl = 0 // an armed entry fires and is dropped
+		return
+	}
+	at := max(l.ns(dl), 1)
+	c.dl = at
+	if cur := l.timers.at(c); cur == 0 || cur > at {
+		l.timers.set(c, at)
+	}
+}
+
+// enqueue puts c in the run queue for the next turn.
+func (l *eventLoop) enqueue(c *conn) {
+	if c.flags&fQueued == 0 {
+		c.flags |= fQueued
+		l.runq = append(l.runq, c)
+	}
+}
+
+// runQueue drives the connections whose budget ran out in the last turn.
+func (l *eventLoop) runQueue() {
+	if len(l.runq) == 0 {
+		return
+	}
+	q := l.runq
+	l.runq = l.spare[:0]
+	for _, c := range q {
+		c.flags &^= fQueued
+		if c.flags&fClosed == 0 {
+			l.drive(c, false)
+		}
+	}
+	clear(q)
+	l.spare = q
+}
+
+// fireTimers handles the timers that are due: a connection whose deadline
+// has come is handled and driven; an entry armed earlier than its
+// connection's deadline is moved to it.
+func (l *eventLoop) fireTimers() {
+	nowT := l.k.now()
+	now := l.ns(nowT)
+	for _, a := range l.accs {
+		if a.resumeAt != 0 && a.resumeAt <= now {
+			a.resumeAt = 0
+			if !a.paused {
+				l.watch(a)
+			}
+		}
+	}
+	// Bounded, so that an entry re-armed in the past waits for the next
+	// turn.
+	for budget := len(l.timers); budget > 0 && len(l.timers) > 0 && l.timers[0].at <= now; budget-- {
+		c := l.timers[0].c
+		switch {
+		case c.dl == 0:
+			l.timers.remove(c)
+		case c.dl > now:
+			l.timers.set(c, c.dl)
+		default:
+			l.timers.remove(c)
+			l.drive(c, true)
+		}
+	}
+}
+
+// closeFD closes c's descriptor, gracefully or with RST, and forgets it.
+func (l *eventLoop) closeFD(c *conn, abort bool) {
+	if c.flags&fClosed != 0 {
+		return
+	}
+	c.flags |= fClosed
+	l.conns[c.fd] = nil
+	l.n--
+	l.timers.remove(c)
+	if abort {
+		l.k.abort(c.fd)
+	} else {
+		l.k.close(c.fd)
+	}
+}
+
+// recoverConn turns a panic that escaped the engine into an abort of the
+// connection's socket, so that no descriptor leaks and the loop goes on.
+// The engine may have been left locked: it is not called again.
+func (l *eventLoop) recoverConn(c *conn) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	l.s.log.Error("sockfsm/loop: panic in connection driver; connection aborted",
+		"conn", c.e.Info().ID, "panic", r, "stack", string(debug.Stack()))
+	if c.flags&fClosed == 0 {
+		l.closeFD(c, true)
+		l.s.connGone(sockfsm.ReasonInternal)
+	}
+}
+
+// opError wraps the errno of a failed operation on c as net does, for
+// sockfsm.Classify and CloseInfo.Err.
+func opError(op string, c *conn, errno error) error {
+	info := c.e.Info()
+	network := "tcp"
+	if info.LocalAddr != nil {
+		network = info.LocalAddr.Network()
+	}
+	return &net.OpError{Op: op, Net: network, Source: info.LocalAddr, Addr: info.RemoteAddr, Err: os.NewSyscallError(op, errno)}
+}
+
+// ---- mail ------------------------------------------------------------------------
+
+// postWake queues c for its loop's next turn.
+func (l *eventLoop) postWake(c *conn) {
+	l.mu.Lock()
+	if !c.woken {
+		c.woken = true
+		l.mail.woken = append(l.mail.woken, c)
+	}
+	l.postLocked()
+}
+
+// postIncoming hands l a connection another loop accepted.
+func (l *eventLoop) postIncoming(c *conn) {
+	l.mu.Lock()
+	l.mail.incoming = append(l.mail.incoming, c)
+	l.postLocked()
+}
+
+func (l *eventLoop) postAcceptor(a *acceptor) {
+	l.mu.Lock()
+	l.mail.acceptors = append(l.mail.acceptors, a)
+	l.postLocked()
+}
+
+func (l *eventLoop) postCmd(m cmd) {
+	l.mu.Lock()
+	l.mail.cmds |= m
+	l.postLocked()
+}
+
+// postLocked wakes the loop, unless it was woken already, and unlocks.
+func (l *eventLoop) postLocked() {
+	post := !l.posted && !l.shutdown
+	l.posted = true
+	l.mu.Unlock()
+	if post {
+		l.k.post()
+	}
+}
+
+// readMail takes the loop's mail and acts on it. The eventfd is cleared
+// before the mail is taken: a post after that writes it again.
+func (l *eventLoop) readMail() {
+	l.k.clearPost()
+	l.mu.Lock()
+	m := l.mail
+	l.mail = mailbox{woken: l.spareW[:0], incoming: l.spareI[:0]}
+	for _, c := range m.woken {
+		c.woken = false
+	}
+	l.posted = false
+	l.mu.Unlock()
+
+	for _, a := range m.acceptors {
+		l.addAcceptor(a)
+	}
+	for _, c := range m.incoming {
+		l.register(c)
+	}
+	if m.cmds&cmdStop != 0 {
+		l.stop()
+	}
+	if m.cmds&cmdClose != 0 {
+		l.closeAll()
+	}
+	if m.cmds&cmdKill != 0 {
+		l.kill()
+	}
+	if m.cmds&cmdResume != 0 {
+		l.resumeAccepting()
+	}
+	if m.cmds&cmdExit != 0 {
+		l.exit = true
+	}
+	for _, c := range m.woken {
+		if c.flags&fClosed == 0 {
+			l.drive(c, true)
+		}
+	}
+	clear(m.woken)
+	clear(m.incoming)
+	l.spareW, l.spareI = m.woken, m.incoming
+}
+
+// stop stops the loop's accepting.
+func (l *eventLoop) stop() {
+	l.stopped = true
+	for _, a := range slices.Clone(l.accs) {
+		l.closeAcceptor(a, sockfsm.ErrServerClosed)
+	}
+}
+
+// closeAll asks each of the loop's connections to close gracefully
+// (Engine.Close wakes it), and those handed to it later.
+func (l *eventLoop) closeAll() {
+	l.closing = true
+	for _, c := range l.conns {
+		if c != nil {
+			c.e.Close()
+		}
+	}
+}
+
+// kill aborts every connection of the loop.
+func (l *eventLoop) kill() {
+	l.killing = true
+	for _, c := range l.conns {
+		if c != nil {
+			c.e.Abort(sockfsm.ErrShutdownDeadline)
+		}
+	}
+}
+
+// register adds a connection to the loop, starts its engine and drives it.
+func (l *eventLoop) register(c *conn) {
+	if err := l.k.ctl(unix.EPOLL_CTL_ADD, c.fd, interestRead); err != nil {
+		// It cannot be watched: it is aborted before it starts.
+		c.e.Abort(errors.Join(sockfsm.ErrIO, os.NewSyscallError("epoll_ctl", err)))
+	}
+	if int(c.fd) >= len(l.conns) {
+		n := max(int(c.fd)+1, 2*len(l.conns), 64)
+		l.conns = append(l.conns, make([]*conn, n-len(l.conns))...)
+	}
+	l.conns[c.fd] = c
+	l.n++
+	c.flags = fWritable
+	if l.closing {
+		c.e.Close()
+	}
+	if l.killing {
+		c.e.Abort(sockfsm.ErrShutdownDeadline)
+	}
+	l.drive(c, false) // OpStart: Start runs OnOpen
+}
+
+// ---- accepting -------------------------------------------------------------------
+
+// acceptor is a listener a loop accepts on.
+type acceptor struct {
+	fd    int32    // the loop's duplicate of the listener's descriptor
+	tcp   bool     // TCP (else Unix)
+	laddr net.Addr // ConnInfo.LocalAddr of every connection; nil: asked per connection (a wildcard address)
+	uaddr net.Addr // the remote address of unnamed Unix peers: "@", as net has it
+	done  chan error
+
+	backoff  time.Duration
+	resumeAt int64 // the back-off ends, on the loop's clock; 0: none
+	paused   bool  // at MaxConns
+	watched  bool  // in the epoll set
+}
+
+func (l *eventLoop) addAcceptor(a *acceptor) {
+	l.accs = append(l.accs, a)
+	if l.stopped {
+		l.closeAcceptor(a, sockfsm.ErrServerClosed)
+		return
+	}
+	l.watch(a)
+}
+
+func (l *eventLoop) watch(a *acceptor) {
+	if a.watched {
+		return
+	}
+	if err := l.k.ctl(unix.EPOLL_CTL_ADD, a.fd, unix.EPOLLIN); err != nil {
+		l.closeAcceptor(a, os.NewSyscallError("epoll_ctl", err))
+		return
+	}
+	a.watched = true
+}
+
+func (l *eventLoop) unwatch(a *acceptor) {
+	if a.watched {
+		a.watched = false
+		l.k.ctl(unix.EPOLL_CTL_DEL, a.fd, 0)
+	}
+}
+
+// closeAcceptor stops accepting on a and ends its Serve with err.
+func (l *eventLoop) closeAcceptor(a *acceptor, err error) {
+	i := slices.Index(l.accs, a)
+	if i < 0 {
+		return
+	}
+	l.accs = slices.Delete(l.accs, i, i+1)
+	l.unwatch(a)
+	if a.paused {
+		a.paused = false
+		l.s.paused.Add(-1)
+	}
+	l.k.close(a.fd)
+	a.done <- err
+	l.s.acceptorGone()
+}
+
+// accept accepts what is waiting on a, up to acceptBudget connections.
+func (l *eventLoop) accept(a *acceptor) {
+	s := l.s
+	for range acceptBudget {
+		if !s.reserve() {
+			l.pause(a)
+			return
+		}
+		fd, sa, err := l.k.accept(a.fd, a.tcp)
+		if err != nil {
+			s.unreserve()
+			switch {
+			case err == unix.EAGAIN:
+				return
+			case err == unix.EINTR || err == unix.ECONNABORTED:
+				continue // as net does: the next one
+			case temporary(err):
+				l.backOff(a, err)
+				return
+			default:
+				l.closeAcceptor(a, os.NewSyscallError("accept4", err))
+				return
+			}
+		}
+		a.backoff = 0
+		l.newConn(fd, sa, a)
+	}
+}
+
+// temporaryAcceptErrors are the accept errors worth retrying after a
+// back-off, as sockfsm.Server has them: running out of descriptors or
+// memory, and the pending network errors accept(2) says to treat like
+// EAGAIN.
+var temporaryAcceptErrors = []unix.Errno{
+	unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM, unix.ECONNRESET, unix.EPROTO,
+	unix.ENETDOWN, unix.ENOPROTOOPT, unix.EHOSTDOWN, unix.EHOSTUNREACH, unix.EOPNOTSUPP, unix.ENETUNREACH,
+}
+
+func temporary(err error) bool {
+	errno, ok := err.(unix.Errno)
+	return ok && slices.Contains(temporaryAcceptErrors, errno)
+}
+
+// backOff stops accepting on a for a while: 5 ms, doubling on each
+// consecutive error up to 1 s.
+func (l *eventLoop) backOff(a *acceptor, err error) {
+	a.backoff = min(max(2*a.backoff, acceptBackoffMin), acceptBackoffMax)
+	l.s.log.Warn("accept error; retrying", "err", os.NewSyscallError("accept4", err), "backoff", a.backoff)
+	a.resumeAt = l.ns(l.k.now().Add(a.backoff))
+	l.unwatch(a)
+}
+
+// pause stops accepting on a at MaxConns until a connection closes.
+func (l *eventLoop) pause(a *acceptor) {
+	if !a.paused {
+		a.paused = true
+		l.s.paused.Add(1)
+		l.unwatch(a)
+	}
+	// A connection may have closed before paused was counted, and so
+	// posted no cmdResume.
+	l.resumeAccepting()
+}
+
+// resumeAccepting watches the loop's paused listeners again if the
+// server is below MaxConns.
+func (l *eventLoop) resumeAccepting() {
+	for _, a := range l.accs {
+		if a.paused && l.s.belowMax() {
+			a.paused = false
+			l.s.paused.Add(-1)
+			if a.resumeAt == 0 {
+				l.watch(a)
+			}
+		}
+	}
+}
+
+// newConn sets up the connection accepted on fd and hands it to a loop.
+func (l *eventLoop) newConn(fd int32, sa unix.Sockaddr, a *acceptor) {
+	s := l.s
+	c := &conn{fd: fd}
+	info := sockfsm.ConnInfo{ID: connIDs.Add(1), LocalAddr: a.laddr, RemoteAddr: c.remoteAddr(sa, a)}
+	if info.LocalAddr == nil {
+		info.LocalAddr = l.localAddr(fd)
+	}
+	h, err := s.newHandler(info)
+	if err == nil {
+		err = c.e.Init(s.cfg, h, info)
+	}
+	if err != nil {
+		s.log.Error("NewHandler failed; connection aborted", "conn", info.ID, "remote", addrString(info.RemoteAddr), "err", err)
+		l.k.abort(fd)
+		s.unreserve()
+		return
+	}
+	c.l = s.pick()
+	c.e.SetWaker(c.wake)
+	s.nconns.Add(1)
+	if c.l == l {
+		l.register(c)
+	} else {
+		c.l.postIncoming(c)
+	}
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return "unknown"
+	}
+	return a.String()
+}
+
+// remoteAddr returns the peer's address, kept in c for TCP.
+func (c *conn) remoteAddr(sa unix.Sockaddr, a *acceptor) net.Addr {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		copy(c.ip[:], sa.Addr[:])
+		c.raddr = net.TCPAddr{IP: c.ip[:4], Port: sa.Port}
+		return &c.raddr
+	case *unix.SockaddrInet6:
+		c.ip = sa.Addr
+		c.raddr = net.TCPAddr{IP: c.ip[:], Port: sa.Port, Zone: zoneName(sa.ZoneId)}
+		return &c.raddr
+	case *unix.SockaddrUnix:
+		if sa.Name == "" || sa.Name == "@" {
+			return a.uaddr
+		}
+		return &net.UnixAddr{Name: sa.Name, Net: a.uaddr.Network()}
+	}
+	return nil
+}
+
+// localAddr returns the local address of a connection accepted on a
+// wildcard address.
+func (l *eventLoop) localAddr(fd int32) net.Addr {
+	sa, err := l.k.sockname(fd)
+	if err != nil {
+		return nil
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return &net.TCPAddr{IP: net.IP(sa.Addr[:]).To16(), Port: sa.Port}
+	case *unix.SockaddrInet6:
+		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port, Zone: zoneName(sa.ZoneId)}
+	}
+	return nil
+}
+
+func zoneName(id uint32) string {
+	if id == 0 {
+		return ""
+	}
+	if ifi, err := net.InterfaceByIndex(int(id)); err == nil {
+		return ifi.Name
+	}
+	return strconv.FormatUint(uint64(id), 10)
+}
+
+// connIDs numbers the connections of this package's servers.
+var connIDs atomic.Uint64

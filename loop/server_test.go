@@ -1,0 +1,842 @@
+package loop
+
+// Real-socket tests of Server over loopback TCP and Unix sockets: what a
+// client observes (the bytes, EOF against reset) and what the server
+// reports (CloseInfo, the state changes). No test asserts how long
+// anything took: the timeouts in the servers' Config are short so that
+// the tests are fast, and every client socket and every wait has a bound
+// (clientDeadline), so that a bug fails a test instead of hanging it.
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/nettest"
+
+	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/fsm"
+)
+
+// clientDeadline bounds every client socket's I/O and every wait.
+const clientDeadline = 10 * time.Second
+
+// ---- what the server reports --------------------------------------------------
+
+// recorder records each connection's transitions and CloseInfo, keyed by
+// its remote address (the client's local address).
+type recorder struct {
+	mu     sync.Mutex
+	edges  map[string][]fsm.Event
+	states map[string]fsm.State
+	closed map[string]sockfsm.CloseInfo
+	open   int
+	most   int
+}
+
+func newRecorder() *recorder {
+	return &recorder{edges: map[string][]fsm.Event{}, states: map[string]fsm.State{}, closed: map[string]sockfsm.CloseInfo{}}
+}
+
+func (r *recorder) onState(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k := addrKey(c.RemoteAddr)
+	r.edges[k] = append(r.edges[k], ev)
+	r.states[k] = to
+	if from == fsm.Accepted {
+		r.open++
+		r.most = max(r.most, r.open)
+	}
+	if to == fsm.Closed {
+		r.open--
+	}
+}
+
+func (r *recorder) onClose(c sockfsm.ConnInfo, info sockfsm.CloseInfo) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k := addrKey(c.RemoteAddr)
+	if _, ok := r.closed[k]; ok {
+		panic("OnClose called twice for " + k)
+	}
+	r.closed[k] = info
+}
+
+func (r *recorder) saw(k string, ev fsm.Event) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.edges[k] {
+		if e == ev {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *recorder) events(k string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var s []string
+	for _, e := range r.edges[k] {
+		s = append(s, e.String())
+	}
+	return strings.Join(s, " ")
+}
+
+func (r *recorder) peek(k string) (sockfsm.CloseInfo, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	info, ok := r.closed[k]
+	return info, ok
+}
+
+func (r *recorder) wait(t *testing.T, k string) sockfsm.CloseInfo {
+	t.Helper()
+	var info sockfsm.CloseInfo
+	waitUntil(t, "the server to close the connection from "+k, func() bool {
+		var ok bool
+		info, ok = r.peek(k)
+		return ok
+	})
+	return info
+}
+
+func addrKey(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+// ---- servers ------------------------------------------------------------------
+
+type testServer struct {
+	srv      *Server
+	network  string
+	addr     string
+	rec      *recorder
+	served   chan struct{}
+	serveErr error
+}
+
+func always(h sockfsm.Handler) func(sockfsm.ConnInfo) sockfsm.Handler {
+	return func(sockfsm.ConnInfo) sockfsm.Handler { return h }
+}
+
+// testLogger logs through t while the test runs.
+func testLogger(t *testing.T) *slog.Logger {
+	w := &testWriter{t: t}
+	t.Cleanup(func() { w.mu.Lock(); w.done = true; w.mu.Unlock() })
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type testWriter struct {
+	t    *testing.T
+	mu   sync.Mutex
+	done bool
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+// startServer serves with cfg on a new listener on network and addr, with
+// loops loops. When the test ends the server is shut down; Shutdown must
+// return nil, Serve ErrServerClosed, and NumConns must be 0.
+func startServer(t *testing.T, network, addr string, loops int, cfg sockfsm.Config, newHandler func(sockfsm.ConnInfo) sockfsm.Handler) *testServer {
+	t.Helper()
+	ts := &testServer{network: network, rec: newRecorder(), served: make(chan struct{})}
+	cfg.OnStateChange = ts.rec.onState
+	cfg.OnClose = ts.rec.onClose
+	cfg.Logger = testLogger(t)
+	ts.srv = &Server{Config: cfg, NewHandler: newHandler, Loops: loops}
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		t.Fatalf("Listen(%s, %s): %v", network, addr, err)
+	}
+	ts.addr = ln.Addr().String()
+	go func() {
+		ts.serveErr = ts.srv.Serve(ln)
+		close(ts.served)
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
+		defer cancel()
+		if err := ts.srv.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown at the end of the test: %v", err)
+		}
+		if err := ts.serveResult(t); !errors.Is(err, sockfsm.ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+		if n := ts.srv.NumConns(); n != 0 {
+			t.Errorf("NumConns after Shutdown = %d, want 0", n)
+		}
+	})
+	return ts
+}
+
+func (ts *testServer) serveResult(t *testing.T) error {
+	t.Helper()
+	select {
+	case <-ts.served:
+		return ts.serveErr
+	case <-time.After(clientDeadline):
+		t.Fatal("Serve did not return")
+		return nil
+	}
+}
+
+func (ts *testServer) dial(t *testing.T) net.Conn {
+	t.Helper()
+	c, err := net.DialTimeout(ts.network, ts.addr, clientDeadline)
+	if err != nil {
+		t.Fatalf("Dial(%s, %s): %v", ts.network, ts.addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(clientDeadline))
+	return c
+}
+
+// ---- client side --------------------------------------------------------------
+
+func key(c net.Conn) string { return addrKey(c.LocalAddr()) }
+
+func mustWrite(t *testing.T, c net.Conn, p []byte) {
+	t.Helper()
+	if _, err := c.Write(p); err != nil {
+		t.Fatalf("client Write(%d bytes): %v", len(p), err)
+	}
+}
+
+func closeWrite(t *testing.T, c net.Conn) {
+	t.Helper()
+	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		t.Fatalf("client CloseWrite: %v", err)
+	}
+}
+
+func readFull(t *testing.T, c net.Conn, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	if m, err := io.ReadFull(c, b); err != nil {
+		t.Fatalf("client read %d of %d bytes: %v", m, n, err)
+	}
+	return b
+}
+
+// readToEOF reads until the server's FIN; a reset fails the test.
+func readToEOF(t *testing.T, c net.Conn) []byte {
+	t.Helper()
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("client read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", err, isReset(err), len(b))
+	}
+	return b
+}
+
+func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
+
+// drain reads until an error and returns it with the count read; the bytes
+// must be a prefix of want if want is not nil.
+func drain(c net.Conn, want []byte) (int, error) {
+	buf := make([]byte, 64<<10)
+	n := 0
+	for {
+		m, err := c.Read(buf)
+		if want != nil && (n+m > len(want) || !bytes.Equal(buf[:m], want[n:n+m])) {
+			return n, fmt.Errorf("bytes %d..%d are not the server's output", n, n+m)
+		}
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
+func wantReset(t *testing.T, c net.Conn, want []byte) {
+	t.Helper()
+	n, err := drain(c, want)
+	if !isReset(err) {
+		t.Fatalf("client read: %v after %d bytes; want ECONNRESET (the server's RST)", err, n)
+	}
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(clientDeadline)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// pattern returns n bytes that show a lost, repeated or reordered piece.
+func pattern(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i % 251)
+	}
+	return b
+}
+
+// bigHandler answers input starting with "big" with resp (one Write: the
+// tests set MaxPendingOutput to fit) and echoes any other input.
+func bigHandler(resp []byte) sockfsm.Handler {
+	return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+		if bytes.HasPrefix(p, []byte("big")) {
+			c.Write(resp)
+			return
+		}
+		c.Write(p)
+	})
+}
+
+type wantInfo struct {
+	Reason                  sockfsm.Reason
+	Linger                  sockfsm.LingerEnd
+	PeerFIN                 bool
+	Err                     error // errors.Is(got.Err, Err); nil: got.Err must be nil
+	BytesRead, BytesWritten int64 // -1: not checked
+}
+
+func checkInfo(t *testing.T, got sockfsm.CloseInfo, want wantInfo) {
+	t.Helper()
+	if got.Reason != want.Reason {
+		t.Errorf("CloseInfo.Reason = %s, want %s (err %v)", got.Reason, want.Reason, got.Err)
+	}
+	if got.Linger != want.Linger {
+		t.Errorf("CloseInfo.Linger = %s, want %s", got.Linger, want.Linger)
+	}
+	if got.PeerFIN != want.PeerFIN {
+		t.Errorf("CloseInfo.PeerFIN = %v, want %v", got.PeerFIN, want.PeerFIN)
+	}
+	if want.Err == nil && got.Err != nil {
+		t.Errorf("CloseInfo.Err = %v, want nil", got.Err)
+	}
+	if want.Err != nil && !errors.Is(got.Err, want.Err) {
+		t.Errorf("CloseInfo.Err = %v, want an error matching %v", got.Err, want.Err)
+	}
+	if want.BytesRead >= 0 && got.BytesRead != want.BytesRead {
+		t.Errorf("CloseInfo.BytesRead = %d, want %d", got.BytesRead, want.BytesRead)
+	}
+	if want.BytesWritten >= 0 && got.BytesWritten != want.BytesWritten {
+		t.Errorf("CloseInfo.BytesWritten = %d, want %d", got.BytesWritten, want.BytesWritten)
+	}
+}
+
+// ---- the tests ------------------------------------------------------------------
+
+// TestTutorialFlow is the Winsock tutorial's client against the echo server
+// on the loop: send "this is a test", half-close, read the 14 bytes back
+// and then EOF, never a reset; the server half-closes after the peer's FIN
+// and closes without lingering. Over IPv4, IPv6 and a Unix socket.
+func TestTutorialFlow(t *testing.T) {
+	for _, tc := range []struct{ name, network, addr string }{
+		{"IPv4", "tcp", "127.0.0.1:0"},
+		{"IPv6", "tcp", "[::1]:0"},
+		{"Unix", "unix", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "IPv6" && !nettest.SupportsIPv6() {
+				t.Skip("IPv6 is not available")
+			}
+			if tc.network == "unix" {
+				tc.addr = filepath.Join(t.TempDir(), "s")
+			}
+			checkFDs(t)
+			ts := startServer(t, tc.network, tc.addr, 2, sockfsm.Config{}, always(sockfsm.Echo{}))
+			c := ts.dial(t)
+			const msg = "this is a test"
+			mustWrite(t, c, []byte(msg))
+			closeWrite(t, c)
+			if got := readToEOF(t, c); string(got) != msg {
+				t.Fatalf("client received %q, want %q", got, msg)
+			}
+			k := key(c) // "@" for every unnamed Unix peer, as net has it
+			info := ts.rec.wait(t, k)
+			checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true,
+				BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
+			t.Logf("events: %s", ts.rec.events(k))
+		})
+	}
+}
+
+// TestConnInfo: the handler sees the addresses net would give it.
+func TestConnInfo(t *testing.T) {
+	checkFDs(t)
+	infos := make(chan sockfsm.ConnInfo, 2)
+	for _, addr := range []string{"127.0.0.1:0", "0.0.0.0:0"} {
+		ts := startServer(t, "tcp", addr, 1, sockfsm.Config{}, func(ci sockfsm.ConnInfo) sockfsm.Handler {
+			infos <- ci
+			return sockfsm.Echo{}
+		})
+		_, port, _ := net.SplitHostPort(ts.addr)
+		ts.addr = net.JoinHostPort("127.0.0.1", port)
+		c := ts.dial(t)
+		ci := <-infos
+		if ci.RemoteAddr.String() != c.LocalAddr().String() || ci.LocalAddr.String() != c.RemoteAddr().String() {
+			t.Errorf("listening on %s: ConnInfo %v -> %v, want %v -> %v", addr, ci.RemoteAddr, ci.LocalAddr, c.LocalAddr(), c.RemoteAddr())
+		}
+		if ci.RemoteAddr.Network() != "tcp" || ci.LocalAddr.Network() != "tcp" {
+			t.Errorf("ConnInfo networks %q, %q; want tcp", ci.RemoteAddr.Network(), ci.LocalAddr.Network())
+		}
+		c.Close()
+	}
+}
+
+// TestIdleTimeout: a client silent for IdleTimeout gets the server's FIN,
+// not a reset, and the server closes once the client's FIN comes.
+func TestIdleTimeout(t *testing.T) {
+	checkFDs(t)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{IdleTimeout: 100 * time.Millisecond}, always(sockfsm.Echo{}))
+	c := ts.dial(t)
+	mustWrite(t, c, []byte("ping"))
+	if got := readFull(t, c, 4); string(got) != "ping" {
+		t.Fatalf("echo = %q", got)
+	}
+	if got := readToEOF(t, c); len(got) != 0 {
+		t.Fatalf("client received %q, want nothing", got)
+	}
+	c.Close()
+	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		BytesRead: 4, BytesWritten: 4})
+}
+
+// TestLingerNoReset: the handler answers and closes while the client still
+// sends. The server lingers, reading and discarding until the client's
+// FIN, so no RST destroys the response: the client reads all of it, then
+// EOF, and its writes after the server's FIN succeed.
+func TestLingerNoReset(t *testing.T) {
+	checkFDs(t)
+	resp := pattern(100 << 10)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{LingerTimeout: 5 * time.Second, LingerTime: 10 * time.Second},
+		func(sockfsm.ConnInfo) sockfsm.Handler {
+			answered := false
+			return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+				if !answered {
+					answered = true
+					c.Write(resp)
+					c.Close()
+				}
+			})
+		})
+	c := ts.dial(t)
+	mustWrite(t, c, []byte("request"))
+	waitUntil(t, "the server to half-close", func() bool { return ts.rec.saw(key(c), fsm.HalfClose) })
+	chunk := bytes.Repeat([]byte("x"), 1<<10)
+	for i := range 20 {
+		if _, err := c.Write(chunk); err != nil {
+			t.Fatalf("client write %d after the server's half-close: %v", i, err)
+		}
+		time.Sleep(time.Millisecond) // pacing, so that an RST would be back before the next write
+	}
+	if got := readToEOF(t, c); !bytes.Equal(got, resp) {
+		t.Fatalf("client received %d bytes, want the %d-byte response", len(got), len(resp))
+	}
+	for i := range 5 {
+		if _, err := c.Write(chunk); err != nil {
+			t.Fatalf("client write %d after reading the server's FIN: %v", i, err)
+		}
+	}
+	closeWrite(t, c)
+	readToEOF(t, c)
+	sent := int64(len("request") + 25*len(chunk))
+	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		BytesRead: sent, BytesWritten: int64(len(resp))})
+}
+
+// TestLingerTimeout: after our FIN, a client that neither sends nor closes
+// is closed at LingerTimeout, gracefully.
+func TestLingerTimeout(t *testing.T) {
+	checkFDs(t)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1,
+		sockfsm.Config{IdleTimeout: 50 * time.Millisecond, LingerTimeout: 50 * time.Millisecond, LingerTime: time.Second}, always(sockfsm.Echo{}))
+	c := ts.dial(t)
+	readToEOF(t, c)
+	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTimeout, BytesRead: 0, BytesWritten: 0})
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("client read after the close = %d, %v; want EOF (no reset)", n, err)
+	}
+}
+
+// TestWriteTimeout: a client that never reads a big response is aborted at
+// WriteTimeout and gets a reset, while another client of the same loop is
+// served meanwhile.
+func TestWriteTimeout(t *testing.T) {
+	checkFDs(t)
+	resp := pattern(16 << 20)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1,
+		sockfsm.Config{WriteTimeout: 200 * time.Millisecond, MaxPendingOutput: 16 << 20}, always(bigHandler(resp)))
+	other := ts.dial(t)
+	c := ts.dial(t)
+	mustWrite(t, c, []byte("big"))
+	waitUntil(t, "the server to start sending", func() bool { return ts.rec.saw(key(c), fsm.Output) })
+	mustWrite(t, other, []byte("hello"))
+	if got := readFull(t, other, 5); string(got) != "hello" {
+		t.Fatalf("other client's echo = %q", got)
+	}
+	info := ts.rec.wait(t, key(c))
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonWriteTimeout, Err: sockfsm.ErrWriteTimeout, BytesRead: 3, BytesWritten: -1})
+	if info.BytesWritten >= int64(len(resp)) || info.BytesWritten == 0 {
+		t.Errorf("CloseInfo.BytesWritten = %d, want some of the response, not all", info.BytesWritten)
+	}
+	wantReset(t, c, resp)
+	closeWrite(t, other)
+	readToEOF(t, other)
+}
+
+// TestShutdownBusyAndIdle: Shutdown half-closes idle connections at once
+// and lets a busy one finish; every client gets all its bytes and then
+// EOF; Shutdown returns nil, Serve ErrServerClosed, and dials are refused.
+func TestShutdownBusyAndIdle(t *testing.T) {
+	checkFDs(t)
+	const size = 8 << 20
+	resp := pattern(size)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 2,
+		sockfsm.Config{WriteTimeout: clientDeadline, MaxPendingOutput: size}, always(bigHandler(resp)))
+	var idle []net.Conn
+	for range 3 {
+		c := ts.dial(t)
+		mustWrite(t, c, []byte("hello"))
+		readFull(t, c, 5)
+		idle = append(idle, c)
+	}
+	busy := ts.dial(t)
+	mustWrite(t, busy, []byte("big"))
+	const piece = 64 << 10
+	got := readFull(t, busy, piece)
+
+	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
+	defer cancel()
+	shut := make(chan error, 1)
+	go func() { shut <- ts.srv.Shutdown(ctx) }()
+	for i, c := range idle {
+		if b := readToEOF(t, c); len(b) != 0 {
+			t.Fatalf("idle client %d received %q at shutdown", i, b)
+		}
+		c.Close()
+	}
+	for len(got) < size {
+		got = append(got, readFull(t, busy, min(piece, size-len(got)))...)
+		time.Sleep(time.Millisecond)
+	}
+	if !bytes.Equal(got, resp) {
+		t.Fatal("the busy client's response is corrupt")
+	}
+	if b := readToEOF(t, busy); len(b) != 0 {
+		t.Fatalf("busy client received %d bytes more than the response", len(b))
+	}
+	busy.Close()
+	select {
+	case err := <-shut:
+		if err != nil {
+			t.Fatalf("Shutdown = %v, want nil", err)
+		}
+	case <-time.After(clientDeadline):
+		t.Fatal("Shutdown did not return")
+	}
+	if n := ts.srv.NumConns(); n != 0 {
+		t.Errorf("NumConns after Shutdown = %d", n)
+	}
+	if err := ts.serveResult(t); !errors.Is(err, sockfsm.ErrServerClosed) {
+		t.Errorf("Serve = %v, want ErrServerClosed", err)
+	}
+	if c, err := net.DialTimeout("tcp", ts.addr, clientDeadline); err == nil {
+		c.Close()
+		t.Error("Dial after Shutdown succeeded")
+	}
+	for _, c := range idle {
+		checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+			BytesRead: 5, BytesWritten: 5})
+	}
+	checkInfo(t, ts.rec.wait(t, key(busy)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		BytesRead: 3, BytesWritten: size})
+}
+
+// TestShutdownDeadlineAborts: a connection that cannot close gracefully
+// before Shutdown's context ends (its client never reads) is aborted, and
+// Shutdown returns the context's error only once it is closed.
+func TestShutdownDeadlineAborts(t *testing.T) {
+	checkFDs(t)
+	resp := pattern(16 << 20)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1,
+		sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: 16 << 20}, always(bigHandler(resp)))
+	c := ts.dial(t)
+	mustWrite(t, c, []byte("big"))
+	waitUntil(t, "the server to start sending", func() bool { return ts.rec.saw(key(c), fsm.Output) })
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if err := ts.srv.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown = %v, want context.DeadlineExceeded", err)
+	}
+	info, ok := ts.rec.peek(key(c))
+	if !ok {
+		t.Fatal("Shutdown returned before the connection was closed")
+	}
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdownDeadline, Err: sockfsm.ErrShutdownDeadline, BytesRead: 3, BytesWritten: -1})
+	wantReset(t, c, resp)
+}
+
+// TestClose: Close aborts every connection at once and returns when they
+// are closed.
+func TestClose(t *testing.T) {
+	checkFDs(t)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{}, always(sockfsm.Echo{}))
+	var cs []net.Conn
+	for range 4 {
+		c := ts.dial(t)
+		mustWrite(t, c, []byte("x"))
+		readFull(t, c, 1)
+		cs = append(cs, c)
+	}
+	if err := ts.srv.Close(); err != nil {
+		t.Fatalf("Close = %v", err)
+	}
+	for _, c := range cs {
+		info, ok := ts.rec.peek(key(c))
+		if !ok {
+			t.Fatal("Close returned before a connection was closed")
+		}
+		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdownDeadline, Err: sockfsm.ErrShutdownDeadline, BytesRead: 1, BytesWritten: 1})
+		wantReset(t, c, nil)
+	}
+}
+
+// TestMaxConns: at MaxConns open connections the server stops accepting;
+// the next client waits in the backlog, unserved, until one closes.
+func TestMaxConns(t *testing.T) {
+	checkFDs(t)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{MaxConns: 2}, always(sockfsm.Echo{}))
+	echo := func(c net.Conn, msg string) {
+		t.Helper()
+		mustWrite(t, c, []byte(msg))
+		if got := readFull(t, c, len(msg)); string(got) != msg {
+			t.Fatalf("echo = %q, want %q", got, msg)
+		}
+	}
+	c1, c2 := ts.dial(t), ts.dial(t)
+	echo(c1, "one")
+	echo(c2, "two")
+	c3 := ts.dial(t)
+	mustWrite(t, c3, []byte("three"))
+	// A bound on a check that nothing happens, not a timing assertion.
+	c3.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, err := c3.Read(make([]byte, 8)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("third client's read = %d, %v while two connections are open; want a timeout", n, err)
+	}
+	c3.SetReadDeadline(time.Now().Add(clientDeadline))
+	if n := ts.srv.NumConns(); n != 2 {
+		t.Errorf("NumConns = %d, want 2", n)
+	}
+	closeWrite(t, c1)
+	readToEOF(t, c1)
+	if got := readFull(t, c3, 5); string(got) != "three" {
+		t.Fatalf("third client's echo = %q", got)
+	}
+	for _, c := range []net.Conn{c2, c3} {
+		closeWrite(t, c)
+		readToEOF(t, c)
+		ts.rec.wait(t, key(c))
+	}
+	ts.rec.mu.Lock()
+	most := ts.rec.most
+	ts.rec.mu.Unlock()
+	if most > 2 {
+		t.Errorf("%d connections were open at once, want at most MaxConns = 2", most)
+	}
+}
+
+// TestPeerReset: a client that resets its connection is reported as the
+// peer's reset, whether the server was reading or writing.
+func TestPeerReset(t *testing.T) {
+	checkFDs(t)
+	resp := pattern(16 << 20)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{MaxPendingOutput: 16 << 20}, always(bigHandler(resp)))
+	reset := func(c net.Conn) {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}
+	t.Run("Reading", func(t *testing.T) {
+		c := ts.dial(t)
+		mustWrite(t, c, []byte("hi"))
+		readFull(t, c, 2)
+		reset(c)
+		checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonPeerReset, Err: sockfsm.ErrPeerReset, BytesRead: 2, BytesWritten: 2})
+	})
+	t.Run("Writing", func(t *testing.T) {
+		c := ts.dial(t)
+		mustWrite(t, c, []byte("big"))
+		readFull(t, c, 1000)
+		waitUntil(t, "the server to start sending", func() bool { return ts.rec.saw(key(c), fsm.Output) })
+		reset(c)
+		checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonPeerReset, Err: sockfsm.ErrPeerReset, BytesRead: 3, BytesWritten: -1})
+	})
+}
+
+// TestPushFromAnotherGoroutine: a goroutine other than the loop writes to
+// an idle connection and closes it: the loop's eventfd wakes it.
+func TestPushFromAnotherGoroutine(t *testing.T) {
+	checkFDs(t)
+	conns := make(chan *sockfsm.Conn, 1)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{}, always(openHandler(func(c *sockfsm.Conn) { conns <- c })))
+	c := ts.dial(t)
+	sc := <-conns
+	for i := range 3 {
+		msg := fmt.Sprintf("push %d", i)
+		if _, err := sc.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		if got := readFull(t, c, len(msg)); string(got) != msg {
+			t.Fatalf("pushed %q, client read %q", msg, got)
+		}
+	}
+	done := make(chan struct{})
+	if err := sc.Do(func(*sockfsm.Conn) { close(done) }); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	sc.Close()
+	readToEOF(t, c)
+	c.Close()
+	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		BytesRead: 0, BytesWritten: 18})
+}
+
+// openHandler echoes and calls open in OnOpen.
+type openHandler func(c *sockfsm.Conn)
+
+func (h openHandler) OnData(c *sockfsm.Conn, p []byte) { c.Write(p) }
+func (h openHandler) OnOpen(c *sockfsm.Conn)            { h(c) }
+
+// TestManyConns: 1000 connections at once across four loops, each doing
+// the tutorial's exchange with bytes of its own.
+func TestManyConns(t *testing.T) {
+	if testing.Short() {
+		t.Skip("1000 connections")
+	}
+	checkFDs(t)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 4, sockfsm.Config{}, always(sockfsm.Echo{}))
+	const n = 1000
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		conns[i] = ts.dial(t)
+	}
+	waitUntil(t, "every connection to be accepted", func() bool { return ts.srv.NumConns() == n })
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	sem := make(chan struct{}, 64)
+	for i, c := range conns {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			msg := fmt.Appendf(nil, "connection %d says this is a test", i)
+			if _, err := c.Write(msg); err != nil {
+				errs <- err
+				return
+			}
+			c.(*net.TCPConn).CloseWrite()
+			got, err := io.ReadAll(c)
+			if err != nil || !bytes.Equal(got, msg) {
+				errs <- fmt.Errorf("connection %d: read %q, %v; want %q then EOF", i, got, err, msg)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	waitUntil(t, "every connection to close", func() bool { return ts.srv.NumConns() == 0 })
+	ts.rec.mu.Lock()
+	defer ts.rec.mu.Unlock()
+	if len(ts.rec.closed) != n {
+		t.Errorf("%d connections reported closed, want %d", len(ts.rec.closed), n)
+	}
+	for k, info := range ts.rec.closed {
+		if info.Reason != sockfsm.ReasonPeerClosed {
+			t.Errorf("%s: %s", k, info.Reason)
+		}
+	}
+}
+
+// TestTLSListenerRefused: Serve refuses a TLS listener with an error
+// matching ErrUnsupportedListener, and closes it.
+func TestTLSListenerRefused(t *testing.T) {
+	checkFDs(t)
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := tls.NewListener(inner, &tls.Config{})
+	srv := &Server{NewHandler: always(sockfsm.Echo{})}
+	err = srv.Serve(ln)
+	if !errors.Is(err, ErrUnsupportedListener) || !strings.HasPrefix(err.Error(), "sockfsm: ") {
+		t.Fatalf("Serve(tls listener) = %v, want an error matching ErrUnsupportedListener", err)
+	}
+	if _, err := inner.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("the refused listener is still open: Accept = %v", err)
+	}
+	if err := srv.Shutdown(context.Background()); err != nil {
+		t.Errorf("Shutdown = %v", err)
+	}
+}
+
+// TestServeAfterShutdown: Serve after Shutdown returns ErrServerClosed
+// and closes its listener; Shutdown without Serve returns at once.
+func TestServeAfterShutdown(t *testing.T) {
+	checkFDs(t)
+	srv := &Server{NewHandler: always(sockfsm.Echo{})}
+	if err := srv.Shutdown(context.Background()); err != nil {
+		t.Fatalf("Shutdown = %v", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Serve(ln); !errors.Is(err, sockfsm.ErrServerClosed) {
+		t.Fatalf("Serve after Shutdown = %v", err)
+	}
+	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("listener still open: %v", err)
+	}
+}
+
+// TestBadConfig: Serve refuses an invalid Config and a nil NewHandler.
+func TestBadConfig(t *testing.T) {
+	for _, srv := range []*Server{
+		{Config: sockfsm.Config{WriteTimeout: -1}, NewHandler: always(sockfsm.Echo{})},
+		{},
+		{NewHandler: always(sockfsm.Echo{}), Loops: -1},
+	} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := srv.Serve(ln); !errors.Is(err, sockfsm.ErrInvalidConfig) && !errors.Is(err, sockfsm.ErrNoHandler) {
+			t.Errorf("Serve = %v, want ErrInvalidConfig or ErrNoHandler", err)
+		}
+		srv.Shutdown(context.Background())
+	}
+}
