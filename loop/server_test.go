@@ -726,7 +726,7 @@ func TestPushFromAnotherGoroutine(t *testing.T) {
 type openHandler func(c *sockfsm.Conn)
 
 func (h openHandler) OnData(c *sockfsm.Conn, p []byte) { c.Write(p) }
-func (h openHandler) OnOpen(c *sockfsm.Conn)            { h(c) }
+func (h openHandler) OnOpen(c *sockfsm.Conn)           { h(c) }
 
 // TestManyConns: 1000 connections at once across four loops, each doing
 // the tutorial's exchange with bytes of its own.
