@@ -4,6 +4,7 @@ package loop
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"runtime"
 	"sync"
@@ -22,9 +23,11 @@ func (s *Server) fallback() *sockfsm.Server {
 	s.impl.once.Do(func() {
 		s.impl.srv.Config = s.Config
 		s.impl.srv.NewHandler = s.NewHandler
-		if log := s.Config.Logger; log != nil {
-			log.Info("sockfsm/loop: no event loop on " + runtime.GOOS + "; serving with the goroutine driver (sockfsm.Server)")
+		log := s.Config.Logger
+		if log == nil {
+			log = slog.Default()
 		}
+		log.Info("sockfsm/loop: no event loop on " + runtime.GOOS + "; serving with the goroutine driver (sockfsm.Server)")
 	})
 	return &s.impl.srv
 }

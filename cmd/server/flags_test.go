@@ -59,6 +59,8 @@ func flagCases() []flagCase {
 			func(_ options, srv *sockfsm.Server) any { return lowestLevel(srv.Config.Logger) }},
 		{"v", "true", "OnStateChange set: true, tutorial handler: true",
 			func(_ options, srv *sockfsm.Server) any { return verbosity(srv) }},
+		{"driver", "loop", "loop",
+			func(o options, _ *sockfsm.Server) any { return o.driver }},
 	}
 }
 

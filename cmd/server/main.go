@@ -18,6 +18,11 @@
 // gracefully within -shutdown-timeout, aborting what is left at the
 // deadline, and exits 0; a second signal closes every connection at once.
 //
+// -driver loop serves the connections on event loops (package
+// github.com/sockfsm/sockfsm/loop: epoll on Linux) instead of a goroutine
+// each; elsewhere it logs that it serves with the goroutine driver, and
+// does. The default is -driver goroutine.
+//
 // Durations and byte limits follow the engine's scheme: 0 means the
 // engine's default, a negative value turns the bound off (not allowed for
 // -write-timeout and -linger-time).
@@ -40,6 +45,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/loop"
 )
 
 // DefaultAddr is the tutorial's address.
@@ -58,6 +64,7 @@ type options struct {
 	shutdownTimeout time.Duration
 	logLevel        slog.Level
 	verbose         bool
+	driver          string
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -80,6 +87,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
+	fs.StringVar(&o.driver, "driver", "goroutine", "`goroutine` (a goroutine per connection) or loop (event loops; on systems other than Linux it serves with the goroutine driver and logs so)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -93,6 +101,9 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	}
 	if err := o.logLevel.UnmarshalText([]byte(*level)); err != nil {
 		return o, fail("bad -log-level %q", *level)
+	}
+	if o.driver != "goroutine" && o.driver != "loop" {
+		return o, fail("bad -driver %q: goroutine or loop", o.driver)
 	}
 	if o.shutdownTimeout <= 0 {
 		return o, fail("-shutdown-timeout must be positive")
@@ -117,8 +128,9 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	if err != nil {
 		return 2
 	}
-	srv := newServer(o, stdout, stderr)
-	log := srv.Config.Logger
+	cfgSrv := newServer(o, stdout, stderr)
+	log := cfgSrv.Config.Logger
+	srv := withDriver(o.driver, cfgSrv)
 
 	lns, err := listen(o.addr)
 	if err != nil {
@@ -194,6 +206,23 @@ func newServer(o options, stdout, stderr io.Writer) *sockfsm.Server {
 			return sockfsm.Echo{}
 		},
 	}
+}
+
+// server is what run needs of a server: sockfsm.Server and loop.Server
+// both are one.
+type server interface {
+	Serve(net.Listener) error
+	Shutdown(context.Context) error
+	Close() error
+}
+
+// withDriver returns srv itself for the goroutine driver, or a loop.Server
+// with srv's Config and handlers for the loop driver.
+func withDriver(driver string, srv *sockfsm.Server) server {
+	if driver == "loop" {
+		return &loop.Server{Config: srv.Config, NewHandler: srv.NewHandler}
+	}
+	return srv
 }
 
 // listen listens on addr. For the host name "localhost" it listens on every

@@ -105,6 +105,7 @@ func TestFlags(t *testing.T) {
 		{[]string{"-write-timeout", "-1s"}, 2, "WriteTimeout cannot be off"},
 		{[]string{"-linger-time", "-1s"}, 2, "LingerTime cannot be off"},
 		{[]string{"-log-level", "loud"}, 2, `bad -log-level "loud"`},
+		{[]string{"-driver", "threads"}, 2, `bad -driver "threads"`},
 		{[]string{"-h"}, 0, "Usage: server [flags]"},
 		{[]string{"-help"}, 0, "Usage: server [flags]"},
 	} {
@@ -180,6 +181,53 @@ func TestVerboseStory(t *testing.T) {
 	}
 	if logs := stderr.String(); !strings.Contains(logs, "server stopped") {
 		t.Errorf("the log lacks %q:\n%s", "server stopped", logs)
+	}
+}
+
+// TestDriverLoop: with -driver loop, the tutorial's exchange is served on
+// the event loops (on Linux) with the same story, and the server exits 0
+// on a signal.
+func TestDriverLoop(t *testing.T) {
+	var stdout, stderr syncBuffer
+	sigs := make(chan os.Signal, 1)
+	ready := make(chan net.Addr, 1)
+	done := make(chan int, 1)
+	go func() {
+		done <- run([]string{"-addr", "127.0.0.1:0", "-v", "-driver", "loop"}, &stdout, &stderr, sigs, ready)
+	}()
+	var addr net.Addr
+	select {
+	case addr = <-ready:
+	case code := <-done:
+		t.Fatalf("run returned %d before listening; stderr:\n%s", code, stderr.String())
+	case <-time.After(deadline):
+		t.Fatal("the server did not start")
+	}
+	const msg = "this is a test"
+	for range 3 {
+		got, err := exchange(addr.String(), []byte(msg))
+		if err != nil || string(got) != msg {
+			t.Errorf("exchange: %q, %v; want %q then EOF", got, err, msg)
+		}
+	}
+	sigs <- syscall.SIGTERM
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("run returned %d after SIGTERM, want 0", code)
+		}
+	case <-time.After(deadline):
+		t.Fatal("run did not return after SIGTERM")
+	}
+	story := stdout.String()
+	for _, want := range []string{"Bytes received: 14", "Bytes sent: 14", "Connection closing...",
+		"Connection closed: reason peer-closed", "receiving -> sending (output)"} {
+		if n := strings.Count(story, want); n != 3 {
+			t.Errorf("the story has %q %d times, want 3:\n%s", want, n, story)
+		}
+	}
+	if runtime.GOOS != "linux" && !strings.Contains(stderr.String(), "goroutine driver") {
+		t.Errorf("no log line says the loop driver fell back:\n%s", stderr.String())
 	}
 }
 
