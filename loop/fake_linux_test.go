@@ -1,0 +1,367 @@
+package loop
+
+// A fake kernel: the sockets of a simulated world, on a virtual clock, and
+// an epoll per loop with Linux's edge-triggered semantics as far as the
+// loop relies on them. The property test in loop_property_test.go drives
+// loops on it with rapid's draws.
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// world is what the fake kernels of a test share: the clock, the sockets,
+// the listener's backlog.
+type world struct {
+	now      time.Time
+	socks    map[int32]*fsock
+	backlog  []*fsock // connections the listener has not accepted yet
+	nextFD   int32
+	kernels  []*fakeKernel
+	problems []string // what no kernel would allow the loop to do
+}
+
+// listenFD is the fake listener's descriptor.
+const listenFD = 3
+
+func newWorld() *world {
+	return &world{now: time.Unix(1_000_000, 0), socks: map[int32]*fsock{}, nextFD: 10}
+}
+
+func (w *world) problem(format string, a ...any) {
+	w.problems = append(w.problems, fmt.Sprintf(format, a...))
+}
+
+// fsock is one connection's socket: the server's end, and what its peer
+// did.
+type fsock struct {
+	fd       int32
+	inq      []byte // sent by the peer, not yet read by the server
+	rcvCap   int    // how much inq holds at most
+	wire     []byte // everything the server wrote, in order
+	peerRead int    // how much of wire the peer has read
+	sndCap   int    // how much written and unread by the peer the socket holds
+	readIn   int64  // bytes the server read
+
+	peerFIN, rst, rstSeen bool
+	shutWr                bool // our FIN
+	closed, aborted       bool
+	closes                int
+	nospace               bool // a write found the socket full: the next room makes an edge
+	eintr                 bool // the next read or write fails with EINTR
+	writesAfterFIN        int
+	owner                 *fakeKernel // the epoll it is registered in
+}
+
+func (s *fsock) room() int { return s.sndCap - (len(s.wire) - s.peerRead) }
+
+// mask is the socket's readiness as tcp_poll reports it.
+func (s *fsock) mask() uint32 {
+	var m uint32
+	if len(s.inq) > 0 || s.peerFIN || s.rst {
+		m |= unix.EPOLLIN
+	}
+	if s.peerFIN {
+		m |= unix.EPOLLRDHUP
+	}
+	if s.rst {
+		m |= unix.EPOLLERR | unix.EPOLLHUP | unix.EPOLLRDHUP
+	}
+	if s.shutWr && s.peerFIN {
+		m |= unix.EPOLLHUP
+	}
+	if s.room() > 0 || s.shutWr {
+		m |= unix.EPOLLOUT
+	}
+	return m
+}
+
+// edge records a wake-up of the socket's wait queue.
+func (w *world) edge(s *fsock) {
+	if s.owner != nil {
+		s.owner.edged[s.fd] = true
+	}
+}
+
+// The peer's actions.
+
+func (w *world) send(s *fsock, p []byte) int {
+	n := min(len(p), s.rcvCap-len(s.inq))
+	if n <= 0 || s.peerFIN || s.rst || s.closed {
+		return 0
+	}
+	s.inq = append(s.inq, p[:n]...)
+	w.edge(s)
+	return n
+}
+
+func (w *world) fin(s *fsock) {
+	if !s.peerFIN && !s.rst {
+		s.peerFIN = true
+		w.edge(s)
+	}
+}
+
+func (w *world) reset(s *fsock) {
+	if !s.rst && !s.closed {
+		s.rst = true
+		s.inq = nil
+		w.edge(s)
+	}
+}
+
+func (w *world) read(s *fsock, n int) {
+	n = min(n, len(s.wire)-s.peerRead)
+	if n <= 0 || s.rst {
+		return
+	}
+	s.peerRead += n
+	if s.nospace {
+		s.nospace = false
+		w.edge(s)
+	}
+}
+
+// fakeKernel is one loop's kernel in the world.
+type fakeKernel struct {
+	w        *world
+	interest map[int32]uint32
+	edged    map[int32]bool
+	wfd      int32
+
+	mu     sync.Mutex // post is called from other goroutines
+	posted bool
+
+	waits    int  // calls to wait: the loop's turns
+	lastMsec int  // the timeout of the last wait
+	idle     bool // the last wait had nothing to report and would have blocked
+	down     bool
+}
+
+func (w *world) newKernel() (kernel, error) {
+	k := &fakeKernel{w: w, interest: map[int32]uint32{}, edged: map[int32]bool{}, wfd: w.nextFD}
+	w.nextFD++
+	w.kernels = append(w.kernels, k)
+	return k, nil
+}
+
+func (k *fakeKernel) sock(op string, fd int32) *fsock {
+	s := k.w.socks[fd]
+	if s == nil {
+		k.w.problem("%s on fd %d, which is no socket", op, fd)
+		return nil
+	}
+	if s.closed {
+		k.w.problem("%s on fd %d after it was closed", op, fd)
+		return nil
+	}
+	return s
+}
+
+func (k *fakeKernel) ctl(op int, fd int32, events uint32) error {
+	if fd == listenFD {
+		switch op {
+		case unix.EPOLL_CTL_ADD:
+			k.interest[fd] = events
+		case unix.EPOLL_CTL_DEL:
+			delete(k.interest, fd)
+		}
+		return nil
+	}
+	s := k.sock("epoll_ctl", fd)
+	if s == nil {
+		return unix.EBADF
+	}
+	switch op {
+	case unix.EPOLL_CTL_ADD:
+		if s.owner != nil {
+			k.w.problem("fd %d added to a second epoll", fd)
+		}
+		s.owner = k
+		k.interest[fd] = events
+		k.edged[fd] = true // ep_insert reports a socket ready at once
+	case unix.EPOLL_CTL_MOD:
+		if s.owner != k {
+			k.w.problem("fd %d modified in an epoll it is not in", fd)
+		}
+		k.interest[fd] = events
+		k.edged[fd] = true // ep_modify too
+	case unix.EPOLL_CTL_DEL:
+		delete(k.interest, fd)
+		s.owner = nil
+	}
+	return nil
+}
+
+func (k *fakeKernel) wait(events []unix.EpollEvent, msec int) (int, error) {
+	k.waits++
+	k.lastMsec = msec
+	n := 0
+	k.mu.Lock()
+	if k.posted {
+		events[n] = unix.EpollEvent{Events: unix.EPOLLIN, Fd: k.wfd}
+		n++
+	}
+	k.mu.Unlock()
+	if k.interest[listenFD] != 0 && len(k.w.backlog) > 0 { // level-triggered
+		events[n] = unix.EpollEvent{Events: unix.EPOLLIN, Fd: listenFD}
+		n++
+	}
+	fds := make([]int32, 0, len(k.edged))
+	for fd := range k.edged {
+		fds = append(fds, fd)
+	}
+	slices.Sort(fds)
+	for _, fd := range fds {
+		if n == len(events) {
+			break
+		}
+		delete(k.edged, fd)
+		s := k.w.socks[fd]
+		if s == nil || s.closed || s.owner != k {
+			continue
+		}
+		if m := s.mask() & (k.interest[fd] | unix.EPOLLERR | unix.EPOLLHUP); m != 0 {
+			events[n] = unix.EpollEvent{Events: m, Fd: fd}
+			n++
+		}
+	}
+	k.idle = n == 0 && msec != 0
+	return n, nil
+}
+
+func (k *fakeKernel) wakeFD() int32 { return k.wfd }
+
+func (k *fakeKernel) post() {
+	k.mu.Lock()
+	k.posted = true
+	k.mu.Unlock()
+}
+
+func (k *fakeKernel) clearPost() {
+	k.mu.Lock()
+	k.posted = false
+	k.mu.Unlock()
+}
+
+func (k *fakeKernel) accept(lfd int32, tcp bool) (int32, unix.Sockaddr, error) {
+	if lfd != listenFD {
+		k.w.problem("accept on fd %d", lfd)
+		return -1, nil, unix.EBADF
+	}
+	if len(k.w.backlog) == 0 {
+		return -1, nil, unix.EAGAIN
+	}
+	s := k.w.backlog[0]
+	k.w.backlog = k.w.backlog[1:]
+	return s.fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: int(s.fd)}, nil
+}
+
+func (k *fakeKernel) sockname(fd int32) (unix.Sockaddr, error) {
+	return &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: 1}, nil
+}
+
+func (k *fakeKernel) read(fd int32, p []byte) (int, error) {
+	s := k.sock("read", fd)
+	if s == nil {
+		return -1, unix.EBADF
+	}
+	if s.eintr {
+		s.eintr = false
+		return -1, unix.EINTR
+	}
+	switch {
+	case s.rst && !s.rstSeen:
+		s.rstSeen = true
+		return -1, unix.ECONNRESET
+	case len(s.inq) > 0:
+		n := copy(p, s.inq)
+		s.inq = s.inq[n:]
+		s.readIn += int64(n)
+		return n, nil
+	case s.peerFIN || s.rst:
+		return 0, nil
+	}
+	return -1, unix.EAGAIN
+}
+
+func (k *fakeKernel) write(fd int32, p []byte) (int, error) {
+	s := k.sock("write", fd)
+	if s == nil {
+		return -1, unix.EBADF
+	}
+	if s.shutWr {
+		s.writesAfterFIN++
+		return -1, unix.EPIPE
+	}
+	if s.eintr {
+		s.eintr = false
+		return -1, unix.EINTR
+	}
+	if s.rst {
+		if !s.rstSeen {
+			s.rstSeen = true
+			return -1, unix.ECONNRESET
+		}
+		return -1, unix.EPIPE
+	}
+	n := min(len(p), s.room())
+	if n < len(p) {
+		s.nospace = true
+	}
+	if n == 0 {
+		return -1, unix.EAGAIN
+	}
+	s.wire = append(s.wire, p[:n]...)
+	return n, nil
+}
+
+func (k *fakeKernel) shutdownWrite(fd int32) error {
+	s := k.sock("shutdown", fd)
+	if s == nil {
+		return unix.EBADF
+	}
+	if s.shutWr {
+		k.w.problem("fd %d: a second shutdown(SHUT_WR)", fd)
+	}
+	s.shutWr = true
+	if s.rst {
+		return unix.ENOTCONN
+	}
+	return nil
+}
+
+func (k *fakeKernel) close(fd int32) error {
+	if fd == listenFD {
+		return nil // the listener's duplicate
+	}
+	s := k.sock("close", fd)
+	if s == nil {
+		return unix.EBADF
+	}
+	s.closed = true
+	s.closes++
+	delete(k.interest, fd)
+	s.owner = nil
+	return nil
+}
+
+func (k *fakeKernel) abort(fd int32) error {
+	if s := k.w.socks[fd]; s != nil && !s.closed {
+		s.aborted = true
+	}
+	return k.close(fd)
+}
+
+func (k *fakeKernel) now() time.Time { return k.w.now }
+
+func (k *fakeKernel) shutdown() {
+	if k.down {
+		k.w.problem("a kernel shut down twice")
+	}
+	k.down = true
+}
