@@ -17,12 +17,13 @@ import (
 // world is what the fake kernels of a test share: the clock, the sockets,
 // the listener's backlog.
 type world struct {
-	now      time.Time
-	socks    map[int32]*fsock
-	backlog  []*fsock // connections the listener has not accepted yet
-	nextFD   int32
-	kernels  []*fakeKernel
-	problems []string // what no kernel would allow the loop to do
+	now        time.Time
+	socks      map[int32]*fsock
+	backlog    []*fsock // connections the listener has not accepted yet
+	nextFD     int32
+	kernels    []*fakeKernel
+	problems   []string // what no kernel would allow the loop to do
+	acceptErrs []error  // the next accepts fail with these
 }
 
 // listenFD is the fake listener's descriptor.
@@ -255,6 +256,11 @@ func (k *fakeKernel) accept(lfd int32, tcp bool) (int32, unix.Sockaddr, error) {
 	}
 	if len(k.w.backlog) == 0 {
 		return -1, nil, unix.EAGAIN
+	}
+	if len(k.w.acceptErrs) > 0 {
+		err := k.w.acceptErrs[0]
+		k.w.acceptErrs = k.w.acceptErrs[1:]
+		return -1, nil, err
 	}
 	s := k.w.backlog[0]
 	k.w.backlog = k.w.backlog[1:]

@@ -1,0 +1,155 @@
+package loop
+
+import (
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockfsm/sockfsm"
+)
+
+// fakeServer returns a server of one loop on a fake kernel in w, with an
+// acceptor on the fake listener, not yet settled.
+func fakeServer(t *testing.T, w *world, cfg sockfsm.Config) (*Server, *eventLoop, *acceptor) {
+	t.Helper()
+	cfg.Logger = discardLogger
+	srv := &Server{Config: cfg, NewHandler: always(sockfsm.Echo{}), Loops: 1}
+	st := &srv.impl
+	st.newKernel = w.newKernel
+	st.mu.Lock()
+	st.initLocked(srv)
+	if err := st.makeLoops(1); err != nil {
+		t.Fatal(err)
+	}
+	st.nacceptors++
+	st.mu.Unlock()
+	a := &acceptor{fd: listenFD, tcp: true, laddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}, done: make(chan error, 1)}
+	l := st.loops[0]
+	l.postAcceptor(a)
+	return srv, l, a
+}
+
+// settleLoop turns l until its epoll_wait would block, within a bound.
+func settleLoop(t *testing.T, l *eventLoop) {
+	t.Helper()
+	k := l.k.(*fakeKernel)
+	for range maxSettleTurns {
+		l.turn()
+		if len(k.w.problems) > 0 {
+			t.Fatalf("the loop did what no kernel allows: %q", k.w.problems)
+		}
+		if k.idle {
+			return
+		}
+	}
+	t.Fatalf("the loop did not settle in %d turns", maxSettleTurns)
+}
+
+// TestAcceptBackoff: EMFILE and ENFILE from accept stop accepting (the
+// listener leaves the epoll set, so the loop does not spin on it) for 5 ms,
+// doubling on each consecutive error; then accepting resumes, and a
+// success resets the back-off.
+func TestAcceptBackoff(t *testing.T) {
+	w := newWorld()
+	_, l, _ := fakeServer(t, w, sockfsm.Config{})
+	k := l.k.(*fakeKernel)
+	connect := func() *fsock {
+		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
+		w.nextFD++
+		w.socks[s.fd] = s
+		w.backlog = append(w.backlog, s)
+		return s
+	}
+	s1 := connect()
+	w.acceptErrs = []error{unix.EMFILE, unix.ENFILE, unix.EMFILE}
+	var waits []int
+	for _, want := range []int{5, 10, 20} {
+		settleLoop(t, l)
+		if k.interest[listenFD] != 0 {
+			t.Fatal("the listener is still watched during the back-off")
+		}
+		waits = append(waits, k.lastMsec)
+		if k.lastMsec != want {
+			t.Fatalf("back-offs %v ms, want 5, 10, 20", waits)
+		}
+		w.now = w.now.Add(time.Duration(k.lastMsec) * time.Millisecond)
+	}
+	settleLoop(t, l)
+	if s1.owner == nil || l.n != 1 {
+		t.Fatal("the connection was not accepted after the back-off")
+	}
+	if k.interest[listenFD] == 0 {
+		t.Fatal("the listener is not watched again")
+	}
+	// A success reset the back-off: the next error waits 5 ms again.
+	connect()
+	w.acceptErrs = []error{unix.EMFILE}
+	settleLoop(t, l)
+	if k.interest[listenFD] != 0 {
+		t.Fatal("the listener is still watched during the back-off")
+	}
+	// The loop's first timer is the back-off, unless the connection's
+	// idle timer (60 s) came first.
+	if k.lastMsec != 5 {
+		t.Fatalf("after a success the back-off is %d ms, want 5", k.lastMsec)
+	}
+}
+
+// TestAcceptErrorEndsServe: a permanent accept error ends the listener's
+// Serve with that error.
+func TestAcceptErrorEndsServe(t *testing.T) {
+	w := newWorld()
+	_, l, a := fakeServer(t, w, sockfsm.Config{})
+	w.backlog = append(w.backlog, &fsock{fd: 99})
+	w.acceptErrs = []error{unix.EINVAL}
+	settleLoop(t, l)
+	select {
+	case err := <-a.done:
+		if err == nil || !errorsIs(err, unix.EINVAL) {
+			t.Fatalf("Serve would return %v, want EINVAL", err)
+		}
+	default:
+		t.Fatal("the acceptor is still open")
+	}
+	if len(l.accs) != 0 || l.s.nacceptors != 0 {
+		t.Fatal("the acceptor is still counted")
+	}
+}
+
+// TestMaxConnsPausesListener: at MaxConns the listener leaves the epoll set
+// (no level-triggered readiness left armed), and returns when a
+// connection closes.
+func TestMaxConnsPausesListener(t *testing.T) {
+	w := newWorld()
+	_, l, _ := fakeServer(t, w, sockfsm.Config{MaxConns: 1, IdleTimeout: 10 * time.Millisecond, LingerTimeout: 10 * time.Millisecond})
+	k := l.k.(*fakeKernel)
+	for range 2 {
+		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
+		w.nextFD++
+		w.socks[s.fd] = s
+		w.backlog = append(w.backlog, s)
+	}
+	settleLoop(t, l)
+	if l.n != 1 || len(w.backlog) != 1 {
+		t.Fatalf("%d connections open, %d in the backlog; want 1 and 1", l.n, len(w.backlog))
+	}
+	if k.interest[listenFD] != 0 {
+		t.Fatal("the listener is watched at MaxConns")
+	}
+	// The first connection idles out, half-closes, lingers out, closes.
+	for i := 0; len(w.backlog) > 0 && i < 10; i++ {
+		if l.n != 1 {
+			t.Fatalf("%d connections open at MaxConns 1", l.n)
+		}
+		w.now = w.now.Add(time.Duration(max(k.lastMsec, 1)) * time.Millisecond)
+		settleLoop(t, l)
+	}
+	if len(w.backlog) != 0 || l.n != 1 {
+		t.Fatalf("after the first closed: %d open, %d in the backlog; want the second accepted", l.n, len(w.backlog))
+	}
+}
+
+func errorsIs(err, target error) bool { return errors.Is(err, target) }

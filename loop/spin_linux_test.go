@@ -1,0 +1,232 @@
+package loop
+
+// Bad input on real sockets: peers that flood without reading, trickle,
+// reset in the middle of a write, half-close at once, or stop while we
+// linger never make a loop spin. Each test counts the loop's turns (its
+// epoll_waits, through a kernel that counts them) while the connection is
+// stuck or gone: a loop that spins turns thousands of times a second; one
+// that sleeps, a few. The window is a bound on how long the test looks,
+// not a timing assertion.
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/fsm"
+)
+
+// countingKernel is the epoll kernel, counting the loop's turns and the
+// descriptors it registers.
+type countingKernel struct {
+	kernel
+	waits atomic.Int64
+	adds  atomic.Int64
+}
+
+func (k *countingKernel) wait(ev []unix.EpollEvent, msec int) (int, error) {
+	k.waits.Add(1)
+	return k.kernel.wait(ev, msec)
+}
+
+func (k *countingKernel) ctl(op int, fd int32, events uint32) error {
+	if op == unix.EPOLL_CTL_ADD {
+		k.adds.Add(1)
+	}
+	return k.kernel.ctl(op, fd, events)
+}
+
+// countedServer starts a server whose loops count their turns.
+func countedServer(t *testing.T, loops int, cfg sockfsm.Config, h func(sockfsm.ConnInfo) sockfsm.Handler) (*testServer, func() []*countingKernel) {
+	t.Helper()
+	var mu sync.Mutex
+	var ks []*countingKernel
+	ts := &testServer{network: "tcp", rec: newRecorder(), served: make(chan struct{})}
+	cfg.OnStateChange = ts.rec.onState
+	cfg.OnClose = ts.rec.onClose
+	cfg.Logger = testLogger(t)
+	ts.srv = &Server{Config: cfg, NewHandler: h, Loops: loops}
+	ts.srv.impl.newKernel = func() (kernel, error) {
+		k, err := newEpollKernel()
+		if err != nil {
+			return nil, err
+		}
+		ck := &countingKernel{kernel: k}
+		mu.Lock()
+		ks = append(ks, ck)
+		mu.Unlock()
+		return ck, nil
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.addr = ln.Addr().String()
+	go func() {
+		ts.serveErr = ts.srv.Serve(ln)
+		close(ts.served)
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
+		defer cancel()
+		ts.srv.Shutdown(ctx)
+		ts.serveResult(t)
+	})
+	return ts, func() []*countingKernel {
+		mu.Lock()
+		defer mu.Unlock()
+		return ks
+	}
+}
+
+// quietWindow is how long a test watches a loop that has nothing to do.
+const quietWindow = 300 * time.Millisecond
+
+// maxQuietTurns is how many turns a loop may take in quietWindow when
+// nothing happens: a wake-up or two; a spinning loop takes thousands.
+const maxQuietTurns = 5
+
+// expectQuiet fails the test if the loop turns more than maxQuietTurns
+// times in quietWindow.
+func expectQuiet(t *testing.T, k *countingKernel, what string) {
+	t.Helper()
+	before := k.waits.Load()
+	time.Sleep(quietWindow)
+	if n := k.waits.Load() - before; n > maxQuietTurns {
+		t.Errorf("%s: the loop turned %d times in %v with nothing to do: it spins", what, n, quietWindow)
+	}
+}
+
+// TestNoSpinFloodWithoutReading: a peer sends and never reads; the echo
+// fills its socket, the engine stops reading while it cannot flush, and
+// the peer's own sends block. Nothing can progress until WriteTimeout, and
+// the loop sleeps.
+func TestNoSpinFloodWithoutReading(t *testing.T) {
+	checkFDs(t)
+	ts, kernels := countedServer(t, 1, sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: 1 << 20}, always(sockfsm.Echo{}))
+	c := ts.dial(t)
+	chunk := bytes.Repeat([]byte("f"), 64<<10)
+	// Send until the sends block: both directions are full.
+	for range 1 << 12 { // at most 256 MiB
+		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := c.Write(chunk); err != nil {
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("client write: %v", err)
+			}
+			break
+		}
+	}
+	if !ts.rec.saw(key(c), fsm.Output) {
+		t.Fatal("the server never echoed")
+	}
+	expectQuiet(t, kernels()[0], "a peer that floods and does not read")
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	ts.rec.wait(t, key(c))
+}
+
+// TestNoSpinTrickle: a peer sending a byte at a time costs the loop a few
+// turns per byte, not more.
+func TestNoSpinTrickle(t *testing.T) {
+	checkFDs(t)
+	ts, kernels := countedServer(t, 1, sockfsm.Config{}, always(sockfsm.Echo{}))
+	c := ts.dial(t)
+	k := kernels()[0]
+	before := k.waits.Load()
+	const n = 50
+	for range n {
+		mustWrite(t, c, []byte("t"))
+		readFull(t, c, 1)
+		time.Sleep(2 * time.Millisecond)
+	}
+	if turns := k.waits.Load() - before; turns > 3*n+maxQuietTurns {
+		t.Errorf("%d turns for %d one-byte exchanges, want at most %d", turns, n, 3*n+maxQuietTurns)
+	}
+	expectQuiet(t, k, "an idle connection after a trickle")
+}
+
+// TestNoSpinResetMidWrite: a peer resets while the server is writing to it
+// (EPOLLOUT armed): the connection is aborted as the peer's reset and the
+// loop sleeps.
+func TestNoSpinResetMidWrite(t *testing.T) {
+	checkFDs(t)
+	resp := pattern(8 << 20)
+	ts, kernels := countedServer(t, 1, sockfsm.Config{MaxPendingOutput: len(resp), WriteTimeout: time.Minute}, always(bigHandler(resp)))
+	c := ts.dial(t)
+	mustWrite(t, c, []byte("big"))
+	readFull(t, c, 100<<10)
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	info := ts.rec.wait(t, key(c))
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerReset, Err: sockfsm.ErrPeerReset, BytesRead: 3, BytesWritten: -1})
+	expectQuiet(t, kernels()[0], "after a reset in the middle of a write")
+}
+
+// TestNoSpinHalfCloseAtOnce: a peer that connects and half-closes at once,
+// then neither reads nor closes: the server answers with its FIN and
+// closes; the loop sleeps.
+func TestNoSpinHalfCloseAtOnce(t *testing.T) {
+	checkFDs(t)
+	ts, kernels := countedServer(t, 1, sockfsm.Config{}, always(sockfsm.Echo{}))
+	c := ts.dial(t)
+	closeWrite(t, c)
+	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 0, BytesWritten: 0})
+	expectQuiet(t, kernels()[0], "after a peer half-closed at once")
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Errorf("client read = %d, %v; want EOF", n, err)
+	}
+}
+
+// TestNoSpinLingering: the server wrote more than the socket holds (so
+// EPOLLOUT was armed), then closed; the peer read it all and neither
+// sends nor closes. While the server lingers after its FIN, with a socket
+// that Linux reports writable forever, the loop sleeps.
+func TestNoSpinLingering(t *testing.T) {
+	checkFDs(t)
+	resp := pattern(4 << 20)
+	ts, kernels := countedServer(t, 1, sockfsm.Config{MaxPendingOutput: len(resp), LingerTimeout: time.Minute, LingerTime: time.Minute},
+		always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+			c.Write(resp)
+			c.Close()
+		})))
+	c := ts.dial(t)
+	mustWrite(t, c, []byte("go"))
+	if got := readToEOF(t, c); !bytes.Equal(got, resp) {
+		t.Fatalf("client read %d bytes, want the %d of the response", len(got), len(resp))
+	}
+	waitUntil(t, "the server to linger", func() bool { return ts.rec.saw(key(c), fsm.FINSent) })
+	expectQuiet(t, kernels()[0], "lingering after our FIN")
+	closeWrite(t, c)
+	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		BytesRead: 2, BytesWritten: int64(len(resp))})
+}
+
+// TestConnectionsSpreadAcrossLoops: accepted connections are handed out to
+// every loop, round-robin.
+func TestConnectionsSpreadAcrossLoops(t *testing.T) {
+	checkFDs(t)
+	ts, kernels := countedServer(t, 4, sockfsm.Config{}, always(sockfsm.Echo{}))
+	const n = 40
+	for range n {
+		c := ts.dial(t)
+		mustWrite(t, c, []byte("x"))
+		readFull(t, c, 1)
+	}
+	for i, k := range kernels() {
+		// Each loop registers its connections; the accepting one its
+		// listener too.
+		if got := k.adds.Load(); got < n/4 || got > n/4+1 {
+			t.Errorf("loop %d registered %d descriptors, want %d connections (and maybe the listener)", i, got, n/4)
+		}
+	}
+}
