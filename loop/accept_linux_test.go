@@ -65,17 +65,17 @@ func TestAcceptBackoff(t *testing.T) {
 	}
 	s1 := connect()
 	w.acceptErrs = []error{unix.EMFILE, unix.ENFILE, unix.EMFILE}
-	var waits []int
-	for _, want := range []int{5, 10, 20} {
+	var waits []time.Duration
+	for _, want := range []time.Duration{5 * time.Millisecond, 10 * time.Millisecond, 20 * time.Millisecond} {
 		settleLoop(t, l)
 		if k.interest[listenFD] != 0 {
 			t.Fatal("the listener is still watched during the back-off")
 		}
-		waits = append(waits, k.lastMsec)
-		if k.lastMsec != want {
-			t.Fatalf("back-offs %v ms, want 5, 10, 20", waits)
+		waits = append(waits, k.lastWait)
+		if k.lastWait != want {
+			t.Fatalf("back-offs %v, want 5ms, 10ms, 20ms", waits)
 		}
-		w.now = w.now.Add(time.Duration(k.lastMsec) * time.Millisecond)
+		w.now = w.now.Add(k.lastWait)
 	}
 	settleLoop(t, l)
 	if s1.owner == nil || l.n != 1 {
@@ -93,8 +93,8 @@ func TestAcceptBackoff(t *testing.T) {
 	}
 	// The loop's first timer is the back-off, unless the connection's
 	// idle timer (60 s) came first.
-	if k.lastMsec != 5 {
-		t.Fatalf("after a success the back-off is %d ms, want 5", k.lastMsec)
+	if k.lastWait != 5*time.Millisecond {
+		t.Fatalf("after a success the back-off is %v, want 5ms", k.lastWait)
 	}
 }
 
@@ -144,7 +144,7 @@ func TestMaxConnsPausesListener(t *testing.T) {
 		if l.n != 1 {
 			t.Fatalf("%d connections open at MaxConns 1", l.n)
 		}
-		w.now = w.now.Add(time.Duration(max(k.lastMsec, 1)) * time.Millisecond)
+		w.now = w.now.Add(max(k.lastWait, time.Millisecond))
 		settleLoop(t, l)
 	}
 	if len(w.backlog) != 0 || l.n != 1 {

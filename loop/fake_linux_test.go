@@ -137,9 +137,9 @@ type fakeKernel struct {
 	mu     sync.Mutex // post is called from other goroutines
 	posted bool
 
-	waits    int  // calls to wait: the loop's turns
-	lastMsec int  // the timeout of the last wait
-	idle     bool // the last wait had nothing to report and would have blocked
+	waits    int           // calls to wait: the loop's turns
+	lastWait time.Duration // how long the last wait would have slept: -1 without limit, 0 not at all
+	idle     bool          // the last wait had nothing to report and would have blocked
 	down     bool
 }
 
@@ -198,9 +198,16 @@ func (k *fakeKernel) ctl(op int, fd int32, events uint32) error {
 	return nil
 }
 
-func (k *fakeKernel) wait(events []unix.EpollEvent, msec int) (int, error) {
+func (k *fakeKernel) wait(events []unix.EpollEvent, block bool, until time.Time) (int, error) {
 	k.waits++
-	k.lastMsec = msec
+	switch {
+	case !block:
+		k.lastWait = 0
+	case until.IsZero():
+		k.lastWait = -1
+	default:
+		k.lastWait = max(until.Sub(k.w.now), 0)
+	}
 	n := 0
 	k.mu.Lock()
 	if k.posted {
@@ -231,7 +238,7 @@ func (k *fakeKernel) wait(events []unix.EpollEvent, msec int) (int, error) {
 			n++
 		}
 	}
-	k.idle = n == 0 && msec != 0
+	k.idle = n == 0 && block
 	return n, nil
 }
 

@@ -2,6 +2,9 @@ package loop
 
 import (
 	"encoding/binary"
+	"errors"
+	"os"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -15,8 +18,9 @@ import (
 type kernel interface {
 	// ctl adds (unix.EPOLL_CTL_ADD), modifies or deletes fd's interest.
 	ctl(op int, fd int32, events uint32) error
-	// wait waits up to msec milliseconds (-1: forever) for events.
-	wait(events []unix.EpollEvent, msec int) (int, error)
+	// wait returns the events ready now; with block, if there are none,
+	// it waits for some until the time until (zero: no limit).
+	wait(events []unix.EpollEvent, block bool, until time.Time) (int, error)
 	// wakeFD is the descriptor whose readiness means post was called.
 	wakeFD() int32
 	// post makes the loop's wait return; safe from any goroutine.
@@ -42,22 +46,53 @@ type kernel interface {
 }
 
 // epollKernel is the real kernel: an epoll instance and an eventfd.
+//
+// A loop that has nothing to do does not sleep in epoll_wait: a goroutine
+// blocked in a system call keeps its P until the runtime's sysmon takes it
+// back, which can take up to 10 ms, and meanwhile, with GOMAXPROCS loops or
+// a server pinned to one CPU, the process's other goroutines (those that
+// push to connections, Shutdown, timers) wait. It parks in the runtime's
+// network poller instead, on the epoll descriptor itself (an epoll
+// descriptor is readable when it has events), with the loop's next timer
+// as the read deadline: the goroutine is an ordinary parked goroutine, and
+// a busy loop still takes its events with one non-blocking epoll_wait per
+// turn.
 type epollKernel struct {
 	epfd, evfd int
+	ep         *os.File        // epfd, registered in the runtime's poller
+	rc         syscall.RawConn // ep's
+	poll       func(uintptr) bool
+
+	dl         time.Time       // ep's read deadline
+
+	// What poll leaves for wait.
+	events []unix.EpollEvent
+	n      int
+	err    error
 }
 
 func newEpollKernel() (kernel, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
-		return nil, err
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, os.NewSyscallError("fcntl", err)
 	}
 	evfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
 		unix.Close(epfd)
-		return nil, err
+		return nil, os.NewSyscallError("eventfd", err)
 	}
-	k := &epollKernel{epfd: epfd, evfd: evfd}
-	if err := k.ctl(unix.EPOLL_CTL_ADD, int32(evfd), unix.EPOLLIN); err != nil {
+	k := &epollKernel{epfd: epfd, evfd: evfd, ep: os.NewFile(uintptr(epfd), "epoll")}
+	k.poll = k.pollOnce
+	rc, err := k.ep.SyscallConn()
+	if err == nil {
+		k.rc = rc
+		err = k.ctl(unix.EPOLL_CTL_ADD, int32(evfd), unix.EPOLLIN)
+	}
+	if err != nil {
 		k.shutdown()
 		return nil, err
 	}
@@ -69,8 +104,45 @@ func (k *epollKernel) ctl(op int, fd int32, events uint32) error {
 	return unix.EpollCtl(k.epfd, op, int(fd), &ev)
 }
 
-func (k *epollKernel) wait(events []unix.EpollEvent, msec int) (int, error) {
-	return unix.EpollWait(k.epfd, events, msec)
+// wait parks in the runtime's poller (see epollKernel), with until as the
+// epoll descriptor's read deadline, set only when it changes: the loop's
+// first timer seldom does.
+func (k *epollKernel) wait(events []unix.EpollEvent, block bool, until time.Time) (int, error) {
+	if !block {
+		n, err := unix.EpollWait(k.epfd, events, 0)
+		if err == unix.EINTR {
+			return 0, nil
+		}
+		return max(n, 0), err
+	}
+	if !until.Equal(k.dl) {
+		if err := k.ep.SetReadDeadline(until); err != nil {
+			return 0, err
+		}
+		k.dl = until
+	}
+	k.events, k.n, k.err = events, 0, nil
+	err := k.rc.Read(k.poll)
+	k.events = nil
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	return k.n, k.err
+}
+
+// pollOnce is the RawConn.Read function of wait: it takes the events ready
+// now, and reports false, to wait for the epoll descriptor to become
+// readable, if there are none.
+func (k *epollKernel) pollOnce(fd uintptr) bool {
+	n, err := unix.EpollWait(int(fd), k.events, 0)
+	if err == unix.EINTR || (err == nil && n == 0) {
+		return false
+	}
+	k.n, k.err = max(n, 0), err
+	return true
 }
 
 func (k *epollKernel) wakeFD() int32 { return int32(k.evfd) }
@@ -123,5 +195,5 @@ func (k *epollKernel) now() time.Time { return time.Now() }
 
 func (k *epollKernel) shutdown() {
 	unix.Close(k.evfd)
-	unix.Close(k.epfd)
+	k.ep.Close() // and epfd
 }

@@ -29,9 +29,6 @@ const (
 	// acceptBudget is how many connections a turn accepts at most per
 	// listener.
 	acceptBudget = 64
-	// maxWait bounds one epoll_wait, in milliseconds.
-	maxWait = 60 * 60 * 1000
-
 	acceptBackoffMin = 5 * time.Millisecond
 	acceptBackoffMax = time.Second
 )
@@ -119,6 +116,7 @@ type eventLoop struct {
 	accs   []*acceptor
 
 	stopped, closing, killing, exit bool
+	acceptMore                      bool // a listener had more than acceptBudget waiting
 
 	mu       sync.Mutex
 	posted   bool // the eventfd was written and the loop has not read its mail yet
@@ -173,7 +171,8 @@ func (l *eventLoop) close() {
 // turn is one turn of the loop: wait, then handle the events, the mail, the
 // timers and the run queue.
 func (l *eventLoop) turn() {
-	n, err := l.k.wait(l.events, l.waitTimeout())
+	block, until := l.waitUntil()
+	n, err := l.k.wait(l.events, block, until)
 	if err != nil {
 		if err != unix.EINTR {
 			l.s.log.Error("sockfsm/loop: epoll_wait failed", "err", err)
@@ -208,11 +207,13 @@ func (l *eventLoop) turn() {
 	l.runQueue()
 }
 
-// waitTimeout is how long the next epoll_wait may sleep: until the first
-// timer, or not at all if the run queue has work.
-func (l *eventLoop) waitTimeout() int {
-	if len(l.runq) > 0 {
-		return 0
+// waitUntil says whether the next wait may block, and until when (zero:
+// no limit): until the first timer, and not at all if the run queue has
+// work.
+func (l *eventLoop) waitUntil() (bool, time.Time) {
+	if len(l.runq) > 0 || l.acceptMore {
+		l.acceptMore = false
+		return false, time.Time{}
 	}
 	var at int64
 	if len(l.timers) > 0 {
@@ -224,13 +225,12 @@ func (l *eventLoop) waitTimeout() int {
 		}
 	}
 	if at == 0 {
-		return -1
+		return true, time.Time{}
 	}
-	d := at - l.ns(l.k.now())
-	if d <= 0 {
-		return 0
+	if at <= l.ns(l.k.now()) {
+		return false, time.Time{} // due: this turn's fireTimers takes it
 	}
-	return int(min((d+int64(time.Millisecond)-1)/int64(time.Millisecond), maxWait))
+	return true, l.epoch.Add(time.Duration(at))
 }
 
 // ready records what an edge says of c's socket and drives c.
@@ -705,6 +705,7 @@ func (l *eventLoop) accept(a *acceptor) {
 		a.backoff = 0
 		l.newConn(fd, sa, a)
 	}
+	l.acceptMore = true
 }
 
 // temporaryAcceptErrors are the accept errors worth retrying after a
@@ -759,6 +760,27 @@ func (l *eventLoop) resumeAccepting() {
 // newConn sets up the connection accepted on fd and hands it to a loop.
 func (l *eventLoop) newConn(fd int32, sa unix.Sockaddr, a *acceptor) {
 	s := l.s
+	c, info, err := l.makeConn(fd, sa, a)
+	if err != nil {
+		s.log.Error("NewHandler failed; connection aborted", "conn", info.ID, "remote", addrString(info.RemoteAddr), "err", err)
+		l.k.abort(fd)
+		s.unreserve()
+		return
+	}
+	c.l = s.pick()
+	s.nconns.Add(1)
+	if c.l == l {
+		l.register(c)
+	} else {
+		c.l.postIncoming(c)
+	}
+}
+
+// makeConn makes the connection accepted on fd: its ConnInfo, its handler
+// and its engine. The connection's memory is this one allocation and the
+// waker's method value.
+func (l *eventLoop) makeConn(fd int32, sa unix.Sockaddr, a *acceptor) (*conn, sockfsm.ConnInfo, error) {
+	s := l.s
 	c := &conn{fd: fd}
 	info := sockfsm.ConnInfo{ID: connIDs.Add(1), LocalAddr: a.laddr, RemoteAddr: c.remoteAddr(sa, a)}
 	if info.LocalAddr == nil {
@@ -769,19 +791,10 @@ func (l *eventLoop) newConn(fd int32, sa unix.Sockaddr, a *acceptor) {
 		err = c.e.Init(s.cfg, h, info)
 	}
 	if err != nil {
-		s.log.Error("NewHandler failed; connection aborted", "conn", info.ID, "remote", addrString(info.RemoteAddr), "err", err)
-		l.k.abort(fd)
-		s.unreserve()
-		return
+		return nil, info, err
 	}
-	c.l = s.pick()
 	c.e.SetWaker(c.wake)
-	s.nconns.Add(1)
-	if c.l == l {
-		l.register(c)
-	} else {
-		c.l.postIncoming(c)
-	}
+	return c, info, nil
 }
 
 func addrString(a net.Addr) string {

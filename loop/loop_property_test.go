@@ -221,9 +221,8 @@ func (h *harness) checkIdle() {
 			if dl.IsZero() {
 				continue
 			}
-			wake := time.Duration(k.lastMsec) * time.Millisecond
-			if k.lastMsec < 0 || h.w.now.Add(wake).After(dl.Add(time.Millisecond)) {
-				h.t.Fatalf("fd %d: the engine's deadline is in %v, the loop sleeps for %dms", c.fd, dl.Sub(h.w.now), k.lastMsec)
+			if k.lastWait < 0 || h.w.now.Add(k.lastWait).After(dl) {
+				h.t.Fatalf("fd %d: the engine's deadline is in %v, the loop sleeps for %v", c.fd, dl.Sub(h.w.now), k.lastWait)
 			}
 		}
 	}
@@ -233,8 +232,8 @@ func (h *harness) checkIdle() {
 func (h *harness) nextTimer() time.Duration {
 	var d time.Duration
 	for _, l := range h.st.loops {
-		if m := h.kernel(l).lastMsec; m > 0 && (d == 0 || time.Duration(m)*time.Millisecond < d) {
-			d = time.Duration(m) * time.Millisecond
+		if m := h.kernel(l).lastWait; m > 0 && (d == 0 || m < d) {
+			d = m
 		}
 	}
 	return d
@@ -483,9 +482,8 @@ func (h *harness) check() {
 	t := h.t
 	closeBound, _ := h.cfg.CloseBound()
 	lifeBound, lifeOn := h.cfg.LifetimeBound()
-	// The loop wakes at its timers to the millisecond, rounded up, and
-	// a close takes a few of them (idle, linger).
-	const slack = 10 * time.Millisecond
+	// The loop wakes exactly at its timers.
+	const slack = 0
 	for _, tc := range h.conns {
 		s := tc.s
 		if s.writesAfterFIN > 0 {

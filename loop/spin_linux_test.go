@@ -34,9 +34,9 @@ type countingKernel struct {
 	adds  atomic.Int64
 }
 
-func (k *countingKernel) wait(ev []unix.EpollEvent, msec int) (int, error) {
+func (k *countingKernel) wait(ev []unix.EpollEvent, block bool, until time.Time) (int, error) {
 	k.waits.Add(1)
-	return k.kernel.wait(ev, msec)
+	return k.kernel.wait(ev, block, until)
 }
 
 func (k *countingKernel) ctl(op int, fd int32, events uint32) error {
