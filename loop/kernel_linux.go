@@ -63,7 +63,7 @@ type epollKernel struct {
 	rc         syscall.RawConn // ep's
 	poll       func(uintptr) bool
 
-	dl         time.Time       // ep's read deadline
+	dl time.Time // ep's read deadline
 
 	// What poll leaves for wait.
 	events []unix.EpollEvent

@@ -28,7 +28,7 @@ const (
 	stepBudget = 32
 	// acceptBudget is how many connections a turn accepts at most per
 	// listener.
-	acceptBudget = 64
+	acceptBudget     = 64
 	acceptBackoffMin = 5 * time.Millisecond
 	acceptBackoffMax = time.Second
 )
