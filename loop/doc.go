@@ -54,8 +54,16 @@
 // A loop keeps them in a binary heap: arming a later deadline than the one
 // in the heap leaves the heap alone (the entry fires early, and is moved
 // then), so a busy connection touches the heap about once per IdleTimeout,
-// not once per read. epoll_wait sleeps until the earliest entry, to the
-// millisecond. Time is read from the monotonic clock.
+// not once per read. Time is read from the monotonic clock.
+//
+// A loop with work takes its events with a non-blocking epoll_wait each
+// turn. One with nothing to do does not block in epoll_wait, where its
+// goroutine would keep a P of the runtime until sysmon took it back (up to
+// 10 ms, during which, with a P per loop or one CPU, the process's other
+// goroutines wait): it parks in the runtime's network poller on its epoll
+// descriptor, which is readable when events are ready, with its first
+// timer as the read deadline. To the scheduler a loop is an ordinary
+// goroutine.
 //
 // # Handlers run on the loop
 //

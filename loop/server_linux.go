@@ -102,6 +102,8 @@ func (st *serverState) makeLoops(n int) error {
 // connections it stops accepting until one closes. Temporary accept errors
 // (EMFILE, ENFILE, ...) are retried after a back-off from 5 ms doubling to
 // 1 s. Serve may be called for several listeners; they share the loops.
+// A loop accepts on a duplicate of ln's descriptor: closing ln yourself
+// does not stop it; Shutdown and Close do.
 func (s *Server) Serve(ln net.Listener) error {
 	if err := s.check(ln); err != nil {
 		ln.Close()
