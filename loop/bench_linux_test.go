@@ -27,23 +27,39 @@ import (
 
 var sinkConn *conn
 
+
+
 // TestConnFootprint: a connection costs two allocations, its conn (the
-// Engine inside) and the waker's method value, and nothing else: its
-// ConnInfo's addresses live in the conn or are the listener's.
+// Engine inside) and its waker's closure, and nothing else: its ConnInfo's
+// addresses live in the conn or are the listener's.
 func TestConnFootprint(t *testing.T) {
 	w := newWorld()
 	_, l, a := fakeServer(t, w, sockfsm.Config{})
 	sa := &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 2}, Port: 4242}
-	allocs := testing.AllocsPerRun(100, func() {
-		c, _, err := l.makeConn(7, sa, a)
+	mk := func() {
+		c, _, err := l.makeConn(7, sa, a, l)
 		if err != nil {
 			t.Fatal(err)
 		}
 		sinkConn = c
-	})
-	t.Logf("conn: %d bytes (Engine %d), %v allocations per connection", unsafe.Sizeof(conn{}), unsafe.Sizeof(sockfsm.Engine{}), allocs)
+	}
+	allocs := testing.AllocsPerRun(100, mk)
+	const n = 1000
+	var m0, m1 runtime.MemStats
+	runtime.ReadMemStats(&m0)
+	for range n {
+		mk()
+	}
+	runtime.ReadMemStats(&m1)
+	perConn := (m1.TotalAlloc - m0.TotalAlloc) / n
+	t.Logf("conn: %d bytes (Engine %d); per connection %v allocations, %d bytes allocated", unsafe.Sizeof(conn{}), unsafe.Sizeof(sockfsm.Engine{}), allocs, perConn)
 	if allocs > 2 {
 		t.Errorf("%v allocations per connection, want 2 (the conn and its waker)", allocs)
+	}
+	// The budget of an idle connection is 1 KiB, the loop's share of it
+	// (the timer entry, the descriptor's slot) included.
+	if perConn > 1024-64 {
+		t.Errorf("%d bytes allocated per connection: over the budget", perConn)
 	}
 	if got := sinkConn.e.Info().RemoteAddr.String(); got != "127.0.0.2:4242" {
 		t.Errorf("RemoteAddr = %s", got)

@@ -65,10 +65,14 @@ const (
 // per connection, see sockfsm.Engine.Init), its descriptor, its timer and
 // what the edges said. It holds no buffer and no goroutine. The remote
 // address of a TCP connection lives here too, so that ConnInfo costs no
-// allocation of its own.
+// allocation of its own. Its loop is not: only the waker needs it, and
+// holds it.
+//
+// Mind its size (TestConnFootprint logs it): an object over 512 bytes
+// with pointers carries an 8-byte header, so the conn costs its size plus
+// 8, rounded up to the allocator's size class (..., 576, 640, 704, ...).
 type conn struct {
 	e     sockfsm.Engine
-	l     *eventLoop
 	raddr net.TCPAddr
 	ip    [16]byte
 	dl    int64 // the engine's deadline on the loop's clock; 0: none
@@ -77,9 +81,6 @@ type conn struct {
 	flags uint8
 	woken bool // in l.mail.woken; guarded by l.mu
 }
-
-// wake is the engine's waker: a request from any goroutine needs the loop.
-func (c *conn) wake(sockfsm.Op) { c.l.postWake(c) }
 
 // cmd is a command to a loop from the server.
 type cmd uint8
@@ -760,26 +761,26 @@ func (l *eventLoop) resumeAccepting() {
 // newConn sets up the connection accepted on fd and hands it to a loop.
 func (l *eventLoop) newConn(fd int32, sa unix.Sockaddr, a *acceptor) {
 	s := l.s
-	c, info, err := l.makeConn(fd, sa, a)
+	target := s.pick()
+	c, info, err := l.makeConn(fd, sa, a, target)
 	if err != nil {
 		s.log.Error("NewHandler failed; connection aborted", "conn", info.ID, "remote", addrString(info.RemoteAddr), "err", err)
 		l.k.abort(fd)
 		s.unreserve()
 		return
 	}
-	c.l = s.pick()
 	s.nconns.Add(1)
-	if c.l == l {
+	if target == l {
 		l.register(c)
 	} else {
-		c.l.postIncoming(c)
+		target.postIncoming(c)
 	}
 }
 
-// makeConn makes the connection accepted on fd: its ConnInfo, its handler
-// and its engine. The connection's memory is this one allocation and the
-// waker's method value.
-func (l *eventLoop) makeConn(fd int32, sa unix.Sockaddr, a *acceptor) (*conn, sockfsm.ConnInfo, error) {
+// makeConn makes the connection accepted on fd for the loop target: its
+// ConnInfo, its handler and its engine. The connection's memory is this
+// one allocation and its waker's closure.
+func (l *eventLoop) makeConn(fd int32, sa unix.Sockaddr, a *acceptor, target *eventLoop) (*conn, sockfsm.ConnInfo, error) {
 	s := l.s
 	c := &conn{fd: fd}
 	info := sockfsm.ConnInfo{ID: connIDs.Add(1), LocalAddr: a.laddr, RemoteAddr: c.remoteAddr(sa, a)}
@@ -793,7 +794,8 @@ func (l *eventLoop) makeConn(fd int32, sa unix.Sockaddr, a *acceptor) (*conn, so
 	if err != nil {
 		return nil, info, err
 	}
-	c.e.SetWaker(c.wake)
+	// The engine's waker: a request from any goroutine needs the loop.
+	c.e.SetWaker(func(sockfsm.Op) { target.postWake(c) })
 	return c, info, nil
 }
 
