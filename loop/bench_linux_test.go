@@ -27,8 +27,6 @@ import (
 
 var sinkConn *conn
 
-
-
 // TestConnFootprint: a connection costs two allocations, its conn (the
 // Engine inside) and its waker's closure, and nothing else: its ConnInfo's
 // addresses live in the conn or are the listener's.
