@@ -236,6 +236,9 @@ func (k *fakeKernel) wait(events []unix.EpollEvent, block bool, until time.Time)
 		if m := s.mask() & (k.interest[fd] | unix.EPOLLERR | unix.EPOLLHUP); m != 0 {
 			events[n] = unix.EpollEvent{Events: m, Fd: fd}
 			n++
+			if k.interest[fd]&unix.EPOLLET == 0 {
+				k.edged[fd] = true // level-triggered: reported while ready
+			}
 		}
 	}
 	k.idle = n == 0 && block

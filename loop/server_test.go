@@ -700,7 +700,12 @@ func TestPushFromAnotherGoroutine(t *testing.T) {
 	conns := make(chan *sockfsm.Conn, 1)
 	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{}, always(openHandler(func(c *sockfsm.Conn) { conns <- c })))
 	c := ts.dial(t)
-	sc := <-conns
+	var sc *sockfsm.Conn
+	select {
+	case sc = <-conns:
+	case <-time.After(clientDeadline):
+		t.Fatal("the server never opened the connection")
+	}
 	for i := range 3 {
 		msg := fmt.Sprintf("push %d", i)
 		if _, err := sc.Write([]byte(msg)); err != nil {
