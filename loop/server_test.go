@@ -845,3 +845,28 @@ func TestBadConfig(t *testing.T) {
 		srv.Shutdown(context.Background())
 	}
 }
+
+// TestHandlerPanic: a handler's panic aborts its connection only, on the
+// loop it shares with others: the loop goes on serving.
+func TestHandlerPanic(t *testing.T) {
+	checkFDs(t)
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{}, always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+		if bytes.Contains(p, []byte("boom")) {
+			panic("kaboom")
+		}
+		c.Write(p)
+	})))
+	other := ts.dial(t)
+	mustWrite(t, other, []byte("before"))
+	readFull(t, other, 6)
+	c := ts.dial(t)
+	mustWrite(t, c, []byte("boom"))
+	info := ts.rec.wait(t, key(c))
+	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerPanic, Err: sockfsm.ErrHandlerPanic, BytesRead: 4, BytesWritten: 0})
+	mustWrite(t, other, []byte("after"))
+	if got := readFull(t, other, 5); string(got) != "after" {
+		t.Fatalf("the other connection's echo after the panic = %q", got)
+	}
+	closeWrite(t, other)
+	readToEOF(t, other)
+}
