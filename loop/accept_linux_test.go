@@ -1,6 +1,7 @@
 package loop
 
 import (
+	"bytes"
 	"errors"
 	"net"
 	"testing"
@@ -153,3 +154,31 @@ func TestMaxConnsPausesListener(t *testing.T) {
 }
 
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+// TestBudgetEndsAtClose: a connection whose step budget runs out on the
+// step that closes it is still counted gone (NumConns, Shutdown's drain).
+// Its input arrives with the FIN and is read a byte at a time, each echoed;
+// an interrupted read takes a step of its own: some length makes the close
+// the budget's last step.
+func TestBudgetEndsAtClose(t *testing.T) {
+	for i := range 4 * stepBudget {
+		k, eintr := i/2+1, i%2 == 1
+		w := newWorld()
+		srv, l, _ := fakeServer(t, w, sockfsm.Config{ReadBufferSize: 1})
+		s := &fsock{fd: w.nextFD, rcvCap: 1 << 10, sndCap: 1 << 10}
+		w.nextFD++
+		w.socks[s.fd] = s
+		w.backlog = append(w.backlog, s)
+		settleLoop(t, l)
+		s.eintr = eintr
+		w.send(s, bytes.Repeat([]byte("x"), k))
+		w.fin(s)
+		settleLoop(t, l)
+		if !s.closed || srv.NumConns() != 0 || l.n != 0 {
+			t.Fatalf("%d bytes and a FIN: closed %v, NumConns %d, the loop's %d; want closed, 0, 0", k, s.closed, srv.NumConns(), l.n)
+		}
+		if !bytes.Equal(s.wire, bytes.Repeat([]byte("x"), k)) {
+			t.Fatalf("%d bytes echoed as %q", k, s.wire)
+		}
+	}
+}

@@ -59,6 +59,8 @@ const (
 	// fClosed: the descriptor is closed; the connection is gone from the
 	// loop.
 	fClosed
+	// fGone: the server counted the connection's end.
+	fGone
 )
 
 // conn is one connection of a loop: its engine (by value: one allocation
@@ -161,6 +163,7 @@ func (l *eventLoop) close() {
 		if c != nil {
 			l.s.log.Error("sockfsm/loop: connection left at exit; aborted", "conn", c.e.Info().ID)
 			l.closeFD(c, true)
+			l.gone(c, sockfsm.ReasonInternal)
 		}
 	}
 	for _, a := range slices.Clone(l.accs) {
@@ -294,11 +297,13 @@ func (l *eventLoop) drive(c *conn, handle bool) {
 			}
 			c.e.CloseWriteDone(now, sockfsm.Classify(err), err)
 		case sockfsm.OpClose, sockfsm.OpAbort:
+			// The connection ends here, whatever is left of its budget.
 			l.closeFD(c, a.Op == sockfsm.OpAbort)
 			c.e.CloseDone(l.k.now())
-		case sockfsm.OpDone:
-			l.s.connGone(c.e.CloseInfo().Reason)
+			l.gone(c, c.e.CloseInfo().Reason)
 			return
+		case sockfsm.OpDone:
+			return // gone at its close
 		case sockfsm.OpStart:
 			c.e.Start(now)
 		default:
@@ -466,9 +471,15 @@ func (l *eventLoop) recoverConn(c *conn) {
 	}
 	l.s.log.Error("sockfsm/loop: panic in connection driver; connection aborted",
 		"conn", c.e.Info().ID, "panic", r, "stack", string(debug.Stack()))
-	if c.flags&fClosed == 0 {
-		l.closeFD(c, true)
-		l.s.connGone(sockfsm.ReasonInternal)
+	l.closeFD(c, true)
+	l.gone(c, sockfsm.ReasonInternal)
+}
+
+// gone counts the end of c, once.
+func (l *eventLoop) gone(c *conn, r sockfsm.Reason) {
+	if c.flags&fGone == 0 {
+		c.flags |= fGone
+		l.s.connGone(r)
 	}
 }
 

@@ -467,6 +467,12 @@ func (h *harness) drained() bool {
 
 func (h *harness) describe() string {
 	var b bytes.Buffer
+	fmt.Fprintf(&b, "backlog %d, shut %v, nconns %d, slots %d, paused %d", len(h.w.backlog), h.shut, h.st.nconns.Load(), h.st.slots.Load(), h.st.paused.Load())
+	for _, l := range h.st.loops {
+		for _, a := range l.accs {
+			fmt.Fprintf(&b, "\n acceptor: paused %v, watched %v, resumeAt %d", a.paused, a.watched, a.resumeAt)
+		}
+	}
 	for _, tc := range h.conns {
 		st := "-"
 		if tc.conn != nil {

@@ -45,6 +45,7 @@ var loopMutantCases = []struct {
 	// Nothing reaches the loop, not even Shutdown: the test hangs in its
 	// cleanup.
 	{"wake-lost", "TestPushFromAnotherGoroutine", "never opened|test timed out"},
+	{"budget-ends-at-close", "TestBudgetEndsAtClose", "NumConns 1"},
 	{"woken-not-driven", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline"},
 }
 
