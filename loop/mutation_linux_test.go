@@ -242,6 +242,7 @@ func TestLoopMutantsAreCaught(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 				cmd := exec.CommandContext(ctx, bin, "-test.count=1", "-test.v", "-test.timeout=1m", "-test.run=^"+test+"$", "-rapid.checks=2000")
 				cmd.Env = append(os.Environ(), "SOCKFSM_MUTANT="+name)
+				cmd.Dir = tmp // rapid's fail files go there, not into the package
 				out, err := cmd.CombinedOutput()
 				cancel()
 				switch {
