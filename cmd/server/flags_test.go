@@ -100,7 +100,7 @@ func build(t *testing.T, args ...string) (options, *sockfsm.Server) {
 // set together arrive too. The flags are those the usage lists, so that a
 // new flag without a case here fails the test.
 func TestFlagsReachServer(t *testing.T) {
-	cases := flagCases()
+	cases := append(flagCases(), deployFlagCases()...)
 
 	code, _, usage := runResult(t, "-h")
 	if code != 0 {

@@ -47,7 +47,7 @@ const DefaultAddr = "localhost:27015"
 
 func main() {
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, upgradeSignal)
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, sigs, nil))
 }
 
@@ -58,6 +58,7 @@ type options struct {
 	shutdownTimeout time.Duration
 	logLevel        slog.Level
 	verbose         bool
+	deployOptions
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -66,10 +67,11 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: server [flags]\n\nAn RFC 862 echo server on the sockfsm engine (the Winsock tutorial's server).\n"+
-			"Durations and byte limits: 0 means the engine's default, negative means off.\n\nFlags:\n")
+			"Durations and byte limits: 0 means the engine's default, negative means off.\n"+
+			"Under systemd socket activation (LISTEN_FDS set) it serves the sockets systemd passed instead of -addr.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	fs.StringVar(&o.addr, "addr", DefaultAddr, "`host:port` to listen on")
+	fs.StringVar(&o.addr, "addr", DefaultAddr, "`host:port` to listen on, or unix:PATH for a Unix socket")
 	fs.DurationVar(&o.cfg.IdleTimeout, "idle-timeout", sockfsm.DefaultIdleTimeout, "half-close a connection that sends nothing for this long")
 	fs.DurationVar(&o.cfg.WriteTimeout, "write-timeout", sockfsm.DefaultWriteTimeout, "abort a connection whose peer does not read our output within this long")
 	fs.DurationVar(&o.cfg.LingerTimeout, "linger-timeout", sockfsm.DefaultLingerTimeout, "after our FIN, close if a read waits this long")
@@ -80,6 +82,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
+	addDeployFlags(fs, &o.deployOptions)
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -98,6 +101,9 @@ func parse(args []string, stderr io.Writer) (options, error) {
 		return o, fail("-shutdown-timeout must be positive")
 	}
 	if err := o.cfg.Validate(); err != nil {
+		return o, fail("%v", err)
+	}
+	if err := o.deployOptions.check(); err != nil {
 		return o, fail("%v", err)
 	}
 	return o, nil
@@ -120,11 +126,27 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	srv := newServer(o, stdout, stderr)
 	log := srv.Config.Logger
 
-	lns, err := listen(o.addr)
+	sup, err := newSupervision(o.deployOptions, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
 	}
+	defer sup.stop()
+	lns, err := sup.listen(o)
+	if err == nil {
+		lns, err = serveTLS(o.deployOptions, lns, log)
+	}
+	if err == nil {
+		err = sup.ready()
+	}
+	if err != nil {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		fmt.Fprintf(stderr, "server: %v\n", err)
+		return 1
+	}
+	sigs = sup.signals(sigs)
 
 	served := make(chan error, len(lns))
 	for _, ln := range lns {
@@ -196,16 +218,17 @@ func newServer(o options, stdout, stderr io.Writer) *sockfsm.Server {
 	}
 }
 
-// listen listens on addr. For the host name "localhost" it listens on every
-// loopback address the name resolves to (127.0.0.1 and ::1, usually), on the
-// same port, so that clients that try IPv6 first find the server too.
-func listen(addr string) ([]net.Listener, error) {
+// listenTCP listens on addr with listen. For the host name "localhost" it
+// listens on every loopback address the name resolves to (127.0.0.1 and
+// ::1, usually), on the same port, so that clients that try IPv6 first find
+// the server too.
+func listenTCP(addr string, listen listenFunc) ([]net.Listener, error) {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, err
 	}
 	if host != "localhost" {
-		ln, err := net.Listen("tcp", addr)
+		ln, err := listen("tcp", addr)
 		if err != nil {
 			return nil, err
 		}
@@ -220,7 +243,7 @@ func listen(addr string) ([]net.Listener, error) {
 		if !ip.IP.IsLoopback() {
 			continue
 		}
-		ln, err := net.Listen("tcp", net.JoinHostPort(ip.String(), port))
+		ln, err := listen("tcp", net.JoinHostPort(ip.String(), port))
 		if err != nil {
 			if len(lns) > 0 && !ip.IP.Equal(net.IPv4(127, 0, 0, 1)) {
 				continue // the first address is served; this one may be unavailable (no IPv6)
