@@ -14,7 +14,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -36,16 +35,8 @@ type deployOptions struct {
 func addDeployFlags(fs *flag.FlagSet, o *deployOptions) {
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "serve TLS with this PEM certificate `file` (and -tls-key)")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "the PEM private key `file` of -tls-cert")
-	fs.BoolVar(&o.upgrade, "upgrade", false, "on SIGHUP, restart with no downtime: start the binary anew, hand it the listening sockets, drain and exit (Linux, macOS)")
+	fs.BoolVar(&o.upgrade, "upgrade", false, "on SIGHUP, restart with no downtime: start the binary anew, hand it the listening sockets, drain and exit (Linux, macOS; refused on Windows)")
 	fs.StringVar(&o.pidFile, "pid-file", "", "write the pid of the process now serving to this `file` (with -upgrade: the new process's, once it is ready)")
-}
-
-// check reports what is wrong with o, or nil.
-func (o deployOptions) check() error {
-	if o.upgrade && runtime.GOOS == "windows" {
-		return errors.New("-upgrade is not supported on windows")
-	}
-	return nil
 }
 
 // listenFunc opens a listener, as net.Listen does.

@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -278,5 +279,31 @@ func TestTLS(t *testing.T) {
 		if code != 1 || !strings.Contains(stderr, tc.want) || strings.Count(stderr, "\n") != 1 {
 			t.Errorf("run(%q) = %d, stderr %q; want 1 and a one-line error with %q", tc.args, code, stderr, tc.want)
 		}
+	}
+}
+
+// TestPIDFile: without -upgrade, -pid-file names this process while it
+// serves, and is removed when it stops; a pid file that cannot be written
+// fails at once.
+func TestPIDFile(t *testing.T) {
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "server.pid")
+	r := startRun(t, "-addr", "127.0.0.1:0", "-pid-file", pidFile)
+	if b, err := os.ReadFile(pidFile); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(os.Getpid()) {
+		t.Errorf("the pid file has %q, %v; want %d", b, err, os.Getpid())
+	}
+	if code := r.stop(); code != 0 {
+		t.Errorf("run returned %d, want 0", code)
+	}
+	if _, err := os.Stat(pidFile); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the pid file is still there after the shutdown: %v", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("files left in the pid file's directory: %v", entries)
+	}
+
+	code, _, stderr := runResult(t, "-addr", "127.0.0.1:0", "-pid-file", filepath.Join(dir, "none", "server.pid"))
+	if code != 1 || !strings.Contains(stderr, "-pid-file") || strings.Count(stderr, "\n") != 1 {
+		t.Errorf("an unwritable pid file: %d, stderr %q; want 1 and a one-line error", code, stderr)
 	}
 }

@@ -18,6 +18,12 @@
 // gracefully within -shutdown-timeout, aborting what is left at the
 // deadline, and exits 0; a second signal closes every connection at once.
 //
+// It listens on -addr (host:port, or unix:PATH for a Unix socket), or on
+// the sockets systemd passes by socket activation (LISTEN_FDS); with
+// -tls-cert and -tls-key it serves TLS. With -upgrade, SIGHUP restarts it
+// with no downtime: the binary starts anew with the listening sockets, and
+// this process drains and exits (docs/deploy.md).
+//
 // Durations and byte limits follow the engine's scheme: 0 means the
 // engine's default, a negative value turns the bound off (not allowed for
 // -write-timeout and -linger-time).
@@ -101,9 +107,6 @@ func parse(args []string, stderr io.Writer) (options, error) {
 		return o, fail("-shutdown-timeout must be positive")
 	}
 	if err := o.cfg.Validate(); err != nil {
-		return o, fail("%v", err)
-	}
-	if err := o.deployOptions.check(); err != nil {
 		return o, fail("%v", err)
 	}
 	return o, nil

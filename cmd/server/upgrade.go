@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -61,6 +62,9 @@ func newSupervision(o deployOptions, log *slog.Logger) (*supervision, error) {
 		pidFile = abs
 	}
 	upg, err := tableflip.New(tableflip.Options{PIDFile: pidFile})
+	if errors.Is(err, tableflip.ErrNotSupported) {
+		return nil, fmt.Errorf("-upgrade is not supported on %s", runtime.GOOS)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("-upgrade: %w", err)
 	}

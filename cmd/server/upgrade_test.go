@@ -621,3 +621,138 @@ func TestUpgradeUnderLoad(t *testing.T) {
 		t.Errorf("systemd was notified %q, want %q", got, want)
 	}
 }
+
+// TestUpgradeUnixSocket: a restart hands a Unix socket on: the old process
+// exits without removing the socket file, the new one serves it, and the
+// file is removed when the last process stops.
+func TestUpgradeUnixSocket(t *testing.T) {
+	if err := becomeSubreaper(); err != nil {
+		t.Skipf("cannot become the child subreaper: %v", err)
+	}
+	bin := buildServer(t)
+	dir, err := os.MkdirTemp("", "sockfsm") // short: socket paths are
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path, pidFile := filepath.Join(dir, "echo.sock"), filepath.Join(dir, "server.pid")
+	log, logFile := newServerLog(t, t.TempDir())
+	cmd := exec.Command(bin, "-addr", "unix:"+path, "-upgrade", "-pid-file", pidFile)
+	cmd.Stderr = logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pids := []int{cmd.Process.Pid}
+	defer func() {
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		cmd.Wait()
+	}()
+	if got := log.listeningAddr(1); got != path {
+		t.Fatalf("listening on %s, want %s", got, path)
+	}
+	waitFor(t, "the pid file", func() bool { return readPID(pidFile) == cmd.Process.Pid })
+	exchangeUnix := func(when string) {
+		t.Helper()
+		c, err := net.DialTimeout("unix", path, deadline)
+		if err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+		msg := "this is a test"
+		if got, err := exchangeOn(c, []byte(msg)); err != nil || string(got) != msg {
+			t.Errorf("%s: exchange %q, %v; want %q then EOF", when, got, err, msg)
+		}
+	}
+	exchangeUnix("before the restart")
+
+	syscall.Kill(cmd.Process.Pid, syscall.SIGHUP)
+	waitFor(t, "a new pid in the pid file", func() bool {
+		pid := readPID(pidFile)
+		return pid != 0 && pid != cmd.Process.Pid
+	})
+	next := readPID(pidFile)
+	pids = append(pids, next)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("the process replaced by the restart exited: %v, want 0", err)
+	}
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("the socket file is gone after the old process exited: %v", err)
+	}
+	exchangeUnix("after the restart")
+
+	syscall.Kill(next, syscall.SIGTERM)
+	if ws := waitPID(t, next); ws.ExitStatus() != 0 || !ws.Exited() {
+		t.Errorf("the restarted server ended %v after SIGTERM, want exit 0", ws)
+	}
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the socket file is still there after the last process stopped: %v", err)
+	}
+}
+
+// TestSystemdUnits: the units of deploy/systemd pass systemd-analyze
+// verify (with ExecStart pointed at a binary built here), the service
+// runs the flags it relies on (-upgrade for ExecReload), and its
+// TimeoutStopSec leaves room for the server's -shutdown-timeout, within
+// which the lingering connections end too (-linger-time no longer than
+// it), so that systemd's SIGKILL never cuts a graceful shutdown short.
+func TestSystemdUnits(t *testing.T) {
+	dir := t.TempDir()
+	read := func(name string) string {
+		b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "systemd", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	socket, service := read("sockfsm-echo.socket"), read("sockfsm-echo.service")
+	setting := func(unit, key string) string {
+		m := regexp.MustCompile(`(?m)^` + key + `=(.*)$`).FindStringSubmatch(unit)
+		if m == nil {
+			t.Fatalf("no %s= in the unit", key)
+		}
+		return m[1]
+	}
+	if got := setting(socket, "ListenStream"); got != "27015" {
+		t.Errorf("ListenStream=%s, want the tutorial's 27015", got)
+	}
+	if got := setting(service, "KillSignal"); got != "SIGTERM" {
+		t.Errorf("KillSignal=%s, want SIGTERM", got)
+	}
+	execStart := setting(service, "ExecStart")
+	args := strings.Fields(execStart)
+	o, err := parse(args[1:], io.Discard)
+	if err != nil {
+		t.Fatalf("ExecStart's flags: %v", err)
+	}
+	if !o.upgrade || !strings.Contains(setting(service, "ExecReload"), "-HUP") {
+		t.Errorf("ExecReload sends SIGHUP: ExecStart needs -upgrade (%s)", execStart)
+	}
+	stop, err := time.ParseDuration(setting(service, "TimeoutStopSec"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stop < o.shutdownTimeout+5*time.Second {
+		t.Errorf("TimeoutStopSec=%v leaves less than 5s beyond -shutdown-timeout %v", stop, o.shutdownTimeout)
+	}
+	if o.cfg.LingerTime > o.shutdownTimeout {
+		t.Errorf("-linger-time %v is longer than -shutdown-timeout %v: lingering connections would be aborted", o.cfg.LingerTime, o.shutdownTimeout)
+	}
+
+	tool, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Skip("systemd-analyze is not installed (Debian package systemd)")
+	}
+	bin := buildServer(t)
+	if err := os.WriteFile(filepath.Join(dir, "sockfsm-echo.socket"), []byte(socket), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	service = strings.ReplaceAll(service, args[0], bin)
+	if err := os.WriteFile(filepath.Join(dir, "sockfsm-echo.service"), []byte(service), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(tool, "verify", filepath.Join(dir, "sockfsm-echo.socket"), filepath.Join(dir, "sockfsm-echo.service"))
+	if out, err := cmd.CombinedOutput(); err != nil || len(out) != 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
