@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -23,6 +24,13 @@ import (
 
 // unixPrefix marks an -addr that names a Unix socket.
 const unixPrefix = "unix:"
+
+// upgradeByDefault is -upgrade's default: SIGHUP restarts the server with
+// no downtime wherever tableflip can (not on Windows). The tests that call
+// run in-process set it to false in TestMain: tableflip allows one Upgrader
+// per process, and they run run many times; the tests of restarts exec the
+// binary, which has this default.
+var upgradeByDefault = runtime.GOOS != "windows"
 
 // deployOptions are the flags of this file and of upgrade.go.
 type deployOptions struct {
@@ -35,7 +43,7 @@ type deployOptions struct {
 func addDeployFlags(fs *flag.FlagSet, o *deployOptions) {
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "serve TLS with this PEM certificate `file` (and -tls-key)")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "the PEM private key `file` of -tls-cert")
-	fs.BoolVar(&o.upgrade, "upgrade", false, "on SIGHUP, restart with no downtime: start the binary anew, hand it the listening sockets, drain and exit (Linux, macOS; refused on Windows)")
+	fs.BoolVar(&o.upgrade, "upgrade", upgradeByDefault, "on SIGHUP, restart with no downtime: start the binary anew, hand it the listening sockets, drain and exit (default on Linux and macOS; refused on Windows); -upgrade=false makes SIGHUP a graceful shutdown")
 	fs.StringVar(&o.pidFile, "pid-file", "", "write the pid of the process now serving to this `file` (with -upgrade: the new process's, once it is ready)")
 }
 

@@ -20,9 +20,10 @@
 //
 // It listens on -addr (host:port, or unix:PATH for a Unix socket), or on
 // the sockets systemd passes by socket activation (LISTEN_FDS); with
-// -tls-cert and -tls-key it serves TLS. With -upgrade, SIGHUP restarts it
-// with no downtime: the binary starts anew with the listening sockets, and
-// this process drains and exits (docs/deploy.md).
+// -tls-cert and -tls-key it serves TLS. SIGHUP restarts it with no downtime
+// (-upgrade, on by default except on Windows): the binary starts anew with
+// the listening sockets, and this process drains and exits
+// (docs/deploy.md).
 //
 // Durations and byte limits follow the engine's scheme: 0 means the
 // engine's default, a negative value turns the bound off (not allowed for

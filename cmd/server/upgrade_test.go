@@ -494,7 +494,7 @@ func echoLoad(id int, addr string, stop <-chan struct{}, s *loadStats) {
 }
 
 // TestUpgradeUnderLoad is the proof of zero-downtime restarts: the server
-// (-upgrade, -pid-file) serves a churn load (the tutorial's exchange on a
+// (with -pid-file, and no -upgrade: restarts are its default) serves a churn load (the tutorial's exchange on a
 // new connection each time) and an echo load (round trips on persistent
 // connections) while it is restarted three times by SIGHUP. Each time the
 // pid file comes to name the new process, and the old one exits 0. No
@@ -512,7 +512,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	pidFile := filepath.Join(dir, "server.pid")
 	notify := newNotifySocket(t)
 	log, logFile := newServerLog(t, dir)
-	cmd := exec.Command(bin, "-addr", "127.0.0.1:0", "-upgrade", "-pid-file", pidFile, "-shutdown-timeout", "8s")
+	cmd := exec.Command(bin, "-addr", "127.0.0.1:0", "-pid-file", pidFile, "-shutdown-timeout", "8s")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify.path)
 	cmd.Stderr = logFile
 	if err := cmd.Start(); err != nil {
