@@ -252,7 +252,29 @@ func (e *Engine) Init(cfg Config, h Handler, info ConnInfo) error {
 		log = slog.Default()
 	}
 	e.init(cfg.limits(), h, info, &cfg, log)
+	if cfg.OnAccept != nil {
+		e.callOnAccept(cfg.OnAccept)
+	}
 	return nil
+}
+
+// callOnAccept calls Config.OnAccept; a panic there aborts the connection
+// at its first step, as a panic in OnStateChange does.
+func (e *Engine) callOnAccept(f func(ConnInfo)) {
+	perr := func() (perr *PanicError) {
+		defer func() {
+			if r := recover(); r != nil {
+				perr = &PanicError{Value: r, Stack: debug.Stack()}
+			}
+		}()
+		f(e.info)
+		return nil
+	}()
+	if perr != nil {
+		e.mu.Lock()
+		e.askAbort(ReasonHandlerPanic, perr)
+		e.mu.Unlock()
+	}
 }
 
 func (e *Engine) init(lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger) {
