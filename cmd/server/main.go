@@ -58,6 +58,7 @@ type options struct {
 	shutdownTimeout time.Duration
 	logLevel        slog.Level
 	verbose         bool
+	ops             opsOptions // -metrics-addr, -shutdown-delay: see metrics.go
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -80,6 +81,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
+	o.ops.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -100,6 +102,9 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	if err := o.cfg.Validate(); err != nil {
 		return o, fail("%v", err)
 	}
+	if msg := o.ops.check(); msg != "" {
+		return o, fail("%s", msg)
+	}
 	return o, nil
 }
 
@@ -119,6 +124,12 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	}
 	srv := newServer(o, stdout, stderr)
 	log := srv.Config.Logger
+	ops, err := startOps(o.ops, &srv.Config, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "server: %v\n", err)
+		return 1
+	}
+	defer ops.shutdown() // after the echo server has drained
 
 	lns, err := listen(o.addr)
 	if err != nil {
@@ -131,6 +142,7 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 		log.Info("listening", "addr", ln.Addr().String())
 		go func() { served <- srv.Serve(ln) }()
 	}
+	ops.setReady(true)
 	if ready != nil {
 		ready <- lns[0].Addr()
 	}
@@ -148,6 +160,8 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	case sig := <-sigs:
 		log.Info("shutting down", "signal", sig.String(), "timeout", o.shutdownTimeout)
 	}
+	ops.setReady(false) // /readyz fails from here on, before the listeners close
+	sigs = shutdownDelay(o.ops.shutdownDelay, sigs, log)
 
 	ctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
 	defer cancel()
