@@ -17,6 +17,8 @@
 // plus each state change. SIGINT or SIGTERM shuts the server down
 // gracefully within -shutdown-timeout, aborting what is left at the
 // deadline, and exits 0; a second signal closes every connection at once.
+// With -metrics-addr it serves Prometheus metrics on /metrics, and /healthz
+// and /readyz, which fails from the first signal on (see metrics.go).
 //
 // Durations and byte limits follow the engine's scheme: 0 means the
 // engine's default, a negative value turns the bound off (not allowed for
