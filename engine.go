@@ -224,9 +224,9 @@ type Engine struct {
 	bytesIn, bytesOut, discarded, lingerRead int64
 }
 
-// NewEngine returns an engine in Accepted for one connection. It returns an
-// error matching ErrInvalidConfig if cfg is invalid. cfg.MaxConns is
-// ignored.
+// NewEngine returns an engine in Accepted for one connection, having
+// called cfg.OnAccept. It returns an error matching ErrInvalidConfig if cfg
+// is invalid. cfg.MaxConns is ignored.
 func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
 	e := &Engine{}
 	if err := e.Init(cfg, h, info); err != nil {
