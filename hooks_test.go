@@ -40,20 +40,25 @@ func (h *hookLog) add(id uint64, s string) {
 func TestOnAcceptOpensEveryConnection(t *testing.T) {
 	checkFDs(t)
 	var log hookLog
-	cfg := sockfsm.Config{
-		OnAccept: func(c sockfsm.ConnInfo) { log.add(c.ID, "accept") },
-		OnClose:  func(c sockfsm.ConnInfo, info sockfsm.CloseInfo) { log.add(c.ID, "close "+info.Reason.String()) },
+	srv := &sockfsm.Server{
+		Config: sockfsm.Config{
+			OnAccept: func(c sockfsm.ConnInfo) { log.add(c.ID, "accept") },
+			OnStateChange: func(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
+				log.add(c.ID, fmt.Sprintf("%s %s %s", from, ev, to))
+			},
+			OnClose: func(c sockfsm.ConnInfo, info sockfsm.CloseInfo) { log.add(c.ID, "close "+info.Reason.String()) },
+		},
+		NewHandler: always(sockfsm.Echo{}),
 	}
-	ts := startServer(t, "tcp", "127.0.0.1:0", cfg, always(sockfsm.Echo{}))
-	// startServer sets OnStateChange to its recorder; chain ours after it.
-	rec := ts.srv.Config.OnStateChange
-	ts.srv.Config.OnStateChange = func(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
-		rec(c, from, to, ev)
-		log.add(c.ID, fmt.Sprintf("%s %s %s", from, ev, to))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
 	const n = 5
 	for range n {
-		c := ts.dial(t)
+		c := dial(t, "tcp", ln.Addr().String())
 		mustWrite(t, c, []byte("this is a test"))
 		closeWrite(t, c)
 		if got := readToEOF(t, c); string(got) != "this is a test" {
@@ -63,8 +68,11 @@ func TestOnAcceptOpensEveryConnection(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
 	defer cancel()
-	if err := ts.srv.Shutdown(ctx); err != nil {
+	if err := srv.Shutdown(ctx); err != nil {
 		t.Fatal(err)
+	}
+	if err := <-served; !errors.Is(err, sockfsm.ErrServerClosed) {
+		t.Fatalf("Serve = %v", err)
 	}
 
 	log.mu.Lock()
