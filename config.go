@@ -80,6 +80,18 @@ type Config struct {
 	// stops accepting until one closes. Zero means unlimited.
 	MaxConns int
 
+	// OnAccept, if set, is called once per connection as it enters
+	// Accepted, its first state: when its Engine is initialized (NewEngine,
+	// Engine.Init), before any other hook, on the goroutine that
+	// initializes it (Server's and Listener's accepting goroutine;
+	// ServeConn's caller). Every connection OnAccept saw leaves Accepted
+	// through OnStateChange and ends with one OnClose once its driver runs
+	// it to Closed, so OnAccept, OnStateChange and OnClose together count
+	// the connections open in each state exactly, including those still in
+	// Accepted (a TLS handshake in progress), which OnStateChange alone
+	// cannot see. It must not block. A panic aborts the connection
+	// (ReasonHandlerPanic).
+	OnAccept func(c ConnInfo)
 	// OnStateChange, if set, is called on every transition, from the
 	// connection's goroutine, before the handler hears of it. It must not
 	// block.
@@ -89,6 +101,20 @@ type Config struct {
 	// the reason of an abort is reported here as well as to the handler.
 	// It is called from the connection's goroutine and must not block.
 	OnClose func(c ConnInfo, info CloseInfo)
+	// OnAcceptError, if set, is called with each error a listener's
+	// Accept returned, temporary or not, except the ones that follow the
+	// server's own Shutdown or Close (a closed listener is not a fault).
+	// Server's accept loop calls it before its back-off; Listener.Accept
+	// calls it before returning the error. It is called on the accepting
+	// goroutine and must not block.
+	OnAcceptError func(err error)
+	// OnMaxConnsWait, if set, is called each time an accept loop that
+	// waited at MaxConns open connections stops waiting, with how long it
+	// waited: once a connection closed and freed a slot, or when the
+	// server began to shut down. A loop that did not have to wait does
+	// not call it. With several listeners, each loop reports its own
+	// waits. It is called on the accepting goroutine and must not block.
+	OnMaxConnsWait func(wait time.Duration)
 	// Logger receives the engine's logs. Default slog.Default().
 	Logger *slog.Logger
 }

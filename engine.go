@@ -224,9 +224,9 @@ type Engine struct {
 	bytesIn, bytesOut, discarded, lingerRead int64
 }
 
-// NewEngine returns an engine in Accepted for one connection. It returns an
-// error matching ErrInvalidConfig if cfg is invalid. cfg.MaxConns is
-// ignored.
+// NewEngine returns an engine in Accepted for one connection, having
+// called cfg.OnAccept. It returns an error matching ErrInvalidConfig if cfg
+// is invalid. cfg.MaxConns is ignored.
 func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
 	e := &Engine{}
 	if err := e.Init(cfg, h, info); err != nil {
@@ -252,7 +252,29 @@ func (e *Engine) Init(cfg Config, h Handler, info ConnInfo) error {
 		log = slog.Default()
 	}
 	e.init(cfg.limits(), h, info, &cfg, log)
+	if cfg.OnAccept != nil {
+		e.callOnAccept(cfg.OnAccept)
+	}
 	return nil
+}
+
+// callOnAccept calls Config.OnAccept; a panic there aborts the connection
+// at its first step, as a panic in OnStateChange does.
+func (e *Engine) callOnAccept(f func(ConnInfo)) {
+	perr := func() (perr *PanicError) {
+		defer func() {
+			if r := recover(); r != nil {
+				perr = &PanicError{Value: r, Stack: debug.Stack()}
+			}
+		}()
+		f(e.info)
+		return nil
+	}()
+	if perr != nil {
+		e.mu.Lock()
+		e.askAbort(ReasonHandlerPanic, perr)
+		e.mu.Unlock()
+	}
 }
 
 func (e *Engine) init(lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger) {

@@ -14,8 +14,9 @@ import (
 // Close that lingers instead of answering unread input with RST, bounded
 // timeouts, and a Shutdown that returns only when every socket is closed.
 // The connections are the same Engine, table, promises and CloseInfo as
-// Server's; Config's hooks (OnStateChange, OnClose, Logger) and MaxConns
-// apply to them as they do to Server's.
+// Server's; Config's hooks (OnAccept, OnStateChange, OnClose,
+// OnAcceptError, OnMaxConnsWait, Logger) and MaxConns apply to them as they
+// do to Server's.
 //
 // What Config's fields mean on this face:
 //
@@ -86,14 +87,8 @@ func (l *Listener) Accept() (net.Conn, error) {
 	}
 	s := &l.srv
 	for {
-		if s.sem != nil {
-			select {
-			case s.sem <- struct{}{}:
-			case <-l.closed:
-				return nil, l.closedError()
-			case <-s.done:
-				return nil, l.closedError()
-			}
+		if s.sem != nil && !s.acquire(l.closed) {
+			return nil, l.closedError()
 		}
 		s.mu.Lock()
 		if s.closing {
@@ -114,6 +109,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 				return nil, l.closedError()
 			default:
 			}
+			s.acceptError(err)
 			return nil, err
 		}
 		t, err := transport.Wrap(c)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
@@ -111,12 +112,8 @@ func (s *Server) Serve(ln net.Listener) error {
 	log := s.logger()
 	var backoff time.Duration
 	for {
-		if s.sem != nil {
-			select {
-			case s.sem <- struct{}{}:
-			case <-s.done:
-				return ErrServerClosed
-			}
+		if s.sem != nil && !s.acquire(nil) {
+			return ErrServerClosed
 		}
 		s.mu.Lock()
 		s.accepting++
@@ -130,6 +127,7 @@ func (s *Server) Serve(ln net.Listener) error {
 				return ErrServerClosed
 			default:
 			}
+			s.acceptError(err)
 			if !temporary(err) {
 				return err
 			}
@@ -147,6 +145,48 @@ func (s *Server) Serve(ln net.Listener) error {
 		backoff = 0
 		s.serve(c, lim, log)
 	}
+}
+
+// acquire takes one of the MaxConns slots, waiting while all are taken, and
+// reports whether it got one: it gives up when the server begins to shut
+// down, or when stop (nil for none) is closed. A wait is reported to
+// Config.OnMaxConnsWait when it ends.
+func (s *Server) acquire(stop <-chan struct{}) bool {
+	select {
+	case s.sem <- struct{}{}:
+		return true
+	default:
+	}
+	began := time.Now()
+	ok := false
+	select {
+	case s.sem <- struct{}{}:
+		ok = true
+	case <-s.done:
+	case <-stop:
+	}
+	if f := s.Config.OnMaxConnsWait; f != nil {
+		s.callHook("OnMaxConnsWait", func() { f(time.Since(began)) })
+	}
+	return ok
+}
+
+// acceptError reports an accept error to Config.OnAcceptError.
+func (s *Server) acceptError(err error) {
+	if f := s.Config.OnAcceptError; f != nil {
+		s.callHook("OnAcceptError", func() { f(err) })
+	}
+}
+
+// callHook calls one of the accepting goroutine's hooks; a panic there is
+// logged, so that it does not take the accept loop down.
+func (s *Server) callHook(name string, f func()) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.logger().Error("panic in Config."+name, "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	f()
 }
 
 // doneAccepting ends an accept that registered no connection.

@@ -59,6 +59,10 @@ func flagCases() []flagCase {
 			func(_ options, srv *sockfsm.Server) any { return lowestLevel(srv.Config.Logger) }},
 		{"v", "true", "OnStateChange set: true, tutorial handler: true",
 			func(_ options, srv *sockfsm.Server) any { return verbosity(srv) }},
+		{"metrics-addr", "127.0.0.1:9464", "127.0.0.1:9464",
+			func(o options, _ *sockfsm.Server) any { return o.ops.addr }},
+		{"shutdown-delay", "23s", 23 * time.Second,
+			func(o options, _ *sockfsm.Server) any { return o.ops.shutdownDelay }},
 	}
 }
 

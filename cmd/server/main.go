@@ -17,6 +17,8 @@
 // plus each state change. SIGINT or SIGTERM shuts the server down
 // gracefully within -shutdown-timeout, aborting what is left at the
 // deadline, and exits 0; a second signal closes every connection at once.
+// With -metrics-addr it serves Prometheus metrics on /metrics, and /healthz
+// and /readyz, which fails from the first signal on (see metrics.go).
 //
 // It listens on -addr (host:port, or unix:PATH for a Unix socket), or on
 // the sockets systemd passes by socket activation (LISTEN_FDS); with
@@ -66,6 +68,7 @@ type options struct {
 	logLevel        slog.Level
 	verbose         bool
 	deployOptions
+	ops             opsOptions // -metrics-addr, -shutdown-delay: see metrics.go
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -90,6 +93,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
 	addDeployFlags(fs, &o.deployOptions)
+	o.ops.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -110,6 +114,9 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	if err := o.cfg.Validate(); err != nil {
 		return o, fail("%v", err)
 	}
+	if msg := o.ops.check(); msg != "" {
+		return o, fail("%s", msg)
+	}
 	return o, nil
 }
 
@@ -129,6 +136,12 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	}
 	srv := newServer(o, stdout, stderr)
 	log := srv.Config.Logger
+	ops, err := startOps(o.ops, &srv.Config, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "server: %v\n", err)
+		return 1
+	}
+	defer ops.shutdown() // after the echo server has drained
 
 	sup, err := newSupervision(o.deployOptions, log)
 	if err != nil {
@@ -157,6 +170,7 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 		log.Info("listening", "addr", ln.Addr().String())
 		go func() { served <- srv.Serve(ln) }()
 	}
+	ops.setReady(true)
 	if ready != nil {
 		ready <- lns[0].Addr()
 	}
@@ -174,6 +188,8 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	case sig := <-sigs:
 		log.Info("shutting down", "signal", sig.String(), "timeout", o.shutdownTimeout)
 	}
+	ops.setReady(false) // /readyz fails from here on, before the listeners close
+	sigs = shutdownDelay(o.ops.shutdownDelay, sigs, log)
 
 	ctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
 	defer cancel()
