@@ -1,10 +1,13 @@
 package sockfsm_test
 
-// Tests for the places an audit found the suite blind: Server.Close, the
-// accept back-off's reset after a successful accept, the MaxConns slot on
-// every early exit of a connection, the TLS half-close when close_notify
-// cannot be sent, MaxPendingOutput at its exact boundary, and the idle timer
-// after input the handler ignores.
+// Tests for the places an audit found the suite blind, those that only the
+// goroutine driver can run (they wrap the listener or use TLS): the accept
+// back-off's reset after a successful accept, the MaxConns slot on an early
+// exit of a connection, the TLS half-close when close_notify cannot be
+// sent. The audit's other tests (Server.Close, the MaxConns slot when
+// NewHandler fails, MaxPendingOutput at its exact boundary, the idle timer
+// after input the handler ignores) are in internal/drivertest, for every
+// driver.
 //
 // They use the package's exported API only, over loopback (127.0.0.1). As in
 // the other real-socket tests, no test asserts how long anything took: every
@@ -304,9 +307,7 @@ func auditEcho(t *testing.T, c net.Conn, msg string) {
 	}
 }
 
-// ---- 1. Server.Close ----------------------------------------------------------------
-
-// ---- 2. the accept back-off ------------------------------------------------------
+// ---- 1. the accept back-off ------------------------------------------------------
 
 // auditScriptListener's Accept plays a script: a non-nil entry is returned
 // as the error, a nil entry accepts from the wrapped listener (as does every
@@ -392,7 +393,7 @@ func TestAuditAcceptBackoffResets(t *testing.T) {
 	}
 }
 
-// ---- 3. the MaxConns slot on early exits --------------------------------------------
+// ---- 2. the MaxConns slot on early exits --------------------------------------------
 
 // auditNoHalfClose hides every method of a net.Conn but net.Conn's own: it
 // cannot half-close, so transport.Wrap refuses it.
@@ -498,7 +499,7 @@ func TestAuditMaxConnsSlotReleasedOnEarlyExit(t *testing.T) {
 	})
 }
 
-// ---- 4. TLS half-close when close_notify cannot be sent ----------------------------
+// ---- 3. TLS half-close when close_notify cannot be sent ----------------------------
 
 // auditTapConn is the server's TCP connection under TLS: the TCP adapter
 // (so that transport.Wrap returns it as is, and the TLS adapter's FIN and
@@ -720,7 +721,3 @@ func TestAuditTLSCloseWriteWithoutCloseNotify(t *testing.T) {
 		t.Errorf("CloseInfo %+v; want ReasonHandlerClose, graceful, no error, the peer's FIN, BytesWritten %d", info, len(resp))
 	}
 }
-
-// ---- 5. MaxPendingOutput at its boundary ----------------------------------------------
-
-// ---- 6. the idle timer after ignored input ---------------------------------------------
