@@ -33,6 +33,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/testutil"
 	"github.com/sockfsm/sockfsm/transport"
 )
 
@@ -42,43 +43,11 @@ const clientDeadline = 10 * time.Second
 
 // ---- logging ----------------------------------------------------------------
 
-// testWriter is the io.Writer behind the servers' slog loggers. It logs
-// through t (shown for failed tests and with -v) and keeps a copy for tests
-// that check what was logged. Output after the test has ended is kept but
-// not passed to t, which would panic.
-type testWriter struct {
-	t *testing.T
+// testWriter is the io.Writer behind the servers' slog loggers: it logs
+// through t and keeps a copy.
+type testWriter = testutil.LogWriter
 
-	mu   sync.Mutex
-	buf  bytes.Buffer
-	done bool
-}
-
-func newTestWriter(t *testing.T) *testWriter {
-	w := &testWriter{t: t}
-	t.Cleanup(func() {
-		w.mu.Lock()
-		w.done = true
-		w.mu.Unlock()
-	})
-	return w
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf.Write(p)
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *testWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
-}
+func newTestWriter(t *testing.T) *testWriter { return testutil.NewLogWriter(t) }
 
 // ---- what the server reports ------------------------------------------------
 

@@ -21,6 +21,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/testutil"
 )
 
 const (
@@ -108,46 +109,6 @@ func check(t *testing.T) {
 	})
 }
 
-// ---- logging -------------------------------------------------------------------
-
-// logWriter is the io.Writer behind a server's slog logger. It logs through
-// t (shown for failed tests and with -v) and keeps a copy for the tests that
-// check what was logged. Output after the test has ended is kept but not
-// passed to t, which would panic.
-type logWriter struct {
-	t *testing.T
-
-	mu   sync.Mutex
-	buf  bytes.Buffer
-	done bool
-}
-
-func newLogWriter(t *testing.T) *logWriter {
-	w := &logWriter{t: t}
-	t.Cleanup(func() {
-		w.mu.Lock()
-		w.done = true
-		w.mu.Unlock()
-	})
-	return w
-}
-
-func (w *logWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf.Write(p)
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (w *logWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
-}
-
 // ---- what the server reports ---------------------------------------------------
 
 // edge is one transition reported by Config.OnStateChange.
@@ -228,7 +189,7 @@ type server struct {
 	Server
 	addr string
 	rec  *recorder
-	logs *logWriter
+	logs *testutil.LogWriter
 
 	served   chan struct{} // closed when Serve has returned
 	serveErr error
@@ -256,7 +217,7 @@ func start(t *testing.T, f Factory, cfg sockfsm.Config, newHandler func(sockfsm.
 // Accepted to Closed.
 func startOn(t *testing.T, f Factory, addr string, cfg sockfsm.Config, newHandler func(sockfsm.ConnInfo) sockfsm.Handler) *server {
 	t.Helper()
-	s := &server{rec: newRecorder(), logs: newLogWriter(t), served: make(chan struct{})}
+	s := &server{rec: newRecorder(), logs: testutil.NewLogWriter(t), served: make(chan struct{})}
 	cfg.OnStateChange = s.rec.onStateChange
 	cfg.OnClose = s.rec.onClose
 	cfg.Logger = slog.New(slog.NewTextHandler(s.logs, nil))
