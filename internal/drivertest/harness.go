@@ -234,7 +234,11 @@ func startOn(t *testing.T, f Factory, addr string, cfg sockfsm.Config, newHandle
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
 		defer cancel()
-		if err := s.Shutdown(ctx); err != nil {
+		err, ok := returns(t, "Shutdown at the end of the test", func() error { return s.Shutdown(ctx) })
+		if !ok {
+			return
+		}
+		if err != nil {
 			t.Errorf("Shutdown at the end of the test: %v", err)
 		}
 		if err := s.serveResult(t); !errors.Is(err, sockfsm.ErrServerClosed) {
@@ -246,6 +250,23 @@ func startOn(t *testing.T, f Factory, addr string, cfg sockfsm.Config, newHandle
 		s.checkAllClosed(t)
 	})
 	return s
+}
+
+// returns calls f (a Shutdown or a Close) and waits for it to return, for
+// at most twice clientDeadline: a driver whose Shutdown or Close hangs fails
+// the test (the call's goroutine is left behind, and reported as leaked)
+// instead of hanging it. ok is false if f did not return.
+func returns(t *testing.T, what string, f func() error) (err error, ok bool) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- f() }()
+	select {
+	case err := <-done:
+		return err, true
+	case <-time.After(2 * clientDeadline):
+		t.Errorf("%s did not return", what)
+		return nil, false
+	}
 }
 
 // checkAllClosed checks, once the server is shut down, that every

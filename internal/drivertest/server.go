@@ -145,7 +145,11 @@ func testShutdownDeadline(t *testing.T, f Factory) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if err := s.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+	err, ok := returns(t, "Shutdown", func() error { return s.Shutdown(ctx) })
+	if !ok {
+		t.FailNow()
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Shutdown = %v, want context.DeadlineExceeded", err)
 	}
 	if n := s.NumConns(); n != 0 {
@@ -310,7 +314,11 @@ func testServeAfterShutdown(t *testing.T, f Factory) {
 		name string
 		stop func(Server) error
 	}{
-		{"Shutdown", func(srv Server) error { return srv.Shutdown(context.Background()) }},
+		{"Shutdown", func(srv Server) error {
+			ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
+			defer cancel()
+			return srv.Shutdown(ctx)
+		}},
 		{"Close", func(srv Server) error { return srv.Close() }},
 	}
 	for _, st := range stops {
@@ -318,7 +326,11 @@ func testServeAfterShutdown(t *testing.T, f Factory) {
 			check(t)
 			s := start(t, f, sockfsm.Config{}, always(sockfsm.Echo{}))
 			exchange(t, s.addr, []byte("this is a test"))
-			if err := st.stop(s.Server); err != nil {
+			err, ok := returns(t, st.name, func() error { return st.stop(s.Server) })
+			if !ok {
+				t.FailNow()
+			}
+			if err != nil {
 				t.Fatalf("%s = %v, want nil", st.name, err)
 			}
 			if err := s.serveResult(t); !errors.Is(err, sockfsm.ErrServerClosed) {
@@ -332,7 +344,11 @@ func testServeAfterShutdown(t *testing.T, f Factory) {
 		t.Run(st.name+"BeforeServe", func(t *testing.T) {
 			check(t)
 			srv := f(sockfsm.Config{}, always(sockfsm.Echo{}))
-			if err := st.stop(srv); err != nil {
+			err, ok := returns(t, st.name, func() error { return st.stop(srv) })
+			if !ok {
+				t.FailNow()
+			}
+			if err != nil {
 				t.Fatalf("%s of a server that never served = %v, want nil", st.name, err)
 			}
 			serveAgain(t, srv)
