@@ -72,15 +72,15 @@ var condDocs = [numConds]string{
 var promises = []struct{ promise, tests string }{
 	{
 		"**No send after shutdown.** After our half-close nothing reaches the transport's write side; a handler's Write returns `ErrShutdown`.",
-		"`TestPropertyNoSendAfterShutdown` (properties_test.go), `TestWriteAfterCloseWrite`",
+		"`TestPropertyNoSendAfterShutdown` (properties_test.go), `TestDrivers/*/WriteAfterCloseWrite` (internal/drivertest)",
 	},
 	{
 		"**Every connection is closed, exactly once, within its bounds.** Whatever the peer does, the transport is closed once, the handler hears `OnClose` once and last, and the connection reaches Closed by the bound computed from the configuration.",
-		"`TestPropertyEveryConnectionClosed` (properties_test.go), the real-socket tests in server_test.go",
+		"`TestPropertyEveryConnectionClosed` (properties_test.go), the real-socket suite in internal/drivertest (`TestDrivers`)",
 	},
 	{
 		"**No byte lost, reordered or cut off by an RST of ours.** A peer that reads receives exactly what the handler wrote before the half-close, in order, then FIN; no RST of ours is sent while the peer's input is unread, except on the abort paths listed under `abort`.",
-		"`TestPropertyEchoIsExact` (properties_test.go), `TestTutorialFlow`, `TestLingerNoReset` (server_test.go)",
+		"`TestPropertyEchoIsExact` (properties_test.go), `TestDrivers/*/TutorialFlow`, `TestDrivers/*/LingerNoReset` (internal/drivertest)",
 	},
 	{
 		"**Only table edges.** Every transition the engine takes is an edge of this table, and the looplab/fsm reference machine accepts it.",
