@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sockfsm/sockfsm/internal/testutil"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	dto "github.com/prometheus/client_model/go"
@@ -386,10 +388,7 @@ func BenchmarkConnectionHooks(b *testing.B) {
 // metrics, on a scrape taken after some connections. Skipped where
 // promtool is not installed (Debian: apt-get install prometheus).
 func TestPromtoolCheckMetrics(t *testing.T) {
-	promtool, err := exec.LookPath("promtool")
-	if err != nil {
-		t.Skip("promtool not installed (Debian package prometheus): ", err)
-	}
+	promtool := testutil.Tool(t, "promtool", "prometheus")
 	srv, addr, url, m := instrumented(t, sockfsm.Config{})
 	tutorialClient(t, addr, "this is a test")
 	waitNoConns(t, srv)

@@ -68,7 +68,7 @@ type options struct {
 	logLevel        slog.Level
 	verbose         bool
 	deployOptions
-	ops             opsOptions // -metrics-addr, -shutdown-delay: see metrics.go
+	ops opsOptions // -metrics-addr, -shutdown-delay: see metrics.go
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {

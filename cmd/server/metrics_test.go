@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sockfsm/sockfsm/internal/testutil"
+
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -193,6 +195,8 @@ func TestMetricsEndpoint(t *testing.T) {
 		if out, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) != 0 {
 			t.Errorf("promtool check metrics: %v\n%s", err, out)
 		}
+	} else if os.Getenv(testutil.RequireToolsEnv) != "" {
+		t.Errorf("promtool not installed (Debian package prometheus), and %s is set", testutil.RequireToolsEnv)
 	} else {
 		t.Log("promtool not installed (Debian package prometheus): the scrape is not linted")
 	}

@@ -29,6 +29,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sockfsm/sockfsm/internal/testutil"
 )
 
 // becomeSubreaper makes this process the child subreaper: the children of
@@ -236,10 +238,7 @@ func TestSystemdActivation(t *testing.T) {
 // listens and starts the server on the first connection, passing the
 // socket; the server serves it and stops on SIGTERM with exit 0.
 func TestSystemdSocketActivate(t *testing.T) {
-	tool, err := exec.LookPath("systemd-socket-activate")
-	if err != nil {
-		t.Skip("systemd-socket-activate is not installed (Debian package systemd)")
-	}
+	tool := testutil.Tool(t, "systemd-socket-activate", "systemd")
 	bin := buildServer(t)
 	// A free port, for the tool to listen on.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -739,10 +738,7 @@ func TestSystemdUnits(t *testing.T) {
 		t.Errorf("-linger-time %v is longer than -shutdown-timeout %v: lingering connections would be aborted", o.cfg.LingerTime, o.shutdownTimeout)
 	}
 
-	tool, err := exec.LookPath("systemd-analyze")
-	if err != nil {
-		t.Skip("systemd-analyze is not installed (Debian package systemd)")
-	}
+	tool := testutil.Tool(t, "systemd-analyze", "systemd")
 	bin := buildServer(t)
 	if err := os.WriteFile(filepath.Join(dir, "sockfsm-echo.socket"), []byte(socket), 0o644); err != nil {
 		t.Fatal(err)
