@@ -41,6 +41,18 @@ var (
 	// ErrHandshake is the cause of a connection whose TLS handshake failed
 	// or timed out; the transport's error is joined to it.
 	ErrHandshake = errors.New("sockfsm: tls handshake failed")
+	// ErrProxyHeader is the reason a connection is refused when its PROXY
+	// protocol header is missing, malformed or late (package
+	// github.com/sockfsm/sockfsm/proxy); the parser's error is joined to it.
+	// See Config.Prelude and Config.OnRefuse.
+	ErrProxyHeader = errors.New("sockfsm: bad or missing PROXY protocol header")
+	// ErrTooManyConnsFromIP is the reason a connection is refused when its
+	// source address already has Config.MaxConnsPerIP connections open.
+	ErrTooManyConnsFromIP = errors.New("sockfsm: too many connections from one address")
+	// ErrPrelude is joined to the error of a Config.Prelude that failed
+	// without saying why with a sentinel of its own.
+	ErrPrelude = errors.New("sockfsm: connection prelude failed")
+
 	// ErrIO is the cause of a connection aborted after a read, write or
 	// half-close error; the transport's error is joined to it.
 	ErrIO = errors.New("sockfsm: i/o error")

@@ -2,6 +2,7 @@ package sockfsm
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"sync"
 
@@ -33,6 +34,10 @@ import (
 //   - MaxPendingOutput (default 1 MiB): how much a Write may queue before
 //     it waits for the peer.
 //   - MaxConns: Accept waits while that many connections are open.
+//   - MaxConnsPerIP, OnRefuse: as on Server: Accept closes a connection
+//     beyond the limit, refuses it and accepts the next.
+//   - Prelude: not supported (Accept returns ErrInvalidConfig); see
+//     Config.Prelude.
 //
 // The application's own deadlines (SetDeadline and the like) are separate
 // from these and behave as net.Conn's.
@@ -54,6 +59,9 @@ func NewListener(ln net.Listener, cfg Config) *Listener {
 		cfg.IdleTimeout = -1 // the application owns idleness: see Listener
 	}
 	l := &Listener{ln: ln, lim: cfg.limits(), err: cfg.Validate(), closed: make(chan struct{})}
+	if l.err == nil && cfg.Prelude != nil {
+		l.err = fmt.Errorf("%w: Listener does not support Prelude: its Accept is the caller's accept loop, which a prelude would stall; use Server", ErrInvalidConfig)
+	}
 	l.srv.Config = cfg
 	l.srv.mu.Lock()
 	l.srv.initLocked()
@@ -116,17 +124,24 @@ func (l *Listener) Accept() (net.Conn, error) {
 			}
 			return nil, err
 		}
+		key, ok := s.admitIP(c, s.logger())
+		if !ok {
+			s.doneAccepting()
+			s.release()
+			continue
+		}
 		t, err := transport.Wrap(c)
 		if err != nil {
 			s.logger().Error("cannot serve connection", "err", err)
 			c.Close()
+			s.releaseIP(key)
 			s.doneAccepting()
 			s.release()
 			continue
 		}
 		info := ConnInfo{ID: connIDs.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
 		nc := newNetConn(info, l.lim.readBuf)
-		nc.c = s.start(t, l.lim, nc, info).Conn()
+		nc.c = s.start(t, l.lim, nc, info, key).Conn()
 		return nc, nil
 	}
 }

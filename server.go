@@ -5,10 +5,13 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/sockfsm/sockfsm/internal/admit"
 	"github.com/sockfsm/sockfsm/transport"
 )
 
@@ -35,7 +38,9 @@ type Server struct {
 	sem       chan struct{}              // MaxConns slots; nil when unlimited
 	done      chan struct{}              // closed when shutting down
 	listeners map[*net.Listener]struct{} // by address: a listener need not be comparable
-	conns     map[*driver]struct{}
+	conns     map[*driver]netip.Addr     // → the address perIP counts it under, if any
+	perIP     *admit.Limiter             // MaxConnsPerIP; nil when unlimited
+	preluding map[net.Conn]struct{}      // in Config.Prelude: cut short by stopLocked
 	// accepting counts the Serve loops between calling Accept and
 	// registering what it returned: a connection there is not in conns
 	// yet, but Shutdown and Close must wait for it all the same.
@@ -56,7 +61,9 @@ func (s *Server) initLocked() {
 	}
 	s.done = make(chan struct{})
 	s.listeners = map[*net.Listener]struct{}{}
-	s.conns = map[*driver]struct{}{}
+	s.conns = map[*driver]netip.Addr{}
+	s.perIP = admit.New(s.Config.MaxConnsPerIP)
+	s.preluding = map[net.Conn]struct{}{}
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -198,12 +205,86 @@ func temporary(err error) bool {
 	return errors.As(err, &t) && t.Temporary()
 }
 
-// serve starts the goroutine of one accepted connection.
+// serve starts serving one accepted connection: at once, on the accepting
+// goroutine, or, with a Config.Prelude, once the prelude is done on a
+// goroutine of its own, so that a slow peer delays no accept.
 func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
+	if s.Config.Prelude == nil {
+		s.admit(c, lim, log)
+		return
+	}
+	timeout := s.Config.PreludeTimeout
+	if timeout == 0 {
+		timeout = DefaultPreludeTimeout
+	}
+	// Armed before the connection is registered, so that stopLocked's
+	// deadline in the past, set under mu, comes after it.
+	c.SetDeadline(time.Now().Add(timeout))
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		c.Close()
+		s.doneAccepting()
+		s.release()
+		return
+	}
+	s.preluding[c] = struct{}{}
+	s.mu.Unlock()
+	go s.prelude(c, lim, log)
+}
+
+// prelude runs Config.Prelude on c, then serves the connection it returns
+// or refuses c. Like an accept, it is counted in s.accepting until then.
+func (s *Server) prelude(c net.Conn, lim limits, log *slog.Logger) {
+	nc, err := s.runPrelude(c)
+	s.mu.Lock()
+	delete(s.preluding, c)
+	closing := s.closing
+	s.mu.Unlock()
+	if err != nil {
+		c.Close()
+		if !closing { // cut short by Shutdown or Close: not a refusal
+			s.refuse(c.RemoteAddr(), err, log)
+		}
+		s.doneAccepting()
+		s.release()
+		return
+	}
+	c.SetDeadline(time.Time{})
+	s.admit(nc, lim, log)
+}
+
+// runPrelude calls Config.Prelude, and turns a panic, a nil connection or
+// an error without a reason of its own into a reason for OnRefuse.
+func (s *Server) runPrelude(c net.Conn) (nc net.Conn, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			nc, err = nil, errors.Join(ErrPrelude, &PanicError{Value: r, Stack: debug.Stack()})
+		}
+	}()
+	nc, err = s.Config.Prelude(c)
+	switch {
+	case err == nil && nc == nil:
+		err = errors.Join(ErrPrelude, errors.New("sockfsm: Prelude returned no connection"))
+	case err != nil && !errors.Is(err, ErrProxyHeader) && !errors.Is(err, ErrTooManyConnsFromIP) && !errors.Is(err, ErrPrelude):
+		err = errors.Join(ErrPrelude, err)
+	}
+	return nc, err
+}
+
+// admit serves c unless its source address is at MaxConnsPerIP.
+func (s *Server) admit(c net.Conn, lim limits, log *slog.Logger) {
+	key, ok := s.admitIP(c, log)
+	if !ok {
+		s.doneAccepting()
+		s.release()
+		return
+	}
 	t, err := transport.Wrap(c)
 	if err != nil {
 		log.Error("cannot serve connection", "err", err)
 		c.Close()
+		s.releaseIP(key)
 		s.doneAccepting()
 		s.release()
 		return
@@ -213,22 +294,69 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	if err != nil {
 		connLogger(log, info).Error("NewHandler failed; connection aborted", "err", err)
 		t.Abort()
+		s.releaseIP(key)
 		s.doneAccepting()
 		s.release()
 		return
 	}
-	s.start(t, lim, h, info)
+	s.start(t, lim, h, info, key)
+}
+
+// admitIP counts c under its source address for MaxConnsPerIP. At the
+// limit it closes c, refuses it and returns false. The address returned is
+// what releaseIP must be given when the connection ends; it is the zero
+// Addr when nothing was counted.
+func (s *Server) admitIP(c net.Conn, log *slog.Logger) (netip.Addr, bool) {
+	if s.perIP == nil {
+		return netip.Addr{}, true
+	}
+	key, ok := admit.Key(c.RemoteAddr())
+	if !ok {
+		return netip.Addr{}, true // not an IP address: not limited
+	}
+	if !s.perIP.Acquire(key) {
+		c.Close() // nothing was read: a plain close, FIN
+		s.refuse(c.RemoteAddr(), ErrTooManyConnsFromIP, log)
+		return netip.Addr{}, false
+	}
+	return key, true
+}
+
+// releaseIP releases what admitIP counted.
+func (s *Server) releaseIP(key netip.Addr) {
+	if key.IsValid() {
+		s.perIP.Release(key)
+	}
+}
+
+// refuse logs a refused connection once, at warn level, and reports it to
+// Config.OnRefuse.
+func (s *Server) refuse(remote net.Addr, reason error, log *slog.Logger) {
+	addr := "unknown"
+	if remote != nil {
+		addr = remote.String()
+	}
+	log.Warn("connection refused", "remote", addr, "reason", reason)
+	if f := s.Config.OnRefuse; f != nil {
+		defer func() {
+			if r := recover(); r != nil {
+				log.Error("OnRefuse panicked", "panic", r, "stack", string(debug.Stack()))
+			}
+		}()
+		f(remote, reason)
+	}
 }
 
 // start registers a connection the Serve loop or Listener.Accept accepted
-// and starts its goroutine; it returns the connection's engine.
-func (s *Server) start(t Transport, lim limits, h Handler, info ConnInfo) *Engine {
+// and starts its goroutine; it returns the connection's engine. key is the
+// address MaxConnsPerIP counted it under, released when it ends.
+func (s *Server) start(t Transport, lim limits, h Handler, info ConnInfo, key netip.Addr) *Engine {
 	d := &driver{}
 	d.init(t, lim, h, info, &s.Config, time.Now)
 
 	s.mu.Lock()
 	s.accepting--
-	s.conns[d] = struct{}{}
+	s.conns[d] = key
 	if s.closing {
 		d.e.Close()
 	}
@@ -259,9 +387,11 @@ func (s *Server) connDone(d *driver) {
 	if d.result.Reason == ReasonShutdownDeadline {
 		s.aborted++
 	}
+	key := s.conns[d]
 	delete(s.conns, d)
 	s.notifyLocked()
 	s.mu.Unlock()
+	s.releaseIP(key)
 	s.release()
 }
 
@@ -288,6 +418,9 @@ func (s *Server) stopLocked() {
 	}
 	for ln := range s.listeners {
 		(*ln).Close()
+	}
+	for c := range s.preluding {
+		c.SetDeadline(past) // the prelude fails now; the connection is closed uncounted
 	}
 }
 
