@@ -38,9 +38,11 @@
 // Optional (go-proxyproto's USE policy): the header is used if present,
 // and a connection without one is served with the peer's own address. It
 // looks at the first bytes without consuming them (MSG_PEEK; Unix
-// systems only), so a connection without a header loses nothing; a peer
-// that sends nothing at first (a protocol where the server speaks first)
-// waits up to PreludeTimeout. A malformed header is still refused.
+// systems only), so a connection without a header loses nothing. A peer
+// that sends nothing at first (a protocol where the server speaks first),
+// or whose first bytes are a signature's strict prefix ("PRO") and then
+// pauses, waits until PreludeTimeout, and is then served without a
+// header. A malformed header is still refused.
 //
 // Either way, a header's LOCAL command (a proxy's own health check) or
 // UNKNOWN address family leaves the peer's addresses in place, as the
@@ -189,84 +191,85 @@ const (
 	v2FixedLen = 16  // signature, version and command, family, length
 )
 
-// readHeader reads one PROXY header from c, and not a byte more: every read
-// asks for no more than the shortest header that what was read so far
-// allows. It returns the header's bytes, for the parser.
-func readHeader(c net.Conn) ([]byte, error) {
-	buf := make([]byte, 0, 64)
-	fill := func(n int) error { // read until len(buf) == n
-		if n > cap(buf) {
-			buf = append(make([]byte, 0, n), buf...)
-		}
-		k, err := io.ReadFull(c, buf[len(buf):n])
-		buf = buf[:len(buf)+k]
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			err = fmt.Errorf("proxy: the connection ended inside the header after %d bytes: %w", len(buf), io.ErrUnexpectedEOF)
-		}
-		return err
+// headerReader reads one PROXY header from c, and not a byte more: every
+// read asks for no more than the shortest header that what was read so far
+// allows.
+type headerReader struct {
+	c   net.Conn
+	buf []byte // the header's bytes read so far
+}
+
+// fill reads until len(r.buf) == n.
+func (r *headerReader) fill(n int) error {
+	if n > cap(r.buf) {
+		r.buf = append(make([]byte, 0, n), r.buf...)
 	}
-	if err := fill(1); err != nil {
-		if errors.Is(err, io.ErrUnexpectedEOF) {
-			return nil, errors.Join(errNoHeader, io.EOF)
-		}
+	k, err := io.ReadFull(r.c, r.buf[len(r.buf):n])
+	r.buf = r.buf[:len(r.buf)+k]
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		err = fmt.Errorf("proxy: the connection ended after %d bytes of the header: %w", len(r.buf), io.ErrUnexpectedEOF)
+	}
+	return err
+}
+
+// readHeader reads one PROXY header from c and returns its bytes, for the
+// parser.
+func readHeader(c net.Conn) ([]byte, error) {
+	r := &headerReader{c: c, buf: make([]byte, 0, 64)}
+	if err := r.fill(1); err != nil {
 		return nil, err
 	}
-	switch buf[0] {
+	switch r.buf[0] {
 	case proxyproto.SIGV1[0]:
-		return readV1(c, buf, fill)
+		return r.readV1()
 	case proxyproto.SIGV2[0]:
-		if err := fill(v2FixedLen); err != nil {
+		if err := r.fill(v2FixedLen); err != nil {
 			return nil, err
 		}
-		if !bytes.Equal(buf[:len(proxyproto.SIGV2)], proxyproto.SIGV2) {
+		if !bytes.Equal(r.buf[:len(proxyproto.SIGV2)], proxyproto.SIGV2) {
 			return nil, errNoHeader
 		}
-		n := int(binary.BigEndian.Uint16(buf[14:16]))
-		if err := fill(v2FixedLen + n); err != nil {
+		n := int(binary.BigEndian.Uint16(r.buf[14:16]))
+		if err := r.fill(v2FixedLen + n); err != nil {
 			return nil, err
 		}
-		return buf, nil
+		return r.buf, nil
 	}
 	return nil, errNoHeader
 }
 
 // readV1 reads the rest of a v1 header, a line of at most 107 bytes that
 // begins "PROXY TCP4 ", "PROXY TCP6 " or "PROXY UNKNOWN".
-func readV1(c net.Conn, buf []byte, fill func(int) error) ([]byte, error) {
-	if err := fill(len("PROXY TCP4 ")); err != nil {
+func (r *headerReader) readV1() ([]byte, error) {
+	if err := r.fill(len("PROXY TCP4 ")); err != nil {
 		return nil, err
 	}
-	if !bytes.Equal(buf[:5], proxyproto.SIGV1) {
+	if !bytes.Equal(r.buf[:5], proxyproto.SIGV1) {
 		return nil, errNoHeader
 	}
 	// The shortest line each protocol allows.
 	shortest := len("PROXY UNKNOWN\r\n")
-	switch string(buf[6:10]) {
+	switch string(r.buf[6:10]) {
 	case "TCP4":
 		shortest = len("PROXY TCP4 0.0.0.0 0.0.0.0 0 0\r\n")
 	case "TCP6":
 		shortest = len("PROXY TCP6 :: :: 0 0\r\n")
 	}
-	if err := fill(shortest); err != nil {
+	if err := r.fill(shortest); err != nil {
 		return nil, err
 	}
-	var b [1]byte
 	for {
-		if i := bytes.IndexByte(buf, '\n'); i >= 0 {
-			if i != len(buf)-1 || buf[i-1] != '\r' {
+		if i := bytes.IndexByte(r.buf, '\n'); i >= 0 {
+			if i != len(r.buf)-1 || r.buf[i-1] != '\r' {
 				return nil, proxyproto.ErrLineMustEndWithCrlf
 			}
-			return buf, nil
+			return r.buf, nil
 		}
-		if len(buf) >= v1MaxLen {
+		if len(r.buf) >= v1MaxLen {
 			return nil, proxyproto.ErrVersion1HeaderTooLong
 		}
-		if _, err := io.ReadFull(c, b[:]); err != nil {
-			if err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
+		if err := r.fill(len(r.buf) + 1); err != nil {
 			return nil, err
 		}
-		buf = append(buf, b[0])
 	}
 }
