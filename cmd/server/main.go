@@ -40,6 +40,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/proxy"
 )
 
 // DefaultAddr is the tutorial's address.
@@ -58,6 +59,7 @@ type options struct {
 	shutdownTimeout time.Duration
 	logLevel        slog.Level
 	verbose         bool
+	proxy           proxy.Mode
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -80,6 +82,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
+	admissionFlags(fs, &o)
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -97,6 +100,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	if o.shutdownTimeout <= 0 {
 		return o, fail("-shutdown-timeout must be positive")
 	}
+	applyAdmission(&o)
 	if err := o.cfg.Validate(); err != nil {
 		return o, fail("%v", err)
 	}
