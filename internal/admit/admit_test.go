@@ -10,8 +10,10 @@ import (
 func TestLimiter(t *testing.T) {
 	l := New(2)
 	a, b := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.3")
-	if !l.Acquire(a) || !l.Acquire(a) {
-		t.Fatal("the first two connections from a were refused")
+	for i := range 2 {
+		if !l.Acquire(a) {
+			t.Fatalf("connection %d from a was refused at a limit of 2", i+1)
+		}
 	}
 	if l.Acquire(a) {
 		t.Fatal("a third connection from a was admitted at a limit of 2")
