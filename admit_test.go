@@ -224,15 +224,73 @@ func TestListenerMaxConnsPerIP(t *testing.T) {
 	}
 }
 
-func TestListenerRefusesPrelude(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// TestListenerPrelude: on the net.Conn face too, a peer that never
+// finishes its prelude stalls no Accept, a bad prelude is refused, and
+// Close closes a connection still in its prelude without counting it.
+func TestListenerPrelude(t *testing.T) {
+	checkFDs(t)
+	var ref refusals
+	logs := newTestWriter(t)
+	ln, err := sockfsm.Listen("tcp", "127.0.0.1:0", sockfsm.Config{Prelude: bangPrelude, OnRefuse: ref.hook,
+		PreludeTimeout: time.Hour, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := sockfsm.NewListener(ln, sockfsm.Config{Prelude: func(c net.Conn) (net.Conn, error) { return c, nil }})
-	defer l.Close()
-	if _, err := l.Accept(); !errors.Is(err, sockfsm.ErrInvalidConfig) {
-		t.Errorf("Accept with a Prelude: %v, want ErrInvalidConfig", err)
+	addr := ln.Addr().String()
+	accepted := make(chan net.Conn, 4)
+	acceptErr := make(chan error, 1)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				acceptErr <- err
+				return
+			}
+			accepted <- c
+		}
+	}()
+	silent := dial(t, "tcp", addr)
+	bad := dial(t, "tcp", addr)
+	mustWrite(t, bad, []byte("?"))
+	wantClosedUnserved(t, bad)
+	good := dial(t, "tcp", addr)
+	mustWrite(t, good, []byte("!hello"))
+	var sc net.Conn
+	select {
+	case sc = <-accepted:
+	case <-time.After(clientDeadline):
+		t.Fatal("Accept stalled behind a silent prelude")
+	}
+	if sc.RemoteAddr().String() != good.LocalAddr().String() {
+		t.Fatalf("Accept returned %v, want the good client %v", sc.RemoteAddr(), good.LocalAddr())
+	}
+	sc.SetReadDeadline(time.Now().Add(clientDeadline))
+	if got := readFull(t, sc, 5); string(got) != "hello" {
+		t.Fatalf("read %q after the prelude, want %q", got, "hello")
+	}
+	sc.Close()
+	if r := ref.all(); len(r) != 1 || !errors.Is(r[0].reason, sockfsm.ErrPrelude) {
+		t.Errorf("refusals %v, want the bad one, ErrPrelude", r)
+	}
+
+	ln.Close()
+	select {
+	case err := <-acceptErr:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("Accept after Close: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(clientDeadline):
+		t.Fatal("Accept did not return after Close")
+	}
+	wantClosedSilent(t, silent) // Close cut its hour-long prelude short
+	if n := len(ref.all()); n != 1 {
+		t.Errorf("%d refusals after Close, want 1: a prelude cut short by Close is not a refusal", n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
+	defer cancel()
+	closeWrite(t, good)
+	if err := ln.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown: %v", err)
 	}
 }
 

@@ -109,9 +109,8 @@ type Config struct {
 	// that error (joined to ErrPrelude unless it matches ErrProxyHeader or
 	// ErrTooManyConnsFromIP). During Shutdown or Close the deadline moves
 	// into the past, and a connection still in its prelude is closed
-	// without being counted as refused. Listener does not support Prelude
-	// (NewListener's Accept would return ErrInvalidConfig): its Accept is
-	// the caller's accept loop, and a prelude there would stall it.
+	// without being counted as refused. Listener runs preludes the same
+	// way, off its caller's accept loop (see Listener).
 	Prelude func(c net.Conn) (net.Conn, error)
 	// PreludeTimeout bounds Prelude. Default 5s; cannot be off.
 	PreludeTimeout time.Duration

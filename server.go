@@ -213,6 +213,15 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 		s.admit(c, lim, log)
 		return
 	}
+	s.startPrelude(c, log, nil, func(nc net.Conn) { s.admit(nc, lim, log) })
+}
+
+// startPrelude runs Config.Prelude on c on a goroutine of its own, then
+// calls then with the connection to serve, or refuses c. Like an accept,
+// the connection is counted in s.accepting until then takes it over. A
+// prelude that fails once stop is closed, or the server is closing, was
+// cut short (stopLocked, Listener.Close): it is not a refusal.
+func (s *Server) startPrelude(c net.Conn, log *slog.Logger, stop <-chan struct{}, then func(net.Conn)) {
 	timeout := s.Config.PreludeTimeout
 	if timeout == 0 {
 		timeout = DefaultPreludeTimeout
@@ -230,20 +239,24 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	}
 	s.preluding[c] = struct{}{}
 	s.mu.Unlock()
-	go s.prelude(c, lim, log)
+	go s.prelude(c, log, stop, then)
 }
 
-// prelude runs Config.Prelude on c, then serves the connection it returns
-// or refuses c. Like an accept, it is counted in s.accepting until then.
-func (s *Server) prelude(c net.Conn, lim limits, log *slog.Logger) {
+// prelude is the goroutine of startPrelude.
+func (s *Server) prelude(c net.Conn, log *slog.Logger, stop <-chan struct{}, then func(net.Conn)) {
 	nc, err := s.runPrelude(c)
 	s.mu.Lock()
 	delete(s.preluding, c)
-	closing := s.closing
+	cut := s.closing
 	s.mu.Unlock()
+	select {
+	case <-stop:
+		cut = true
+	default:
+	}
 	if err != nil {
 		c.Close()
-		if !closing { // cut short by Shutdown or Close: not a refusal
+		if !cut {
 			s.refuse(c.RemoteAddr(), err, log)
 		}
 		s.doneAccepting()
@@ -251,7 +264,15 @@ func (s *Server) prelude(c net.Conn, lim limits, log *slog.Logger) {
 		return
 	}
 	c.SetDeadline(time.Time{})
-	s.admit(nc, lim, log)
+	then(nc)
+}
+
+// cutPreludesLocked moves the deadline of every connection in its prelude
+// into the past: the preludes fail now.
+func (s *Server) cutPreludesLocked() {
+	for c := range s.preluding {
+		c.SetDeadline(past)
+	}
 }
 
 // runPrelude calls Config.Prelude, and turns a panic, a nil connection or
@@ -419,9 +440,7 @@ func (s *Server) stopLocked() {
 	for ln := range s.listeners {
 		(*ln).Close()
 	}
-	for c := range s.preluding {
-		c.SetDeadline(past) // the prelude fails now; the connection is closed uncounted
-	}
+	s.cutPreludesLocked() // closed uncounted: see startPrelude
 }
 
 // drained returns a channel closed when no connection is open.

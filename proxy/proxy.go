@@ -4,7 +4,8 @@
 // the load balancer: ConnInfo.RemoteAddr, the handler's logs and
 // Config.MaxConnsPerIP all use the client's address from the header.
 //
-// Use it as a sockfsm.Server's Config.Prelude:
+// Use it as the Config.Prelude of a sockfsm.Server or a sockfsm.Listener
+// (for net/http and the like):
 //
 //	srv.Config.Prelude = proxy.Prelude(proxy.Required)
 //
@@ -15,10 +16,13 @@
 // Server runs a Prelude off its accepting goroutine, so a peer that sends
 // its header slowly, or never, delays only itself and is closed at the
 // deadline; ConnInfo, NewHandler and the Engine come after it, with the
-// client's address. The core package knows nothing of the protocol
-// (Config.Prelude is a plain hook), so it does not import go-proxyproto.
-// sockfsm.Listener, whose Accept is its caller's accept loop, does not
-// run preludes: a header read there would stall every accept.
+// client's address. sockfsm.Listener does the same off its caller's
+// accept loop: its Accept hands out connections whose header was read. The
+// core package knows nothing of the protocol (Config.Prelude is a plain
+// hook), so it does not import go-proxyproto. A wrapper of net.Listener
+// whose connections read the header lazily, on their first Read or
+// RemoteAddr (go-proxyproto's own Listener), would not do here: sockfsm
+// builds ConnInfo, and a handler may use it, before the first read.
 //
 // The header is read exactly, never past its end: v2 by its length field,
 // v1 (a text line) in the largest reads the grammar allows and then byte by
