@@ -394,3 +394,19 @@ func TestShutdownCutsPrelude(t *testing.T) {
 		t.Errorf("Shutdown's cut counted as refusals: %v", r)
 	}
 }
+
+func TestRefusalReason(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want string
+	}{
+		{sockfsm.ErrTooManyConnsFromIP, "too-many-conns-from-ip"},
+		{errors.Join(sockfsm.ErrProxyHeader, io.ErrUnexpectedEOF), "proxy-header"},
+		{errors.Join(sockfsm.ErrPrelude, errors.New("no bang")), "prelude"},
+		{errors.New("something else"), "other"},
+	} {
+		if got := sockfsm.RefusalReason(c.err); got != c.want {
+			t.Errorf("RefusalReason(%v) = %q, want %q", c.err, got, c.want)
+		}
+	}
+}

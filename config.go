@@ -117,9 +117,10 @@ type Config struct {
 	// OnRefuse, if set, is called once for each connection refused before
 	// it was served: remote is the peer's address, or the client's from
 	// the PROXY header once the prelude read it; reason matches
-	// ErrTooManyConnsFromIP, ErrProxyHeader or ErrPrelude. Every refusal
-	// is also logged once, at warn level. It is called from the accepting
-	// goroutine or a prelude's, and must not block.
+	// ErrTooManyConnsFromIP, ErrProxyHeader or ErrPrelude (RefusalReason
+	// names it, for a metric's label). Every refusal is also logged once,
+	// at warn level. It is called from the accepting goroutine or a
+	// prelude's, and must not block.
 	OnRefuse func(remote net.Addr, reason error)
 
 	// OnStateChange, if set, is called on every transition, from the

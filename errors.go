@@ -70,3 +70,20 @@ func (e *PanicError) Error() string { return fmt.Sprintf("sockfsm: handler panic
 
 // Is reports whether target is ErrHandlerPanic.
 func (e *PanicError) Is(target error) bool { return target == ErrHandlerPanic }
+
+// RefusalReason names the reason of a refusal reported to Config.OnRefuse,
+// for a metric's label or a log: "too-many-conns-from-ip" (matching
+// ErrTooManyConnsFromIP), "proxy-header" (ErrProxyHeader), "prelude"
+// (ErrPrelude) or, for any other error, "other". The names are few and
+// stable: a label's cardinality stays bounded.
+func RefusalReason(reason error) string {
+	switch {
+	case errors.Is(reason, ErrTooManyConnsFromIP):
+		return "too-many-conns-from-ip"
+	case errors.Is(reason, ErrProxyHeader):
+		return "proxy-header"
+	case errors.Is(reason, ErrPrelude):
+		return "prelude"
+	}
+	return "other"
+}

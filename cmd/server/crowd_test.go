@@ -53,13 +53,7 @@ type refusalCounter struct {
 }
 
 func (r *refusalCounter) hook(remote net.Addr, reason error) {
-	name := "other: " + reason.Error()
-	switch {
-	case errors.Is(reason, sockfsm.ErrTooManyConnsFromIP):
-		name = "too-many-conns-from-ip"
-	case errors.Is(reason, sockfsm.ErrProxyHeader):
-		name = "proxy-header"
-	}
+	name := sockfsm.RefusalReason(reason)
 	host, _, _ := net.SplitHostPort(remote.String())
 	r.mu.Lock()
 	defer r.mu.Unlock()
