@@ -38,7 +38,8 @@ type Server struct {
 	sem       chan struct{}              // MaxConns slots; nil when unlimited
 	done      chan struct{}              // closed when shutting down
 	listeners map[*net.Listener]struct{} // by address: a listener need not be comparable
-	conns     map[*driver]netip.Addr     // → the address perIP counts it under, if any
+	conns     map[*driver]struct{}
+	ipKeys    map[*driver]netip.Addr     // the address perIP counts a connection under, if it does
 	perIP     *admit.Limiter             // MaxConnsPerIP; nil when unlimited
 	preluding map[net.Conn]struct{}      // in Config.Prelude: cut short by stopLocked
 	// accepting counts the Serve loops between calling Accept and
@@ -61,7 +62,8 @@ func (s *Server) initLocked() {
 	}
 	s.done = make(chan struct{})
 	s.listeners = map[*net.Listener]struct{}{}
-	s.conns = map[*driver]netip.Addr{}
+	s.conns = map[*driver]struct{}{}
+	s.ipKeys = map[*driver]netip.Addr{}
 	s.perIP = admit.New(s.Config.MaxConnsPerIP)
 	s.preluding = map[net.Conn]struct{}{}
 }
@@ -377,7 +379,10 @@ func (s *Server) start(t Transport, lim limits, h Handler, info ConnInfo, key ne
 
 	s.mu.Lock()
 	s.accepting--
-	s.conns[d] = key
+	s.conns[d] = struct{}{}
+	if key.IsValid() {
+		s.ipKeys[d] = key // only then: without MaxConnsPerIP a connection costs no more
+	}
 	if s.closing {
 		d.e.Close()
 	}
@@ -408,7 +413,10 @@ func (s *Server) connDone(d *driver) {
 	if d.result.Reason == ReasonShutdownDeadline {
 		s.aborted++
 	}
-	key := s.conns[d]
+	key, counted := s.ipKeys[d]
+	if counted {
+		delete(s.ipKeys, d)
+	}
 	delete(s.conns, d)
 	s.notifyLocked()
 	s.mu.Unlock()
