@@ -39,9 +39,9 @@ type Server struct {
 	done      chan struct{}              // closed when shutting down
 	listeners map[*net.Listener]struct{} // by address: a listener need not be comparable
 	conns     map[*driver]struct{}
-	ipKeys    map[*driver]netip.Addr     // the address perIP counts a connection under, if it does
-	perIP     *admit.Limiter             // MaxConnsPerIP; nil when unlimited
-	preluding map[net.Conn]struct{}      // in Config.Prelude: cut short by stopLocked
+	ipKeys    map[*driver]netip.Addr // the address perIP counts a connection under, if it does
+	perIP     *admit.Limiter         // MaxConnsPerIP; nil when unlimited
+	preluding map[net.Conn]struct{}  // in Config.Prelude: cut short by stopLocked
 	// accepting counts the Serve loops between calling Accept and
 	// registering what it returned: a connection there is not in conns
 	// yet, but Shutdown and Close must wait for it all the same.
