@@ -106,7 +106,7 @@ type Config struct {
 	// accepting one, so a slow peer delays only itself, with c's deadline
 	// set PreludeTimeout ahead and cleared after. If it returns an error,
 	// c is closed at once and the connection refused through OnRefuse with
-	// that error (joined to ErrPrelude unless it matches ErrProxyHeader or
+	// that error (wrapped in ErrPrelude unless it matches ErrProxyHeader or
 	// ErrTooManyConnsFromIP). During Shutdown or Close the deadline moves
 	// into the past, and a connection still in its prelude is closed
 	// without being counted as refused. Listener runs preludes the same

@@ -43,13 +43,13 @@ var (
 	ErrHandshake = errors.New("sockfsm: tls handshake failed")
 	// ErrProxyHeader is the reason a connection is refused when its PROXY
 	// protocol header is missing, malformed or late (package
-	// github.com/sockfsm/sockfsm/proxy); the parser's error is joined to it.
+	// github.com/sockfsm/sockfsm/proxy); it wraps the parser's error.
 	// See Config.Prelude and Config.OnRefuse.
 	ErrProxyHeader = errors.New("sockfsm: bad or missing PROXY protocol header")
 	// ErrTooManyConnsFromIP is the reason a connection is refused when its
 	// source address already has Config.MaxConnsPerIP connections open.
 	ErrTooManyConnsFromIP = errors.New("sockfsm: too many connections from one address")
-	// ErrPrelude is joined to the error of a Config.Prelude that failed
+	// ErrPrelude wraps the error of a Config.Prelude that failed
 	// without saying why with a sentinel of its own.
 	ErrPrelude = errors.New("sockfsm: connection prelude failed")
 

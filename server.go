@@ -3,6 +3,7 @@ package sockfsm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -282,15 +283,15 @@ func (s *Server) cutPreludesLocked() {
 func (s *Server) runPrelude(c net.Conn) (nc net.Conn, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			nc, err = nil, errors.Join(ErrPrelude, &PanicError{Value: r, Stack: debug.Stack()})
+			nc, err = nil, fmt.Errorf("%w: %w", ErrPrelude, &PanicError{Value: r, Stack: debug.Stack()})
 		}
 	}()
 	nc, err = s.Config.Prelude(c)
 	switch {
 	case err == nil && nc == nil:
-		err = errors.Join(ErrPrelude, errors.New("sockfsm: Prelude returned no connection"))
+		err = fmt.Errorf("%w: Prelude returned no connection", ErrPrelude)
 	case err != nil && !errors.Is(err, ErrProxyHeader) && !errors.Is(err, ErrTooManyConnsFromIP) && !errors.Is(err, ErrPrelude):
-		err = errors.Join(ErrPrelude, err)
+		err = fmt.Errorf("%w: %w", ErrPrelude, err)
 	}
 	return nc, err
 }

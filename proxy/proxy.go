@@ -37,7 +37,7 @@
 // missing, malformed or not complete within PreludeTimeout is refused:
 // closed at once, logged once at warn level, and reported to
 // Config.OnRefuse with an error matching sockfsm.ErrProxyHeader (the
-// parser's error joined to it). Nothing else is affected.
+// parser's error wrapped in it). Nothing else is affected.
 //
 // Optional (go-proxyproto's USE policy): the header is used if present,
 // and a connection without one is served with the peer's own address. It
@@ -120,7 +120,7 @@ func Prelude(m Mode) func(net.Conn) (net.Conn, error) {
 	panic("proxy: unknown mode " + m.String())
 }
 
-// errNoHeader is joined to ErrProxyHeader for a connection without one.
+// errNoHeader is wrapped in ErrProxyHeader for a connection without one.
 var errNoHeader = errors.New("proxy: no PROXY protocol header")
 
 func prelude(c net.Conn, optional bool) (net.Conn, error) {
@@ -130,7 +130,7 @@ func prelude(c net.Conn, optional bool) (net.Conn, error) {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				return c, nil // nothing sent yet: no header
 			}
-			return nil, errors.Join(sockfsm.ErrProxyHeader, err)
+			return nil, fmt.Errorf("%w: %w", sockfsm.ErrProxyHeader, err)
 		}
 		if !present {
 			return c, nil
@@ -138,7 +138,7 @@ func prelude(c net.Conn, optional bool) (net.Conn, error) {
 	}
 	raw, err := readHeader(c)
 	if err != nil {
-		return nil, errors.Join(sockfsm.ErrProxyHeader, err)
+		return nil, fmt.Errorf("%w: %w", sockfsm.ErrProxyHeader, err)
 	}
 	br := bufio.NewReaderSize(bytes.NewReader(raw), len(raw))
 	h, err := proxyproto.Read(br)
@@ -146,7 +146,7 @@ func prelude(c net.Conn, optional bool) (net.Conn, error) {
 		err = fmt.Errorf("proxy: %d bytes after the header's end", br.Buffered())
 	}
 	if err != nil {
-		return nil, errors.Join(sockfsm.ErrProxyHeader, err)
+		return nil, fmt.Errorf("%w: %w", sockfsm.ErrProxyHeader, err)
 	}
 	return apply(c, h)
 }
