@@ -356,19 +356,7 @@ func (s *Server) releaseIP(key netip.Addr) {
 // refuse logs a refused connection once, at warn level, and reports it to
 // Config.OnRefuse.
 func (s *Server) refuse(remote net.Addr, reason error, log *slog.Logger) {
-	addr := "unknown"
-	if remote != nil {
-		addr = remote.String()
-	}
-	log.Warn("connection refused", "remote", addr, "reason", reason)
-	if f := s.Config.OnRefuse; f != nil {
-		defer func() {
-			if r := recover(); r != nil {
-				log.Error("OnRefuse panicked", "panic", r, "stack", string(debug.Stack()))
-			}
-		}()
-		f(remote, reason)
-	}
+	admit.Refuse(log, s.Config.OnRefuse, remote, reason)
 }
 
 // start registers a connection the Serve loop or Listener.Accept accepted

@@ -6,8 +6,10 @@
 package admit
 
 import (
+	"log/slog"
 	"net"
 	"net/netip"
+	"runtime/debug"
 	"sync"
 )
 
@@ -112,4 +114,25 @@ func (l *Limiter) Addrs() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return len(l.n)
+}
+
+// Refuse reports a connection refused before it was served, the same way
+// from every driver: logged once at warn level, then passed to onRefuse
+// (Config.OnRefuse) if it is set. A panic in onRefuse is logged, not
+// propagated: it runs on an accepting goroutine.
+func Refuse(log *slog.Logger, onRefuse func(net.Addr, error), remote net.Addr, reason error) {
+	addr := "unknown"
+	if remote != nil {
+		addr = remote.String()
+	}
+	log.Warn("connection refused", "remote", addr, "reason", reason)
+	if onRefuse == nil {
+		return
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			log.Error("OnRefuse panicked", "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	onRefuse(remote, reason)
 }

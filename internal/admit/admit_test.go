@@ -1,8 +1,12 @@
 package admit
 
 import (
+	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -103,5 +107,26 @@ func TestKey(t *testing.T) {
 	k2, _ := Key(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 2), Port: 2000})
 	if k1 != k2 {
 		t.Errorf("two ports of 127.0.0.2 have different keys %v and %v", k1, k2)
+	}
+}
+
+func TestRefuse(t *testing.T) {
+	var logs strings.Builder
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	remote := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 9), Port: 4242}
+	reason := errors.New("sockfsm: too many connections from one address")
+	var got []string
+	Refuse(log, func(a net.Addr, err error) { got = append(got, a.String()+" "+err.Error()) }, remote, reason)
+	if want := []string{"127.0.0.9:4242 " + reason.Error()}; !slices.Equal(got, want) {
+		t.Errorf("OnRefuse got %q, want %q", got, want)
+	}
+	if n := strings.Count(logs.String(), "level=WARN msg=\"connection refused\" remote=127.0.0.9:4242"); n != 1 {
+		t.Errorf("logged %d times, want once:\n%s", n, logs.String())
+	}
+	// A panicking hook is logged, not propagated; a nil one is fine.
+	Refuse(log, func(net.Addr, error) { panic("boom") }, remote, reason)
+	Refuse(log, nil, nil, reason)
+	if !strings.Contains(logs.String(), "OnRefuse panicked") || !strings.Contains(logs.String(), "remote=unknown") {
+		t.Errorf("log:\n%s", logs.String())
 	}
 }
