@@ -240,8 +240,8 @@ func TestSlowlorisCrowd(t *testing.T) {
 		}
 	}
 
-	t.Logf("under attack: %d connections served (bound %d), %d fds over the baseline (%d client sockets still open), heap %+.1f MiB; %d honest exchanges; %d tricklers alive; flood: %d of %d held",
-		numConns, maxServed, fds-baseFDs, liveTricklers+int(held.Load())+honest, float64(int64(heap)-int64(baseHeap))/(1<<20),
+	t.Logf("under attack: %d connections served (bound %d), %d fds over the baseline (the clients keep %d tricklers, %d of the flood, up to %d honest), heap %+.1f MiB; %d honest exchanges; %d tricklers alive; flood: %d of %d held",
+		numConns, maxServed, fds-baseFDs, liveTricklers, held.Load(), honest, float64(int64(heap)-int64(baseHeap))/(1<<20),
 		honestDone.Load(), liveTricklers, held.Load(), flood)
 
 	if honestDone.Load() < honest {
