@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"
@@ -34,6 +35,12 @@ const (
 	DefaultReadBufferSize = 16 << 10
 	// DefaultMaxPendingOutput caps output queued and not yet flushed.
 	DefaultMaxPendingOutput = 1 << 20
+	// DefaultPreludeTimeout bounds Config.Prelude (the PROXY protocol
+	// header). A load balancer sends the header with its first segment;
+	// half go-proxyproto's 10s, and nginx has no default shorter than
+	// its 30s proxy_protocol_timeout, but a header is a hundred bytes at
+	// most and a peer that needs seconds for it is not a load balancer.
+	DefaultPreludeTimeout = 5 * time.Second
 )
 
 // Config holds a connection's timeouts and limits, and a server's. The zero
@@ -79,6 +86,42 @@ type Config struct {
 	// MaxConns caps a Server's open connections; at the cap the server
 	// stops accepting until one closes. Zero means unlimited.
 	MaxConns int
+	// MaxConnsPerIP caps the open connections of one source address
+	// (nginx's limit_conn): beyond it a new connection is closed at once,
+	// before any handler exists, and refused through OnRefuse with
+	// ErrTooManyConnsFromIP; the other addresses' connections are not
+	// affected. The address is the client's from the PROXY protocol header
+	// when Prelude supplies it (see Prelude), else the peer's; IPv4-mapped
+	// IPv6 addresses count as IPv4; connections from a peer without an IP
+	// address (a Unix socket) are not limited. Zero means unlimited.
+	MaxConnsPerIP int
+
+	// Prelude, if set, runs on each accepted connection before the
+	// connection exists for the engine: before ConnInfo, NewHandler and the
+	// Engine. Package github.com/sockfsm/sockfsm/proxy provides one that
+	// reads the PROXY protocol header. It returns the connection to serve:
+	// c itself, or a net.Conn wrapping c whose RemoteAddr and LocalAddr
+	// become ConnInfo's (a transport.Stream keeps the TCP adapter's lazy
+	// reads). Server runs it on a goroutine of its own, never on the
+	// accepting one, so a slow peer delays only itself, with c's deadline
+	// set PreludeTimeout ahead and cleared after. If it returns an error,
+	// c is closed at once and the connection refused through OnRefuse with
+	// that error (wrapped in ErrPrelude unless it matches ErrProxyHeader or
+	// ErrTooManyConnsFromIP). During Shutdown or Close the deadline moves
+	// into the past, and a connection still in its prelude is closed
+	// without being counted as refused. Listener runs preludes the same
+	// way, off its caller's accept loop (see Listener).
+	Prelude func(c net.Conn) (net.Conn, error)
+	// PreludeTimeout bounds Prelude. Default 5s; cannot be off.
+	PreludeTimeout time.Duration
+	// OnRefuse, if set, is called once for each connection refused before
+	// it was served: remote is the peer's address, or the client's from
+	// the PROXY header once the prelude read it; reason matches
+	// ErrTooManyConnsFromIP, ErrProxyHeader or ErrPrelude (RefusalReason
+	// names it, for a metric's label). Every refusal is also logged once,
+	// at warn level. It is called from the accepting goroutine or a
+	// prelude's, and must not block.
+	OnRefuse func(remote net.Addr, reason error)
 
 	// OnAccept, if set, is called once per connection as it enters
 	// Accepted, its first state: when its Engine is initialized (NewEngine,
@@ -138,6 +181,10 @@ func (c Config) Validate() error {
 		return bad("MaxPendingOutput %d is negative", c.MaxPendingOutput)
 	case c.MaxConns < 0:
 		return bad("MaxConns %d is negative", c.MaxConns)
+	case c.MaxConnsPerIP < 0:
+		return bad("MaxConnsPerIP %d is negative", c.MaxConnsPerIP)
+	case c.PreludeTimeout < 0:
+		return bad("PreludeTimeout cannot be off: a peer that never sends its prelude would hold a connection forever")
 	}
 	return nil
 }

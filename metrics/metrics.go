@@ -42,6 +42,7 @@
 package metrics
 
 import (
+	"net"
 	"strings"
 	"sync"
 	"time"
@@ -67,7 +68,9 @@ type Opts struct {
 	// histogram. Default 100 µs to 100 s, ×10 each.
 	WaitBuckets []float64
 	// RefuseReasons are reasons for Refused whose series exist, at zero,
-	// from the start. Others are created by their first Refused.
+	// from the start, beside those of sockfsm.RefusalReason (which
+	// Instrument's OnRefuse gives). Others are created by their first
+	// Refused.
 	RefuseReasons []string
 }
 
@@ -186,7 +189,7 @@ func New(o Opts) *Metrics {
 	m.refusedVec = prometheus.NewCounterVec(prometheus.CounterOpts(opts("refused_total",
 		"Connections refused before an engine ran them, by reason (a PROXY protocol header missing or malformed, a per-address limit, ...).")),
 		[]string{"reason"})
-	for _, r := range o.RefuseReasons {
+	for _, r := range append(refusalReasons[:len(refusalReasons):len(refusalReasons)], o.RefuseReasons...) {
 		m.refused[r] = m.refusedVec.WithLabelValues(r)
 	}
 
@@ -246,7 +249,16 @@ func (m *Metrics) Instrument(cfg *sockfsm.Config) {
 	} else {
 		cfg.OnMaxConnsWait = m.MaxConnsWaited
 	}
+	if prev := cfg.OnRefuse; prev != nil {
+		cfg.OnRefuse = func(remote net.Addr, reason error) { m.Refuse(remote, reason); prev(remote, reason) }
+	} else {
+		cfg.OnRefuse = m.Refuse
+	}
 }
+
+// Refuse counts a connection refused before an engine ran it, labelled
+// with sockfsm.RefusalReason(reason): Config.OnRefuse.
+func (m *Metrics) Refuse(_ net.Addr, reason error) { m.Refused(sockfsm.RefusalReason(reason)) }
 
 // Accepted counts a connection entering Accepted: Config.OnAccept.
 func (m *Metrics) Accepted(sockfsm.ConnInfo) {
@@ -298,6 +310,15 @@ func (m *Metrics) AcceptError(error) { m.acceptErrors.Inc() }
 // MaxConnsWaited records a wait of the accept loop at MaxConns:
 // Config.OnMaxConnsWait.
 func (m *Metrics) MaxConnsWaited(d time.Duration) { m.maxConnsWait.Observe(d.Seconds()) }
+
+// refusalReasons are the labels sockfsm.RefusalReason gives: their series
+// exist from the start.
+var refusalReasons = []string{
+	sockfsm.RefusalReason(sockfsm.ErrTooManyConnsFromIP),
+	sockfsm.RefusalReason(sockfsm.ErrProxyHeader),
+	sockfsm.RefusalReason(sockfsm.ErrPrelude),
+	sockfsm.RefusalReason(nil),
+}
 
 // Refused counts a connection refused before an engine ran it, for the
 // given reason: call it from the hook that reports refusals. A reason's

@@ -404,3 +404,36 @@ func TestPromtoolCheckMetrics(t *testing.T) {
 		t.Error("the scrape lacks sockfsm_refused_total")
 	}
 }
+
+// TestRefusalsCounted: Instrument chains Config.OnRefuse, so a connection
+// refused over MaxConnsPerIP shows in refused_total under
+// sockfsm.RefusalReason's label, and the other reasons exist at zero.
+func TestRefusalsCounted(t *testing.T) {
+	var prev atomic.Int32
+	srv, addr, url, _ := instrumented(t, sockfsm.Config{
+		MaxConnsPerIP: 1,
+		OnRefuse:      func(net.Addr, error) { prev.Add(1) },
+	})
+	first, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	second, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	second.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := second.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("the second connection from one address read %d bytes; want it refused", n)
+	}
+	first.Close()
+	waitNoConns(t, srv)
+	fams, _ := scrape(t, url)
+	want(t, fams, 1, "sockfsm_refused_total", "reason", "too-many-conns-from-ip")
+	want(t, fams, 0, "sockfsm_refused_total", "reason", "proxy-header")
+	if prev.Load() != 1 {
+		t.Errorf("the OnRefuse set before Instrument ran %d times, want 1", prev.Load())
+	}
+}

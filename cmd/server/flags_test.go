@@ -53,6 +53,12 @@ func flagCases() []flagCase {
 			cfg(func(c sockfsm.Config) any { return c.MaxLifetime })},
 		{"max-conns", "42", 42,
 			cfg(func(c sockfsm.Config) any { return c.MaxConns })},
+		{"max-conns-per-ip", "23", 23,
+			cfg(func(c sockfsm.Config) any { return c.MaxConnsPerIP })},
+		{"proxy-protocol", "required", "required, Prelude set: true",
+			func(o options, srv *sockfsm.Server) any {
+				return fmt.Sprintf("%v, Prelude set: %v", o.proxy, srv.Config.Prelude != nil)
+			}},
 		{"shutdown-timeout", "19s", 19 * time.Second,
 			func(o options, _ *sockfsm.Server) any { return o.shutdownTimeout }},
 		{"log-level", "warn", slog.LevelWarn,

@@ -49,6 +49,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/proxy"
 )
 
 // DefaultAddr is the tutorial's address.
@@ -68,7 +69,8 @@ type options struct {
 	logLevel        slog.Level
 	verbose         bool
 	deployOptions
-	ops opsOptions // -metrics-addr, -shutdown-delay: see metrics.go
+	ops   opsOptions // -metrics-addr, -shutdown-delay: see metrics.go
+	proxy proxy.Mode
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -94,6 +96,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
 	addDeployFlags(fs, &o.deployOptions)
 	o.ops.register(fs)
+	admissionFlags(fs, &o)
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -111,6 +114,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	if o.shutdownTimeout <= 0 {
 		return o, fail("-shutdown-timeout must be positive")
 	}
+	applyAdmission(&o)
 	if err := o.cfg.Validate(); err != nil {
 		return o, fail("%v", err)
 	}
