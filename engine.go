@@ -195,6 +195,8 @@ type Engine struct {
 	flushTo    int64     // bytesOut at which the flush begun at sendSince ends
 	halfAt     time.Time // HalfClosed entered: LingerTime base
 	lastLinger time.Time // last read while HalfClosed: LingerTimeout base
+	rateFrom   time.Time // the MinRate window began (its first input); zero: no window
+	rateIn     int64     // input read in the MinRate window
 
 	out    []byte // queued output; out[outOff:] is not yet written
 	outOff int
@@ -395,6 +397,7 @@ func (e *Engine) settle() {
 			e.lingerReset = false
 			e.halfAt, e.lastLinger, e.lingerRead = e.now, e.now, 0
 		}
+		e.rateCheck()
 		ev, cause, ok := e.m.Due(e.facts())
 		if !ok {
 			return
@@ -437,6 +440,9 @@ func (e *Engine) facts() fsm.Cond {
 	if e.held {
 		c |= fsm.IfHeld
 	}
+	if !e.rateFrom.IsZero() && e.rateActive() && !e.now.Before(e.rateFrom.Add(e.lim.rateWindow)) && e.rateIn < e.lim.rateBytes {
+		c |= fsm.IfMinRate
+	}
 	return c
 }
 
@@ -457,8 +463,10 @@ func (e *Engine) because(ev fsm.Event, cause fsm.Cond) {
 		case cause&fsm.IfPeerFIN != 0:
 			e.setReason(ReasonPeerClosed)
 			e.closeKind = closeFull
-		default: // a receive timer
-			if _, t := e.deadline(); t == timerLifetime {
+		default: // a receive timer, or MinRate
+			if _, t := e.deadline(); cause&fsm.IfTimer == 0 {
+				e.setReason(ReasonMinRate)
+			} else if t == timerLifetime {
 				e.setReason(ReasonMaxLifetime)
 			} else {
 				e.setReason(ReasonIdleTimeout)
@@ -774,7 +782,7 @@ func (e *Engine) Next(now time.Time) Action {
 		if (e.paused && (st == fsm.Receiving || e.closeKind == closeHalf)) || e.m.PeerFIN() {
 			a.Op = OpWait
 		}
-		a.Deadline, _ = e.deadline()
+		a.Deadline = e.wakeAt()
 	case OpWrite:
 		if !e.flushing {
 			e.flushing, e.sendSince = true, now
@@ -800,8 +808,9 @@ func (e *Engine) Timeout() time.Time {
 }
 
 // wakeAt is when the engine must next act: the deadline of the current
-// state, or, while Sending, MaxLifetime if that comes first (it asks for a
-// close; the flush goes on).
+// state; while Sending, MaxLifetime if that comes first (it asks for a
+// close; the flush goes on); while Receiving, the end of the MinRate window
+// if that comes first (the window is judged; it is no timer of the state).
 func (e *Engine) wakeAt() time.Time {
 	dl, _ := e.deadline()
 	if e.lim.lifetime > 0 && e.m.State() == fsm.Sending && e.closeKind != closeFull {
@@ -809,7 +818,31 @@ func (e *Engine) wakeAt() time.Time {
 			dl = l
 		}
 	}
+	if !e.rateFrom.IsZero() && e.rateActive() {
+		if r := e.rateFrom.Add(e.lim.rateWindow); dl.IsZero() || r.Before(dl) {
+			dl = r
+		}
+	}
 	return dl
+}
+
+// rateActive reports whether input counts towards MinRate now: while
+// Receiving, reading, with no output waiting on the peer and no FIN from
+// it. Anything else ends the window.
+func (e *Engine) rateActive() bool {
+	return e.m.State() == fsm.Receiving && !e.paused && !e.m.PeerFIN() && len(e.out) == e.outOff
+}
+
+// rateCheck ends the MinRate window when input stops counting, or when
+// the window is over and brought MinRate×MinRateWindow bytes: the next
+// input starts the next one. A window over and short stays, for facts.
+func (e *Engine) rateCheck() {
+	if e.rateFrom.IsZero() {
+		return
+	}
+	if !e.rateActive() || (!e.now.Before(e.rateFrom.Add(e.lim.rateWindow)) && e.rateIn >= e.lim.rateBytes) {
+		e.rateFrom, e.rateIn = time.Time{}, 0
+	}
 }
 
 // lingerBounded reports whether the linger bounds apply in HalfClosed.
@@ -906,6 +939,12 @@ func (e *Engine) input(p []byte) {
 		return
 	}
 	e.bytesIn += n
+	if e.lim.rateWindow > 0 && e.rateActive() {
+		if e.rateFrom.IsZero() {
+			e.rateFrom = e.now
+		}
+		e.rateIn += n
+	}
 	if e.m.State() == fsm.HalfClosed {
 		e.lingerRead += n
 		e.lastLinger = e.now
