@@ -230,7 +230,9 @@ func (c Config) limits() limits {
 // that writes only from its callbacks never has two flushes in a row, so
 // its connections close within WriteTimeout less. The second result is
 // false when IdleTimeout is off, in which case a silent peer is not bounded
-// except by MaxLifetime (see LifetimeBound).
+// except by MaxLifetime (see LifetimeBound). MinRate only closes sooner: a
+// window that ends short half-closes from Receiving, as IdleTimeout does,
+// within MinRateWindow of the window's first input; the bound holds.
 func (c Config) CloseBound() (time.Duration, bool) {
 	l := c.limits()
 	if l.idle == 0 {

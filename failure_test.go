@@ -412,6 +412,10 @@ func trickle(t *testing.T, s *fmServer, interval time.Duration, max int) slowlor
 // what arrived before that, then EOF, not a reset, stops sending and
 // closes; the engine's linger sees the client's FIN.
 //
+// MinRate (100 B/s over 300 ms) ends the same trickle sooner when the
+// handler does not answer it; an honest peer sending above the rate to the
+// same handler keeps its connection.
+//
 // A trickling client's timing rests on the scheduler: if the client or the
 // server goroutine stalls for longer than IdleTimeout (under -race on a
 // loaded machine, say), the idle timeout fires first. Such a run is retried,
@@ -474,6 +478,63 @@ func TestSlowloris(t *testing.T) {
 					r.sent, r.echoed, r.readErr, r.info.Reason, sockfsm.ReasonPeerClosed)
 			}
 			return
+		}
+	})
+
+	// MinRate bounds a trickler whose input is not answered (a sink, or a
+	// protocol that answers only whole requests): 100 B/s over 300 ms
+	// windows needs 30 bytes a window; a byte every 50 ms brings at most 7.
+	// The engine half-closes at the end of the window the first byte began,
+	// gracefully: the client reads EOF, not a reset.
+	sink := sockfsm.HandlerFunc(func(*sockfsm.Conn, []byte) {})
+	rateCfg := sockfsm.Config{IdleTimeout: idle, MinRate: 100, MinRateWindow: 300 * time.Millisecond,
+		WriteTimeout: fmDeadline, LingerTimeout: fmDeadline, LingerTime: fmDeadline}
+	t.Run("min-rate", func(t *testing.T) {
+		checkFDs(t)
+		s := fmStart(t, rateCfg, sink)
+		for attempt := 1; ; attempt++ {
+			r := trickle(t, s, interval, 200)
+			t.Logf("attempt %d: sent %d bytes; CloseInfo: reason %v, linger %v, read %d, duration %v", attempt, r.sent, r.info.Reason, r.info.Linger, r.info.BytesRead, r.info.Duration)
+			if r.info.Reason == sockfsm.ReasonIdleTimeout && attempt < attempts {
+				t.Logf("attempt %d: the idle timeout fired first (a stall longer than %v); retrying", attempt, idle)
+				continue
+			}
+			if r.readErr != nil {
+				t.Errorf("the client read %v; want EOF (a graceful close, not a reset)", r.readErr)
+			}
+			if r.info.Reason != sockfsm.ReasonMinRate || r.info.Aborted() || r.info.Linger != sockfsm.LingerEndPeerFIN {
+				t.Errorf("CloseInfo %+v; want %v, graceful, the linger ended by the client's FIN", r.info, sockfsm.ReasonMinRate)
+			}
+			if r.sent >= 200 {
+				t.Errorf("the client sent all %d bytes: MinRate did not end the connection", r.sent)
+			}
+			return
+		}
+	})
+	// An honest peer sending above the rate, to the same sink, is never
+	// closed by MinRate: 64 bytes every 20 ms for a second, then its FIN.
+	// Each write alone is more than a window needs, so a stalled client or
+	// server cannot make a window fall short.
+	t.Run("min-rate-honest", func(t *testing.T) {
+		checkFDs(t)
+		s := fmStart(t, rateCfg, sink)
+		c := fmDial(t, s.addr)
+		const writes = 50
+		chunk := bytes.Repeat([]byte{'h'}, 64)
+		for range writes {
+			if _, err := c.Write(chunk); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		c.CloseWrite()
+		if got, err := fmReadToEOF(c); err != nil || len(got) != 0 {
+			t.Fatalf("read %q, %v; want EOF", got, err)
+		}
+		c.Close()
+		info := s.info(t, c)
+		if info.Reason != sockfsm.ReasonPeerClosed || info.BytesRead != writes*64 {
+			t.Errorf("CloseInfo %+v; want %v after all %d bytes", info, sockfsm.ReasonPeerClosed, writes*64)
 		}
 	})
 }
