@@ -135,7 +135,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 		return 0, ErrShutdown
 	}
 	n, err := len(p), error(nil)
-	if room := e.lim.maxOut - (len(e.out) - e.outOff); n > room {
+	if room := e.sh.lim.maxOut - (len(e.out) - e.outOff); n > room {
 		n, err = max(room, 0), ErrOutputFull
 		e.full = true
 	}
@@ -166,7 +166,7 @@ func (c *Conn) Available() int {
 	if !e.mayWrite() {
 		return 0
 	}
-	return max(0, e.lim.maxOut-(len(e.out)-e.outOff))
+	return max(0, e.sh.lim.maxOut-(len(e.out)-e.outOff))
 }
 
 // CloseWrite asks for a half-close: once the queued output is flushed the
@@ -223,7 +223,8 @@ func (c *Conn) Do(f func(c *Conn)) error {
 		e.mu.Unlock()
 		return ErrClosed
 	}
-	e.tasks = append(e.tasks, f)
+	cs := e.coldState()
+	cs.tasks = append(cs.tasks, f)
 	wake := e.request(wakeRead)
 	e.mu.Unlock()
 	e.wake(wake)
@@ -253,7 +254,7 @@ func (c *Conn) Hold() {
 func (c *Conn) PauseRead() {
 	c.e.mu.Lock()
 	c.e.paused = true
-	c.e.rateFrom, c.e.rateIn = time.Time{}, 0 // a pause ends the MinRate window
+	c.e.rateFrom, c.e.rateIn = 0, 0 // a pause ends the MinRate window
 	c.e.mu.Unlock()
 }
 
