@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"math"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"
@@ -41,6 +42,22 @@ const (
 	// its 30s proxy_protocol_timeout, but a header is a hundred bytes at
 	// most and a peer that needs seconds for it is not a load balancer.
 	DefaultPreludeTimeout = 5 * time.Second
+	// DefaultMinRate is the input rate, in bytes per second, below which a
+	// peer that trickles its input is closed (see Config.MinRate): 64 B/s,
+	// 512 bit/s. A peer that trickles a byte every few seconds sends well
+	// under it; an honest client sends far above it while it sends at all,
+	// even on the slowest mobile link (GPRS, about 1 KiB/s upstream at
+	// worst; EDGE and 3G tens to hundreds of KiB/s), so that a whole window
+	// short of 640 bytes means a peer that spreads its bytes out, not a
+	// slow link. It is below Apache mod_reqtimeout's 500 B/s because
+	// sockfsm knows no request boundaries: see MinRate.
+	DefaultMinRate = 64
+	// DefaultMinRateWindow is the window over which MinRate is judged:
+	// 10s, so that a mobile link's stalls (radio handovers, retransmission
+	// timeouts of a few seconds) average out, and a trickler is closed
+	// within 10s of its first byte, not the minute IdleTimeout allows
+	// between bytes.
+	DefaultMinRateWindow = 10 * time.Second
 )
 
 // Config holds a connection's timeouts and limits, and a server's. The zero
@@ -70,6 +87,31 @@ type Config struct {
 	// been open this long. Default off: a peer that keeps talking keeps its
 	// connection. Use it against peers that trickle input forever.
 	MaxLifetime time.Duration
+
+	// MinRate is the lowest input rate, in bytes per second, a peer may
+	// keep up while it sends (Apache mod_reqtimeout's MinRate): IdleTimeout
+	// measures silence, so without it a peer that trickles a byte every few
+	// seconds holds its connection forever. The rate is judged over
+	// windows of MinRateWindow, each starting at the first input read
+	// while the connection is Receiving, reading is not paused, no output
+	// waits to be flushed and the peer's FIN has not been read; any of
+	// those ends the window, and the next starts at the next input. A
+	// window that ends with fewer than MinRate×MinRateWindow bytes read
+	// closes the connection gracefully (ReasonMinRate: our FIN, then the
+	// linger). Silence starts no window: it is IdleTimeout's business.
+	//
+	// A peer whose input is answered restarts the window with each answer,
+	// so request-response protocols pass whatever their requests' sizes;
+	// a peer that sends less than MinRate×MinRateWindow bytes and then
+	// waits without being answered does not. Turn it off (negative) for
+	// protocols whose honest clients send small unanswered messages: small
+	// heartbeats or keep-alives, telemetry lines, a subscription followed
+	// by silence, a handler that answers from another goroutine after
+	// more than MinRateWindow. Default 64 B/s (DefaultMinRate).
+	MinRate int64
+	// MinRateWindow is the window over which MinRate is judged. Default
+	// 10s (DefaultMinRateWindow); negative turns MinRate off.
+	MinRateWindow time.Duration
 
 	// ReadBufferSize is the size of a read buffer: the largest chunk of
 	// input handed to the handler. Default 16 KiB. Read buffers come from
@@ -185,9 +227,20 @@ func (c Config) Validate() error {
 		return bad("MaxConnsPerIP %d is negative", c.MaxConnsPerIP)
 	case c.PreludeTimeout < 0:
 		return bad("PreludeTimeout cannot be off: a peer that never sends its prelude would hold a connection forever")
+	case c.MinRate > maxMinRate:
+		return bad("MinRate %d bytes per second is beyond any link (at most %d)", c.MinRate, int64(maxMinRate))
+	case c.MinRateWindow > maxMinRateWindow:
+		return bad("MinRateWindow %v is longer than %v", c.MinRateWindow, time.Duration(maxMinRateWindow))
 	}
 	return nil
 }
+
+// maxMinRate and maxMinRateWindow bound MinRate and MinRateWindow so that
+// MinRate×MinRateWindow, the bytes a window needs, cannot overflow.
+const (
+	maxMinRate       = 1 << 40 // 1 TiB/s
+	maxMinRateWindow = 24 * time.Hour
+)
 
 // limits is a validated Config with defaults filled in; a zero duration or
 // byte count in limits means off.
@@ -195,6 +248,10 @@ type limits struct {
 	idle, write, lingerTimeout, lingerTime, lifetime time.Duration
 	lingerBytes                                      int64
 	readBuf, maxOut                                  int
+	// rateWindow is MinRateWindow and rateBytes the input a window
+	// needs (MinRate×MinRateWindow); rateWindow is zero when MinRate is off.
+	rateWindow time.Duration
+	rateBytes  int64
 }
 
 func dur(v, def time.Duration) time.Duration {
@@ -224,6 +281,13 @@ func (c Config) limits() limits {
 	if l.maxOut == 0 {
 		l.maxOut = DefaultMaxPendingOutput
 	}
+	rate := int64(dur(time.Duration(c.MinRate), DefaultMinRate))
+	if w := dur(c.MinRateWindow, DefaultMinRateWindow); rate > 0 && w > 0 {
+		// Whole bytes, rounded up: a window needs at least one byte more
+		// than a rate just below MinRate would bring.
+		l.rateWindow = w
+		l.rateBytes = int64(math.Ceil(float64(rate) * w.Seconds()))
+	}
 	return l
 }
 
@@ -239,7 +303,9 @@ func (c Config) limits() limits {
 // that writes only from its callbacks never has two flushes in a row, so
 // its connections close within WriteTimeout less. The second result is
 // false when IdleTimeout is off, in which case a silent peer is not bounded
-// except by MaxLifetime (see LifetimeBound).
+// except by MaxLifetime (see LifetimeBound). MinRate only closes sooner: a
+// window that ends short half-closes from Receiving, as IdleTimeout does,
+// within MinRateWindow of the window's first input; the bound holds.
 func (c Config) CloseBound() (time.Duration, bool) {
 	l := c.limits()
 	if l.idle == 0 {

@@ -24,6 +24,10 @@ import (
 //     has its own IdleTimeout and ReadTimeout), and a handler that computes
 //     for minutes before it answers must not see its connection closed.
 //     Set it to bound a connection on which nothing is read or written.
+//   - MinRate, MinRateWindow: MinRate is off unless set, for the same
+//     reason: the application owns its protocol, and a request of a few
+//     bytes followed by minutes of computing is input below any rate. Set
+//     it (a positive MinRate) to close peers that trickle.
 //   - WriteTimeout (default 60s): bounds each flush to the peer, as on
 //     Server: a peer that does not read its response is aborted.
 //   - LingerTimeout, LingerTime, LingerBytes: bound the linger after the
@@ -75,6 +79,9 @@ type accepted struct {
 func NewListener(ln net.Listener, cfg Config) *Listener {
 	if cfg.IdleTimeout == 0 {
 		cfg.IdleTimeout = -1 // the application owns idleness: see Listener
+	}
+	if cfg.MinRate == 0 {
+		cfg.MinRate = -1 // the application owns its protocol: see Listener
 	}
 	l := &Listener{ln: ln, lim: cfg.limits(), err: cfg.Validate(), closed: make(chan struct{})}
 	if cfg.Prelude != nil {

@@ -90,6 +90,8 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.cfg.LingerTime, "linger-time", sockfsm.DefaultLingerTime, "after our FIN, close after lingering this long in total")
 	fs.Int64Var(&o.cfg.LingerBytes, "linger-bytes", sockfsm.DefaultLingerBytes, "after our FIN, close after reading this many bytes")
 	fs.DurationVar(&o.cfg.MaxLifetime, "max-lifetime", 0, "gracefully close connections open this long (0: the default, off)")
+	fs.Int64Var(&o.cfg.MinRate, "min-rate", sockfsm.DefaultMinRate, "gracefully close a peer whose input over a window stays below this many `bytes` per second (negative: off; see sockfsm.Config.MinRate)")
+	fs.DurationVar(&o.cfg.MinRateWindow, "min-rate-window", sockfsm.DefaultMinRateWindow, "the window over which -min-rate is judged")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "on SIGINT or SIGTERM, abort connections still open after this long")
 	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")

@@ -251,6 +251,61 @@ func testSlowloris(t *testing.T, f Factory) {
 			return
 		}
 	})
+
+	// MinRate closes a trickler whose input is not answered (a handler of a
+	// protocol that answers only whole requests): 100 B/s over 300 ms
+	// windows needs 30 bytes a window; a byte every 50 ms brings at most 7.
+	// The engine half-closes at the end of the window the first byte began,
+	// gracefully: the client reads EOF, not a reset.
+	sink := sockfsm.HandlerFunc(func(*sockfsm.Conn, []byte) {})
+	rateCfg := sockfsm.Config{IdleTimeout: idle, MinRate: 100, MinRateWindow: 300 * time.Millisecond,
+		WriteTimeout: clientDeadline, LingerTimeout: clientDeadline, LingerTime: clientDeadline}
+	t.Run("MinRate", func(t *testing.T) {
+		check(t)
+		s := start(t, f, rateCfg, always(sink))
+		for attempt := 1; ; attempt++ {
+			r := trickle(t, s, interval, 200)
+			t.Logf("attempt %d: sent %d bytes; CloseInfo: reason %v, linger %v, read %d, duration %v", attempt, r.sent, r.info.Reason, r.info.Linger, r.info.BytesRead, r.info.Duration)
+			if r.info.Reason == sockfsm.ReasonIdleTimeout && attempt < attempts {
+				t.Logf("attempt %d: the idle timeout fired first (a stall longer than %v); retrying", attempt, idle)
+				continue
+			}
+			if r.readErr != nil {
+				t.Errorf("the client read %v; want EOF (a graceful close, not a reset)", r.readErr)
+			}
+			if r.info.Reason != sockfsm.ReasonMinRate || r.info.Aborted() || r.info.Linger != sockfsm.LingerEndPeerFIN {
+				t.Errorf("CloseInfo %+v; want %v, graceful, the linger ended by the client's FIN", r.info, sockfsm.ReasonMinRate)
+			}
+			if r.sent >= 200 {
+				t.Errorf("the client sent all %d bytes: MinRate did not end the connection", r.sent)
+			}
+			return
+		}
+	})
+	// An honest peer sending above the rate, to the same sink, is never
+	// closed by MinRate: 64 bytes every 20 ms for a second, then its FIN.
+	// Each write alone is more than a window needs, so a stalled client or
+	// server cannot make a window fall short.
+	t.Run("MinRateHonest", func(t *testing.T) {
+		check(t)
+		s := start(t, f, rateCfg, always(sink))
+		c := dial(t, s.addr)
+		const writes = 50
+		chunk := bytes.Repeat([]byte{'h'}, 64)
+		for range writes {
+			mustWrite(t, c, chunk)
+			time.Sleep(20 * time.Millisecond)
+		}
+		closeWrite(t, c)
+		if got := readToEOF(t, c); len(got) != 0 {
+			t.Fatalf("read %q; want EOF", got)
+		}
+		c.Close()
+		info := s.closed(t, c)
+		if info.Reason != sockfsm.ReasonPeerClosed || info.BytesRead != writes*64 {
+			t.Errorf("CloseInfo %+v; want %v after all %d bytes", info, sockfsm.ReasonPeerClosed, writes*64)
+		}
+	})
 }
 
 // testFlood: a peer that floods input and never reads the echo. The engine
