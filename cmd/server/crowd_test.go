@@ -20,7 +20,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/metrics"
 )
 
 // dialFrom connects to addr from the loopback address src.
@@ -94,6 +96,11 @@ func TestSlowlorisCrowd(t *testing.T) {
 	srv := newServer(o, io.Discard, &logs)
 	refused := &refusalCounter{byReason: map[string]int{}, byAddr: map[string]int{}}
 	srv.Config.OnRefuse = refused.hook
+	// The metrics an operator would graph, through the same hooks.
+	m := metrics.New(metrics.Opts{})
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(m)
+	m.Instrument(&srv.Config)
 	ln, err := net.Listen("tcp", o.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -285,6 +292,27 @@ func TestSlowlorisCrowd(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "connection refused"); n != wantTotal {
 		t.Errorf("%d refusals logged, want one each, %d", n, wantTotal)
+	}
+	// The metrics show the same: refused_total by reason.
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range fams {
+		if f.GetName() != "sockfsm_refused_total" {
+			continue
+		}
+		for _, s := range f.GetMetric() {
+			for _, l := range s.GetLabel() {
+				if l.GetName() == "reason" {
+					got[l.GetValue()] = s.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	if got["too-many-conns-from-ip"] != float64(wantTotal) || got["proxy-header"] != 0 {
+		t.Errorf("sockfsm_refused_total by reason %v, want too-many-conns-from-ip = %d and no other", got, wantTotal)
 	}
 }
 
