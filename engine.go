@@ -97,6 +97,15 @@ const (
 	closeFull           // our FIN; input is discarded until the peer's FIN
 )
 
+// ownerClose is what became of the owner's Close.
+type ownerClose uint8
+
+const (
+	ownerNone  ownerClose = iota
+	ownerAsked            // Close was called: the close is asked at the end of the step
+	ownerFirst            // the close waits for the first input (FirstInputGrace)
+)
+
 // timer names the deadline of the current state.
 type timer uint8
 
@@ -183,7 +192,7 @@ type Engine struct {
 	reason      Reason
 	linger      LingerEnd
 	op          Op   // the operation Next returned and no step has followed yet
-	ownerClose  bool // Close was called: the close is asked at the end of the step
+	owner       ownerClose // what became of the owner's Close
 	abortAsked  bool
 	inStep      bool // a step is running: requests need no wake-up
 	flushing    bool // the flush clock runs: sendSince is set
@@ -438,7 +447,7 @@ func (e *Engine) beginStep(now time.Time) {
 func (e *Engine) endStep() {
 	e.settle()
 	e.inStep = false
-	e.pending.Store((e.hasTasks() || e.ownerClose) && !e.notified)
+	e.pending.Store((e.hasTasks() || e.owner == ownerAsked) && !e.notified)
 	e.mu.Unlock()
 }
 
@@ -459,11 +468,22 @@ func (e *Engine) settle() {
 		}
 	}
 	for range maxSettle {
-		if e.ownerClose {
+		if e.owner == ownerAsked {
 			// The owner's close takes effect after the step's own work
 			// (a handler answering input that arrived with it still may
-			// write), and after a task or a hook that made it.
-			e.ownerClose = false
+			// write), and after a task or a hook that made it. A
+			// connection that has read nothing yet is not idle but new:
+			// its first input is likely on its way, so the close waits
+			// for it, for FirstInputGrace at most (see Close).
+			e.owner = ownerNone
+			if e.m.State() == fsm.Receiving && e.bytesIn == 0 && e.now < FirstInputGrace {
+				e.owner = ownerFirst
+			} else {
+				e.askClose(closeFull, ReasonShutdown)
+			}
+		}
+		if e.owner == ownerFirst && (e.bytesIn > 0 || e.now >= FirstInputGrace || e.m.State() != fsm.Receiving) {
+			e.owner = ownerNone
 			e.askClose(closeFull, ReasonShutdown)
 		}
 		if e.idleReset {
@@ -776,6 +796,14 @@ func (e *Engine) wake(op Op) {
 // It returns ErrClosed if the connection is already being closed (Closing,
 // Aborting, Closed) or an abort was asked for; otherwise a second call is
 // harmless.
+//
+// A connection that has read nothing yet, younger than FirstInputGrace, is
+// new rather than idle: its first request is likely in flight (a client
+// that connected as the server began to shut down, or to the old process
+// of a zero-downtime restart). Its close waits for that input, which is
+// then answered and flushed as for a busy connection, or for
+// FirstInputGrace from its start, whichever comes first. net/http's
+// Shutdown gives new connections the same grace (5s there).
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	var err error
@@ -783,8 +811,8 @@ func (e *Engine) Close() error {
 	switch {
 	case !e.mayClose() || e.abortAsked:
 		err = ErrClosed
-	case e.closeKind != closeFull && !e.ownerClose:
-		e.ownerClose = true
+	case e.closeKind != closeFull && e.owner != ownerAsked:
+		e.owner = ownerAsked
 		wake = e.request(wakeClose)
 	}
 	e.mu.Unlock()
@@ -847,6 +875,11 @@ func (e *Engine) Start(now time.Time) {
 	e.endStep()
 }
 
+// FirstInputGrace is how long the owner's close (Close: a server's
+// Shutdown) waits for the first input of a connection that has read
+// nothing yet, counted from the connection's start.
+const FirstInputGrace = time.Second
+
 // Next returns the operation the driver must perform next. It fires no
 // event: it only starts the flush clock when it first hands out a write, so
 // that the time the handler took to produce the output does not count
@@ -905,6 +938,9 @@ func (e *Engine) wakeAt() time.Duration {
 		if r := e.rateFrom + lim.rateWindow; dl == 0 || r < dl {
 			dl = r
 		}
+	}
+	if e.owner == ownerFirst && (dl == 0 || FirstInputGrace < dl) {
+		dl = FirstInputGrace
 	}
 	return dl
 }
