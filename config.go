@@ -4,8 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"math"
+	"net"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"

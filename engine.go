@@ -191,7 +191,7 @@ type Engine struct {
 	closeKind   closeKind
 	reason      Reason
 	linger      LingerEnd
-	op          Op   // the operation Next returned and no step has followed yet
+	op          Op         // the operation Next returned and no step has followed yet
 	owner       ownerClose // what became of the owner's Close
 	abortAsked  bool
 	inStep      bool // a step is running: requests need no wake-up
