@@ -1,10 +1,13 @@
 package sockfsm_test
 
-// Tests for the places an audit found the suite blind: Server.Close, the
-// accept back-off's reset after a successful accept, the MaxConns slot on
-// every early exit of a connection, the TLS half-close when close_notify
-// cannot be sent, MaxPendingOutput at its exact boundary, and the idle timer
-// after input the handler ignores.
+// Tests for the places an audit found the suite blind, those that only the
+// goroutine driver can run (they wrap the listener or use TLS): the accept
+// back-off's reset after a successful accept, the MaxConns slot on an early
+// exit of a connection, the TLS half-close when close_notify cannot be
+// sent. The audit's other tests (Server.Close, the MaxConns slot when
+// NewHandler fails, MaxPendingOutput at its exact boundary, the idle timer
+// after input the handler ignores) are in internal/drivertest, for every
+// driver.
 //
 // They use the package's exported API only, over loopback (127.0.0.1). As in
 // the other real-socket tests, no test asserts how long anything took: every
@@ -231,15 +234,6 @@ func (s *auditServer) closed(t *testing.T, c net.Conn) sockfsm.CloseInfo {
 	return info
 }
 
-// peekClosed returns the CloseInfo of the connection from client c, if it
-// has closed.
-func (s *auditServer) peekClosed(c net.Conn) (sockfsm.CloseInfo, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	info, ok := s.closes[c.LocalAddr().String()]
-	return info, ok
-}
-
 // sawEventLocked reports, with the recorders locked, whether the
 // connection from client c has taken an edge labelled ev.
 func (s *auditServer) sawEventLocked(c net.Conn, ev fsm.Event) bool {
@@ -301,23 +295,6 @@ func auditPattern(n int) []byte {
 
 func auditIsReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
 
-// auditDrain reads until an error and returns it with the count of bytes
-// read; the bytes must be a prefix of want.
-func auditDrain(c net.Conn, want []byte) (int, error) {
-	buf := make([]byte, 64<<10)
-	n := 0
-	for {
-		m, err := c.Read(buf)
-		if n+m > len(want) || !bytes.Equal(buf[:m], want[n:n+m]) {
-			return n, fmt.Errorf("bytes %d..%d are not the server's output", n, n+m)
-		}
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-}
-
 // auditEcho sends msg on c and reads its echo.
 func auditEcho(t *testing.T, c net.Conn, msg string) {
 	t.Helper()
@@ -330,111 +307,7 @@ func auditEcho(t *testing.T, c net.Conn, msg string) {
 	}
 }
 
-// auditBig answers input that starts with "big" with resp, all queued at
-// once (MaxPendingOutput must hold it), and echoes any other input.
-func auditBig(resp []byte) sockfsm.Handler {
-	return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
-		if bytes.HasPrefix(p, []byte("big")) {
-			c.Write(resp)
-			return
-		}
-		c.Write(p)
-	})
-}
-
-// ---- 1. Server.Close ----------------------------------------------------------------
-
-// TestAuditServerClose: Close stops accepting and aborts every connection at
-// once, an idle one and one blocked writing to a client that does not read,
-// whatever their timeouts (a minute here): each is reported as
-// ReasonShutdownDeadline, aborted, and its client gets a reset. Close returns
-// nil only when both are closed (their CloseInfo is in, NumConns is 0), Serve
-// returns ErrServerClosed, and a new client is refused.
-func TestAuditServerClose(t *testing.T) {
-	checkFDs(t)
-	resp := auditPattern(16 << 20) // far more than the loopback socket buffers hold
-	s := auditStart(t, auditListen(t), sockfsm.Config{
-		IdleTimeout: time.Minute, WriteTimeout: time.Minute, LingerTimeout: time.Minute, MaxPendingOutput: len(resp),
-	}, func(sockfsm.ConnInfo) sockfsm.Handler { return auditBig(resp) })
-
-	idle := auditDial(t, s.addr)
-	auditEcho(t, idle, "ping")
-
-	blocked := auditDial(t, s.addr)
-	if _, err := blocked.Write([]byte("big")); err != nil {
-		t.Fatal(err)
-	}
-	// The server is writing the response (the client has its first byte)
-	// and cannot finish: the client reads no more.
-	if _, err := io.ReadFull(blocked, make([]byte, 1)); err != nil {
-		t.Fatalf("blocked client: %v", err)
-	}
-	s.waitFor(t, "the two connections to be Receiving and Sending", func() bool {
-		return s.states[idle.LocalAddr().String()] == fsm.Receiving && s.states[blocked.LocalAddr().String()] == fsm.Sending
-	})
-	if n := s.srv.NumConns(); n != 2 {
-		t.Fatalf("NumConns before Close = %d, want 2", n)
-	}
-
-	closed := make(chan error, 1)
-	go func() { closed <- s.srv.Close() }()
-	select {
-	case err := <-closed:
-		if err != nil {
-			t.Errorf("Close = %v, want nil", err)
-		}
-	case <-time.After(auditDeadline):
-		t.Fatal("Close did not return")
-	}
-	// Checked as soon as Close has returned: nothing is left open.
-	if n := s.srv.NumConns(); n != 0 {
-		t.Errorf("NumConns right after Close = %d, want 0", n)
-	}
-	for _, c := range []struct {
-		name    string
-		conn    net.Conn
-		read    int64
-		written int64 // -1: less than the whole response
-	}{{"idle", idle, 4, 4}, {"blocked", blocked, 3, -1}} {
-		info, ok := s.peekClosed(c.conn)
-		if !ok {
-			t.Errorf("%s connection: Close returned before it was closed", c.name)
-			continue
-		}
-		if info.Reason != sockfsm.ReasonShutdownDeadline || !info.Aborted() || !errors.Is(info.Err, sockfsm.ErrShutdownDeadline) {
-			t.Errorf("%s connection: CloseInfo %+v; want ReasonShutdownDeadline, aborted, Err matching ErrShutdownDeadline", c.name, info)
-		}
-		if info.BytesRead != c.read {
-			t.Errorf("%s connection: BytesRead = %d, want %d", c.name, info.BytesRead, c.read)
-		}
-		if c.written >= 0 && info.BytesWritten != c.written {
-			t.Errorf("%s connection: BytesWritten = %d, want %d", c.name, info.BytesWritten, c.written)
-		}
-		if c.written < 0 && info.BytesWritten >= int64(len(resp)) {
-			t.Errorf("%s connection: BytesWritten = %d: the write was not interrupted", c.name, info.BytesWritten)
-		}
-	}
-	if err := s.serveResult(t); !errors.Is(err, sockfsm.ErrServerClosed) {
-		t.Errorf("Serve = %v, want ErrServerClosed", err)
-	}
-	if c, err := net.DialTimeout("tcp", s.addr, auditDeadline); err == nil {
-		c.Close()
-		t.Error("Dial after Close succeeded: the server still accepts")
-	} else if !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Errorf("Dial after Close: %v, want ECONNREFUSED", err)
-	}
-
-	// Both clients get the server's RST: the idle one at once, the
-	// blocked one after what was already in its socket buffer.
-	if n, err := idle.Read(make([]byte, 1)); !auditIsReset(err) {
-		t.Errorf("idle client read: %d, %v; want ECONNRESET", n, err)
-	}
-	if n, err := auditDrain(blocked, resp[1:]); !auditIsReset(err) {
-		t.Errorf("blocked client read: %v after %d bytes; want ECONNRESET", err, n)
-	}
-}
-
-// ---- 2. the accept back-off ------------------------------------------------------
+// ---- 1. the accept back-off ------------------------------------------------------
 
 // auditScriptListener's Accept plays a script: a non-nil entry is returned
 // as the error, a nil entry accepts from the wrapped listener (as does every
@@ -520,7 +393,7 @@ func TestAuditAcceptBackoffResets(t *testing.T) {
 	}
 }
 
-// ---- 3. the MaxConns slot on early exits --------------------------------------------
+// ---- 2. the MaxConns slot on early exits --------------------------------------------
 
 // auditNoHalfClose hides every method of a net.Conn but net.Conn's own: it
 // cannot half-close, so transport.Wrap refuses it.
@@ -542,23 +415,14 @@ func (l *auditFirstListener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// auditFirstHandler returns a NewHandler that calls first for the first
-// connection and serves Echo to the others.
-func auditFirstHandler(first func() sockfsm.Handler) func(sockfsm.ConnInfo) sockfsm.Handler {
-	var once sync.Once
-	return func(sockfsm.ConnInfo) sockfsm.Handler {
-		var h sockfsm.Handler = sockfsm.Echo{}
-		once.Do(func() { h = first() })
-		return h
-	}
-}
-
 // TestAuditMaxConnsSlotReleasedOnEarlyExit: with MaxConns = 1, a connection
-// that ends before it is served (NewHandler panics or returns nil, the
-// transport cannot wrap its type, its TLS handshake fails) gives its slot
-// back: the next connection is served. Were the slot kept, the next client
-// would wait in the listen queue forever; its echo is bounded by
-// auditDeadline and fails the test instead.
+// that ends before it is served (the transport cannot wrap its type, its TLS
+// handshake fails) gives its slot back: the next connection is served. Were
+// the slot kept, the next client would wait in the listen queue forever; its
+// echo is bounded by auditDeadline and fails the test instead. (When
+// NewHandler panics or returns nil: drivertest's
+// MaxConnsSlotReleasedOnEarlyExit, for every driver. These two cases wrap
+// the listener, which only the goroutine driver serves.)
 func TestAuditMaxConnsSlotReleasedOnEarlyExit(t *testing.T) {
 	cfg := sockfsm.Config{MaxConns: 1}
 	// next checks that a new client is served.
@@ -595,22 +459,6 @@ func TestAuditMaxConnsSlotReleasedOnEarlyExit(t *testing.T) {
 		return err
 	}
 
-	t.Run("NewHandlerPanics", func(t *testing.T) {
-		checkFDs(t)
-		s := auditStart(t, auditListen(t), cfg, auditFirstHandler(func() sockfsm.Handler { panic("NewHandler panics") }))
-		if err := early(t, s); !auditIsReset(err) {
-			t.Fatalf("client of the failed NewHandler: read error %v, want ECONNRESET (aborted)", err)
-		}
-		next(t, s)
-	})
-	t.Run("NewHandlerNil", func(t *testing.T) {
-		checkFDs(t)
-		s := auditStart(t, auditListen(t), cfg, auditFirstHandler(func() sockfsm.Handler { return nil }))
-		if err := early(t, s); !auditIsReset(err) {
-			t.Fatalf("client of the nil handler: read error %v, want ECONNRESET (aborted)", err)
-		}
-		next(t, s)
-	})
 	t.Run("Unwrappable", func(t *testing.T) {
 		checkFDs(t)
 		ln := &auditFirstListener{Listener: auditListen(t), wrap: func(c net.Conn) net.Conn { return auditNoHalfClose{c} }}
@@ -651,7 +499,7 @@ func TestAuditMaxConnsSlotReleasedOnEarlyExit(t *testing.T) {
 	})
 }
 
-// ---- 4. TLS half-close when close_notify cannot be sent ----------------------------
+// ---- 3. TLS half-close when close_notify cannot be sent ----------------------------
 
 // auditTapConn is the server's TCP connection under TLS: the TCP adapter
 // (so that transport.Wrap returns it as is, and the TLS adapter's FIN and
@@ -871,154 +719,5 @@ func TestAuditTLSCloseWriteWithoutCloseNotify(t *testing.T) {
 	if info.Reason != sockfsm.ReasonHandlerClose || info.Aborted() || info.Err != nil || !info.PeerFIN ||
 		info.BytesWritten != int64(len(resp)) {
 		t.Errorf("CloseInfo %+v; want ReasonHandlerClose, graceful, no error, the peer's FIN, BytesWritten %d", info, len(resp))
-	}
-}
-
-// ---- 5. MaxPendingOutput at its boundary ----------------------------------------------
-
-// TestAuditMaxPendingOutputBoundary: MaxPendingOutput bytes fit, one more do
-// not. A handler that writes exactly MaxPendingOutput bytes in one callback
-// gets n = len, err = nil, and one more byte in the same callback gets 0,
-// ErrOutputFull; a single Write of MaxPendingOutput+1 bytes queues
-// MaxPendingOutput of them and returns ErrOutputFull. Either way the client
-// receives exactly MaxPendingOutput bytes.
-func TestAuditMaxPendingOutputBoundary(t *testing.T) {
-	const limit = 100_003 // not a power of two, nor a multiple of the read buffer
-	type write struct {
-		n   int
-		err error
-	}
-	for _, tc := range []struct {
-		name   string
-		writes []int // the sizes written, in one callback
-		want   []write
-	}{
-		{"ExactThenOne", []int{limit, 1}, []write{{limit, nil}, {0, sockfsm.ErrOutputFull}}},
-		{"OneOver", []int{limit + 1}, []write{{limit, sockfsm.ErrOutputFull}}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			checkFDs(t)
-			resp := auditPattern(limit + 1)
-			results := make(chan []write, 1)
-			s := auditStart(t, auditListen(t), sockfsm.Config{MaxPendingOutput: limit}, func(sockfsm.ConnInfo) sockfsm.Handler {
-				done := false
-				return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
-					if done {
-						return
-					}
-					done = true
-					var got []write
-					off := 0
-					for _, size := range tc.writes {
-						n, err := c.Write(resp[off : off+size])
-						got = append(got, write{n, err})
-						off += n
-					}
-					results <- got
-				})
-			})
-			c := auditDial(t, s.addr)
-			if _, err := c.Write([]byte("go")); err != nil {
-				t.Fatal(err)
-			}
-			if err := c.CloseWrite(); err != nil {
-				t.Fatal(err)
-			}
-			got, err := io.ReadAll(c)
-			if err != nil {
-				t.Fatalf("client read: %v after %d bytes; want EOF", err, len(got))
-			}
-			var ws []write
-			select {
-			case ws = <-results:
-			case <-time.After(auditDeadline):
-				t.Fatal("the handler was not called")
-			}
-			if len(ws) != len(tc.want) {
-				t.Fatalf("writes %v, want %v", ws, tc.want)
-			}
-			for i, w := range ws {
-				if w.n != tc.want[i].n || !errors.Is(w.err, tc.want[i].err) || (tc.want[i].err == nil && w.err != nil) {
-					t.Errorf("Write %d of %d bytes = %d, %v; want %d, %v", i+1, tc.writes[i], w.n, w.err, tc.want[i].n, tc.want[i].err)
-				}
-			}
-			if !bytes.Equal(got, resp[:limit]) {
-				t.Errorf("client received %d bytes, want exactly the first MaxPendingOutput = %d", len(got), limit)
-			}
-			if info := s.closed(t, c); info.BytesWritten != limit || info.Aborted() {
-				t.Errorf("CloseInfo %+v; want BytesWritten %d, graceful", info, limit)
-			}
-		})
-	}
-}
-
-// ---- 6. the idle timer after ignored input ---------------------------------------------
-
-// TestAuditIdleTimeoutAfterIgnoredInput: input counts as activity even when
-// the handler answers nothing. A client sends a byte every IdleTimeout/4,
-// for twice IdleTimeout in all, to a handler that ignores input, and then
-// goes quiet: the connection is closed for the idle timeout, gracefully (the
-// client reads EOF, not a reset), and only once the bytes stopped: every
-// byte sent was read while Receiving and handed to the handler, none
-// discarded by a linger that began while they were still arriving.
-//
-// The client checks its own pacing: if it was itself descheduled for more
-// than IdleTimeout/2 between two bytes, the attempt proves nothing and is
-// run again (at most three attempts).
-func TestAuditIdleTimeoutAfterIgnoredInput(t *testing.T) {
-	checkFDs(t)
-	const (
-		idle      = 200 * time.Millisecond
-		every     = idle / 4
-		bytesSent = 8 // 2 × IdleTimeout of input
-	)
-	var mu sync.Mutex
-	handed := map[string]int{} // bytes handed to OnData, per connection
-	s := auditStart(t, auditListen(t), sockfsm.Config{IdleTimeout: idle, LingerTimeout: auditDeadline},
-		func(info sockfsm.ConnInfo) sockfsm.Handler {
-			k := info.RemoteAddr.String()
-			return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
-				mu.Lock()
-				handed[k] += len(p)
-				mu.Unlock()
-			})
-		})
-	for attempt := 1; ; attempt++ {
-		c := auditDial(t, s.addr)
-		paced := true
-		last := time.Now()
-		for i := range bytesSent {
-			if i > 0 {
-				time.Sleep(every) // pacing the client's input, not synchronization
-			}
-			if now := time.Now(); now.Sub(last) > idle/2 {
-				paced = false
-			}
-			if _, err := c.Write([]byte{'x'}); err != nil {
-				t.Fatalf("client write %d: %v (the server closed while input was arriving)", i+1, err)
-			}
-			last = time.Now()
-		}
-		b, err := io.ReadAll(c)
-		if err != nil || len(b) != 0 {
-			t.Fatalf("client read: %q, %v (reset: %v); want EOF (the server's FIN)", b, err, auditIsReset(err))
-		}
-		c.Close()
-		info := s.closed(t, c)
-		if !paced && attempt < 3 {
-			t.Logf("attempt %d: the client was descheduled between two bytes; trying again", attempt)
-			continue
-		}
-		mu.Lock()
-		n := handed[c.LocalAddr().String()]
-		mu.Unlock()
-		if info.Reason != sockfsm.ReasonIdleTimeout || info.Aborted() || info.Err != nil {
-			t.Errorf("CloseInfo %+v; want ReasonIdleTimeout, graceful", info)
-		}
-		if info.BytesRead != bytesSent || info.Discarded != 0 || n != bytesSent {
-			t.Errorf("BytesRead = %d, Discarded = %d, handed to the handler %d; want %d, 0, %d: "+
-				"the idle timeout fired while input was arriving", info.BytesRead, info.Discarded, n, bytesSent, bytesSent)
-		}
-		return
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
+	"net"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"
@@ -34,6 +36,28 @@ const (
 	DefaultReadBufferSize = 16 << 10
 	// DefaultMaxPendingOutput caps output queued and not yet flushed.
 	DefaultMaxPendingOutput = 1 << 20
+	// DefaultPreludeTimeout bounds Config.Prelude (the PROXY protocol
+	// header). A load balancer sends the header with its first segment;
+	// half go-proxyproto's 10s, and nginx has no default shorter than
+	// its 30s proxy_protocol_timeout, but a header is a hundred bytes at
+	// most and a peer that needs seconds for it is not a load balancer.
+	DefaultPreludeTimeout = 5 * time.Second
+	// DefaultMinRate is the input rate, in bytes per second, below which a
+	// peer that trickles its input is closed (see Config.MinRate): 64 B/s,
+	// 512 bit/s. A peer that trickles a byte every few seconds sends well
+	// under it; an honest client sends far above it while it sends at all,
+	// even on the slowest mobile link (GPRS, about 1 KiB/s upstream at
+	// worst; EDGE and 3G tens to hundreds of KiB/s), so that a whole window
+	// short of 640 bytes means a peer that spreads its bytes out, not a
+	// slow link. It is below Apache mod_reqtimeout's 500 B/s because
+	// sockfsm knows no request boundaries: see MinRate.
+	DefaultMinRate = 64
+	// DefaultMinRateWindow is the window over which MinRate is judged:
+	// 10s, so that a mobile link's stalls (radio handovers, retransmission
+	// timeouts of a few seconds) average out, and a trickler is closed
+	// within 10s of its first byte, not the minute IdleTimeout allows
+	// between bytes.
+	DefaultMinRateWindow = 10 * time.Second
 )
 
 // Config holds a connection's timeouts and limits, and a server's. The zero
@@ -64,6 +88,31 @@ type Config struct {
 	// connection. Use it against peers that trickle input forever.
 	MaxLifetime time.Duration
 
+	// MinRate is the lowest input rate, in bytes per second, a peer may
+	// keep up while it sends (Apache mod_reqtimeout's MinRate): IdleTimeout
+	// measures silence, so without it a peer that trickles a byte every few
+	// seconds holds its connection forever. The rate is judged over
+	// windows of MinRateWindow, each starting at the first input read
+	// while the connection is Receiving, reading is not paused, no output
+	// waits to be flushed and the peer's FIN has not been read; any of
+	// those ends the window, and the next starts at the next input. A
+	// window that ends with fewer than MinRate×MinRateWindow bytes read
+	// closes the connection gracefully (ReasonMinRate: our FIN, then the
+	// linger). Silence starts no window: it is IdleTimeout's business.
+	//
+	// A peer whose input is answered restarts the window with each answer,
+	// so request-response protocols pass whatever their requests' sizes;
+	// a peer that sends less than MinRate×MinRateWindow bytes and then
+	// waits without being answered does not. Turn it off (negative) for
+	// protocols whose honest clients send small unanswered messages: small
+	// heartbeats or keep-alives, telemetry lines, a subscription followed
+	// by silence, a handler that answers from another goroutine after
+	// more than MinRateWindow. Default 64 B/s (DefaultMinRate).
+	MinRate int64
+	// MinRateWindow is the window over which MinRate is judged. Default
+	// 10s (DefaultMinRateWindow); negative turns MinRate off.
+	MinRateWindow time.Duration
+
 	// ReadBufferSize is the size of a read buffer: the largest chunk of
 	// input handed to the handler. Default 16 KiB. Read buffers come from
 	// a pool per size, shared by every connection of the process; over
@@ -79,7 +128,55 @@ type Config struct {
 	// MaxConns caps a Server's open connections; at the cap the server
 	// stops accepting until one closes. Zero means unlimited.
 	MaxConns int
+	// MaxConnsPerIP caps the open connections of one source address
+	// (nginx's limit_conn): beyond it a new connection is closed at once,
+	// before any handler exists, and refused through OnRefuse with
+	// ErrTooManyConnsFromIP; the other addresses' connections are not
+	// affected. The address is the client's from the PROXY protocol header
+	// when Prelude supplies it (see Prelude), else the peer's; IPv4-mapped
+	// IPv6 addresses count as IPv4; connections from a peer without an IP
+	// address (a Unix socket) are not limited. Zero means unlimited.
+	MaxConnsPerIP int
 
+	// Prelude, if set, runs on each accepted connection before the
+	// connection exists for the engine: before ConnInfo, NewHandler and the
+	// Engine. Package github.com/sockfsm/sockfsm/proxy provides one that
+	// reads the PROXY protocol header. It returns the connection to serve:
+	// c itself, or a net.Conn wrapping c whose RemoteAddr and LocalAddr
+	// become ConnInfo's (a transport.Stream keeps the TCP adapter's lazy
+	// reads). Server runs it on a goroutine of its own, never on the
+	// accepting one, so a slow peer delays only itself, with c's deadline
+	// set PreludeTimeout ahead and cleared after. If it returns an error,
+	// c is closed at once and the connection refused through OnRefuse with
+	// that error (wrapped in ErrPrelude unless it matches ErrProxyHeader or
+	// ErrTooManyConnsFromIP). During Shutdown or Close the deadline moves
+	// into the past, and a connection still in its prelude is closed
+	// without being counted as refused. Listener runs preludes the same
+	// way, off its caller's accept loop (see Listener).
+	Prelude func(c net.Conn) (net.Conn, error)
+	// PreludeTimeout bounds Prelude. Default 5s; cannot be off.
+	PreludeTimeout time.Duration
+	// OnRefuse, if set, is called once for each connection refused before
+	// it was served: remote is the peer's address, or the client's from
+	// the PROXY header once the prelude read it; reason matches
+	// ErrTooManyConnsFromIP, ErrProxyHeader or ErrPrelude (RefusalReason
+	// names it, for a metric's label). Every refusal is also logged once,
+	// at warn level. It is called from the accepting goroutine or a
+	// prelude's, and must not block.
+	OnRefuse func(remote net.Addr, reason error)
+
+	// OnAccept, if set, is called once per connection as it enters
+	// Accepted, its first state: when its Engine is initialized (NewEngine,
+	// Engine.Init), before any other hook, on the goroutine that
+	// initializes it (Server's and Listener's accepting goroutine;
+	// ServeConn's caller). Every connection OnAccept saw leaves Accepted
+	// through OnStateChange and ends with one OnClose once its driver runs
+	// it to Closed, so OnAccept, OnStateChange and OnClose together count
+	// the connections open in each state exactly, including those still in
+	// Accepted (a TLS handshake in progress), which OnStateChange alone
+	// cannot see. It must not block. A panic aborts the connection
+	// (ReasonHandlerPanic).
+	OnAccept func(c ConnInfo)
 	// OnStateChange, if set, is called on every transition, from the
 	// connection's goroutine, before the handler hears of it. It must not
 	// block.
@@ -89,6 +186,20 @@ type Config struct {
 	// the reason of an abort is reported here as well as to the handler.
 	// It is called from the connection's goroutine and must not block.
 	OnClose func(c ConnInfo, info CloseInfo)
+	// OnAcceptError, if set, is called with each error a listener's
+	// Accept returned, temporary or not, except the ones that follow the
+	// server's own Shutdown or Close (a closed listener is not a fault).
+	// Server's accept loop calls it before its back-off; Listener.Accept
+	// calls it before returning the error. It is called on the accepting
+	// goroutine and must not block.
+	OnAcceptError func(err error)
+	// OnMaxConnsWait, if set, is called each time an accept loop that
+	// waited at MaxConns open connections stops waiting, with how long it
+	// waited: once a connection closed and freed a slot, or when the
+	// server began to shut down. A loop that did not have to wait does
+	// not call it. With several listeners, each loop reports its own
+	// waits. It is called on the accepting goroutine and must not block.
+	OnMaxConnsWait func(wait time.Duration)
 	// Logger receives the engine's logs. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -112,9 +223,24 @@ func (c Config) Validate() error {
 		return bad("MaxPendingOutput %d is negative", c.MaxPendingOutput)
 	case c.MaxConns < 0:
 		return bad("MaxConns %d is negative", c.MaxConns)
+	case c.MaxConnsPerIP < 0:
+		return bad("MaxConnsPerIP %d is negative", c.MaxConnsPerIP)
+	case c.PreludeTimeout < 0:
+		return bad("PreludeTimeout cannot be off: a peer that never sends its prelude would hold a connection forever")
+	case c.MinRate > maxMinRate:
+		return bad("MinRate %d bytes per second is beyond any link (at most %d)", c.MinRate, int64(maxMinRate))
+	case c.MinRateWindow > maxMinRateWindow:
+		return bad("MinRateWindow %v is longer than %v", c.MinRateWindow, time.Duration(maxMinRateWindow))
 	}
 	return nil
 }
+
+// maxMinRate and maxMinRateWindow bound MinRate and MinRateWindow so that
+// MinRate×MinRateWindow, the bytes a window needs, cannot overflow.
+const (
+	maxMinRate       = 1 << 40 // 1 TiB/s
+	maxMinRateWindow = 24 * time.Hour
+)
 
 // limits is a validated Config with defaults filled in; a zero duration or
 // byte count in limits means off.
@@ -122,6 +248,10 @@ type limits struct {
 	idle, write, lingerTimeout, lingerTime, lifetime time.Duration
 	lingerBytes                                      int64
 	readBuf, maxOut                                  int
+	// rateWindow is MinRateWindow and rateBytes the input a window
+	// needs (MinRate×MinRateWindow); rateWindow is zero when MinRate is off.
+	rateWindow time.Duration
+	rateBytes  int64
 }
 
 func dur(v, def time.Duration) time.Duration {
@@ -151,6 +281,13 @@ func (c Config) limits() limits {
 	if l.maxOut == 0 {
 		l.maxOut = DefaultMaxPendingOutput
 	}
+	rate := int64(dur(time.Duration(c.MinRate), DefaultMinRate))
+	if w := dur(c.MinRateWindow, DefaultMinRateWindow); rate > 0 && w > 0 {
+		// Whole bytes, rounded up: a window needs at least one byte more
+		// than a rate just below MinRate would bring.
+		l.rateWindow = w
+		l.rateBytes = int64(math.Ceil(float64(rate) * w.Seconds()))
+	}
 	return l
 }
 
@@ -166,7 +303,9 @@ func (c Config) limits() limits {
 // that writes only from its callbacks never has two flushes in a row, so
 // its connections close within WriteTimeout less. The second result is
 // false when IdleTimeout is off, in which case a silent peer is not bounded
-// except by MaxLifetime (see LifetimeBound).
+// except by MaxLifetime (see LifetimeBound). MinRate only closes sooner: a
+// window that ends short half-closes from Receiving, as IdleTimeout does,
+// within MinRateWindow of the window's first input; the bound holds.
 func (c Config) CloseBound() (time.Duration, bool) {
 	l := c.limits()
 	if l.idle == 0 {

@@ -29,7 +29,11 @@
 // [Transport]: package [github.com/sockfsm/sockfsm/transport] has TCP, Unix
 // socket and TLS adapters and an in-memory Pipe with real half-close
 // semantics. [Config] holds the timeouts and limits: zero means the
-// default, negative means off. For code written against net.Listener and
+// default, negative means off. Config.MaxConnsPerIP and Config.Prelude
+// decide whether a connection is served at all, before it exists for the
+// engine; package [github.com/sockfsm/sockfsm/proxy] reads the PROXY
+// protocol header as a prelude, and Config.OnRefuse hears of each
+// connection refused, with its reason. For code written against net.Listener and
 // net.Conn, [Listener] gives each accepted connection (a [NetConn]) the same
 // lifecycle.
 //

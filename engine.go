@@ -97,6 +97,15 @@ const (
 	closeFull           // our FIN; input is discarded until the peer's FIN
 )
 
+// ownerClose is what became of the owner's Close.
+type ownerClose uint8
+
+const (
+	ownerNone  ownerClose = iota
+	ownerAsked            // Close was called: the close is asked at the end of the step
+	ownerFirst            // the close waits for the first input (FirstInputGrace)
+)
+
 // timer names the deadline of the current state.
 type timer uint8
 
@@ -170,44 +179,21 @@ type Engine struct {
 	// mu guards everything below: the driver's steps hold it, and release
 	// it only around the handler's callbacks and the hooks; requests from
 	// other goroutines take it briefly.
-	mu   sync.Mutex
-	m    fsm.Machine
-	conn Conn
-	info ConnInfo
-	lim  limits
-	base *slog.Logger // the logger given; nil logs nothing
-	log  *slog.Logger // base tagged with the connection; built on first use
+	//
+	// The layout is kept small for idle connections (docs/performance.md,
+	// "Memory model"; TestEngineSize): what every connection of a Config
+	// shares is behind sh, what few connections use is behind cold, the
+	// clocks are offsets from start, and the one-byte fields are packed.
+	mu sync.Mutex
+	m  fsm.Machine
 
-	h        Handler
-	hOpen    OpenHandler
-	hPeer    PeerCloseHandler
-	hClose   CloseHandler
-	hDrain   DrainHandler
-	hFlush   FlushHandler
-	onChange func(ConnInfo, fsm.State, fsm.State, fsm.Event)
-	onClose  func(ConnInfo, CloseInfo)
-	waker    func(Op)
-
-	now        time.Time // the time of the step in progress
-	start      time.Time
-	recvSince  time.Time // Receiving entered, input read, or reading resumed: idle base
-	sendSince  time.Time // the flush began: write deadline base
-	flushTo    int64     // bytesOut at which the flush begun at sendSince ends
-	halfAt     time.Time // HalfClosed entered: LingerTime base
-	lastLinger time.Time // last read while HalfClosed: LingerTimeout base
-
-	out    []byte // queued output; out[outOff:] is not yet written
-	outOff int
-	tasks  []func(*Conn) // queued by Conn.Do
-
-	closeKind  closeKind
-	ownerClose bool // Close was called: the close is asked at the end of the step
-	abortAsked bool
-	reason     Reason
-	err        error
-	linger     LingerEnd
-
-	op          Op   // the operation Next returned and no step has followed yet
+	caps        handlerCaps // the optional handler interfaces h implements
+	closeKind   closeKind
+	reason      Reason
+	linger      LingerEnd
+	op          Op         // the operation Next returned and no step has followed yet
+	owner       ownerClose // what became of the owner's Close
+	abortAsked  bool
 	inStep      bool // a step is running: requests need no wake-up
 	flushing    bool // the flush clock runs: sendSince is set
 	paused      bool // the handler paused reading
@@ -218,15 +204,89 @@ type Engine struct {
 	notified    bool // OnClose was called
 	lastTasks   bool // the tasks run for the last time: Do refuses more
 	debug       bool // the logger logs transitions: see debugEnabled
+	hookOff     bool // Config.OnStateChange panicked: it is not called again
 
 	pending atomic.Bool // a request waits for the driver's next step
+
+	conn  Conn
+	sh    *shared     // the Config's limits, hooks and logger, shared by its connections
+	cold  *engineCold // tasks, the abort's cause, the tagged logger: allocated on first use
+	h     Handler
+	waker func(Op)
+	info  ConnInfo
+
+	// The clocks: start is the time of the first step (Start's, once the
+	// connection starts); the others are offsets from it, taken with
+	// time.Time.Sub, so they keep the monotonic clock's meaning. A
+	// deadline offset of zero means none: every bound is positive.
+	start      time.Time
+	now        time.Duration // the time of the step in progress
+	recvSince  time.Duration // Receiving entered, input read, or reading resumed: idle base
+	sendSince  time.Duration // the flush began: write deadline base
+	halfAt     time.Duration // HalfClosed entered: LingerTime base
+	lastLinger time.Duration // last read while HalfClosed: LingerTimeout base
+	rateFrom   time.Duration // the MinRate window began (its first input), if rateIn > 0
+	rateIn     int64         // input read in the MinRate window; zero: no window
+	flushTo    int64         // bytesOut at which the flush begun at sendSince ends
+
+	out    []byte // queued output; out[outOff:] is not yet written
+	outOff int
 
 	bytesIn, bytesOut, discarded, lingerRead int64
 }
 
-// NewEngine returns an engine in Accepted for one connection. It returns an
-// error matching ErrInvalidConfig if cfg is invalid. cfg.MaxConns is
-// ignored.
+// handlerCaps records which optional interfaces a Handler implements, so
+// that the engine holds one Handler, not one interface value per callback;
+// the callback asserts the interface when it calls it.
+type handlerCaps uint8
+
+const (
+	capOpen handlerCaps = 1 << iota
+	capPeer
+	capClose
+	capDrain
+	capFlush
+)
+
+// engineCold is the state few connections need: allocated by the first
+// that does (Conn.Do, an abort's cause, a log line), never on the echo path.
+type engineCold struct {
+	tasks []func(*Conn) // queued by Conn.Do
+	err   error         // the cause of an abort
+	log   *slog.Logger  // the logger tagged with the connection; built on first use
+}
+
+// coldState returns e.cold, allocating it on first use.
+func (e *Engine) coldState() *engineCold {
+	if e.cold == nil {
+		e.cold = new(engineCold)
+	}
+	return e.cold
+}
+
+// hasTasks reports whether Conn.Do queued tasks not yet run.
+func (e *Engine) hasTasks() bool { return e.cold != nil && len(e.cold.tasks) > 0 }
+
+// abortErr returns the cause of an abort recorded so far.
+func (e *Engine) abortErr() error {
+	if e.cold == nil {
+		return nil
+	}
+	return e.cold.err
+}
+
+// at returns the absolute time of the clock offset off: zero for zero
+// (no deadline).
+func (e *Engine) at(off time.Duration) time.Time {
+	if off == 0 {
+		return time.Time{}
+	}
+	return e.start.Add(off)
+}
+
+// NewEngine returns an engine in Accepted for one connection, having
+// called cfg.OnAccept. It returns an error matching ErrInvalidConfig if cfg
+// is invalid. cfg.MaxConns is ignored.
 func NewEngine(cfg Config, h Handler, info ConnInfo) (*Engine, error) {
 	e := &Engine{}
 	if err := e.Init(cfg, h, info); err != nil {
@@ -251,24 +311,49 @@ func (e *Engine) Init(cfg Config, h Handler, info ConnInfo) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	e.init(cfg.limits(), h, info, &cfg, log)
+	e.conn.e = e
+	e.sh = sharedFor(cfg.limits(), &cfg, log)
+	e.h = h
+	if _, ok := h.(OpenHandler); ok {
+		e.caps |= capOpen
+	}
+	if _, ok := h.(PeerCloseHandler); ok {
+		e.caps |= capPeer
+	}
+	if _, ok := h.(CloseHandler); ok {
+		e.caps |= capClose
+	}
+	if _, ok := h.(DrainHandler); ok {
+		e.caps |= capDrain
+	}
+	if _, ok := h.(FlushHandler); ok {
+		e.caps |= capFlush
+	}
+	e.info = info
+	e.debug = e.debugEnabled()
+	if cfg.OnAccept != nil {
+		e.callOnAccept(cfg.OnAccept)
+	}
 	return nil
 }
 
-func (e *Engine) init(lim limits, h Handler, info ConnInfo, cfg *Config, log *slog.Logger) {
-	e.conn.e = e
-	e.lim = lim
-	e.h = h
-	e.hOpen, _ = h.(OpenHandler)
-	e.hPeer, _ = h.(PeerCloseHandler)
-	e.hClose, _ = h.(CloseHandler)
-	e.hDrain, _ = h.(DrainHandler)
-	e.hFlush, _ = h.(FlushHandler)
-	e.info = info
-	e.onChange = cfg.OnStateChange
-	e.onClose = cfg.OnClose
-	e.base = log
-	e.debug = e.debugEnabled()
+// callOnAccept calls Config.OnAccept; a panic there aborts the connection
+// at its first step, as a panic in OnStateChange does.
+func (e *Engine) callOnAccept(f func(ConnInfo)) {
+	perr := func() (perr *PanicError) {
+		defer func() {
+			if r := recover(); r != nil {
+				perr = &PanicError{Value: r, Stack: debug.Stack()}
+			}
+		}()
+		f(e.info)
+		return nil
+	}()
+	if perr != nil {
+		e.mu.Lock()
+		e.askAbort(ReasonHandlerPanic, perr)
+		e.mu.Unlock()
+	}
 }
 
 // SetWaker sets the function a request calls when the driver must wake
@@ -295,14 +380,19 @@ func (e *Engine) Logger() *slog.Logger {
 // address; it is built on first use, so a connection that logs nothing
 // pays nothing for it.
 func (e *Engine) logger() *slog.Logger {
-	if e.log == nil {
-		if e.base == nil {
-			e.base = slog.New(discardHandler{})
+	c := e.coldState()
+	if c.log == nil {
+		base := e.sh.log
+		if base == nil {
+			base = discardLogger
 		}
-		e.log = connLogger(e.base, e.info)
+		c.log = connLogger(base, e.info)
 	}
-	return e.log
+	return c.log
 }
+
+// discardLogger logs nothing.
+var discardLogger = slog.New(discardHandler{})
 
 // debugEnabled reports whether the logger logs at debug level. Each step
 // asks it once, rather than fire once per transition: the logger's level
@@ -310,7 +400,7 @@ func (e *Engine) logger() *slog.Logger {
 //
 //go:noinline
 func (e *Engine) debugEnabled() bool {
-	return e.base != nil && e.base.Enabled(context.Background(), slog.LevelDebug)
+	return e.sh.log != nil && e.sh.log.Enabled(context.Background(), slog.LevelDebug)
 }
 
 // discardHandler is a slog.Handler that drops everything.
@@ -345,10 +435,10 @@ func (e *Engine) Pending() bool { return e.pending.Load() }
 func (e *Engine) beginStep(now time.Time) {
 	e.mu.Lock()
 	e.inStep = true
-	e.now = now
 	if e.start.IsZero() {
 		e.start = now
 	}
+	e.now = now.Sub(e.start)
 	e.op = 0
 	e.debug = e.debugEnabled()
 }
@@ -357,7 +447,7 @@ func (e *Engine) beginStep(now time.Time) {
 func (e *Engine) endStep() {
 	e.settle()
 	e.inStep = false
-	e.pending.Store((len(e.tasks) > 0 || e.ownerClose) && !e.notified)
+	e.pending.Store((e.hasTasks() || e.owner == ownerAsked) && !e.notified)
 	e.mu.Unlock()
 }
 
@@ -369,7 +459,7 @@ func (e *Engine) settle() {
 	// so that a flood of Do cannot keep the driver from its timers, its
 	// aborts and the server's deadline.
 	e.runTasks()
-	if e.lim.lifetime > 0 && !e.now.Before(e.start.Add(e.lim.lifetime)) {
+	if lim := &e.sh.lim; lim.lifetime > 0 && e.now >= lim.lifetime {
 		// MaxLifetime asks for a graceful close, in any state, as a
 		// server's shutdown does: writes are refused from now on, so a
 		// connection that is kept busy still ends.
@@ -378,11 +468,22 @@ func (e *Engine) settle() {
 		}
 	}
 	for range maxSettle {
-		if e.ownerClose {
+		if e.owner == ownerAsked {
 			// The owner's close takes effect after the step's own work
 			// (a handler answering input that arrived with it still may
-			// write), and after a task or a hook that made it.
-			e.ownerClose = false
+			// write), and after a task or a hook that made it. A
+			// connection that has read nothing yet is not idle but new:
+			// its first input is likely on its way, so the close waits
+			// for it, for FirstInputGrace at most (see Close).
+			e.owner = ownerNone
+			if e.m.State() == fsm.Receiving && e.bytesIn == 0 && e.now < FirstInputGrace {
+				e.owner = ownerFirst
+			} else {
+				e.askClose(closeFull, ReasonShutdown)
+			}
+		}
+		if e.owner == ownerFirst && (e.bytesIn > 0 || e.now >= FirstInputGrace || e.m.State() != fsm.Receiving) {
+			e.owner = ownerNone
 			e.askClose(closeFull, ReasonShutdown)
 		}
 		if e.idleReset {
@@ -395,6 +496,7 @@ func (e *Engine) settle() {
 			e.lingerReset = false
 			e.halfAt, e.lastLinger, e.lingerRead = e.now, e.now, 0
 		}
+		e.rateCheck()
 		ev, cause, ok := e.m.Due(e.facts())
 		if !ok {
 			return
@@ -407,8 +509,9 @@ func (e *Engine) settle() {
 
 // runTasks runs the tasks queued by Conn.Do so far, in order.
 func (e *Engine) runTasks() {
-	if tasks := e.tasks; len(tasks) > 0 && !e.notified {
-		e.tasks = nil
+	if e.hasTasks() && !e.notified {
+		tasks := e.cold.tasks
+		e.cold.tasks = nil
 		for i, f := range tasks {
 			tasks[i] = nil
 			e.callTask(f)
@@ -428,14 +531,17 @@ func (e *Engine) facts() fsm.Cond {
 	if len(e.out) > e.outOff {
 		c |= fsm.IfOutputQueued
 	}
-	if dl, _ := e.deadline(); !dl.IsZero() && !e.now.Before(dl) {
+	if dl, _ := e.deadline(); dl != 0 && e.now >= dl {
 		c |= fsm.IfTimer
 	}
-	if e.lim.lingerBytes > 0 && e.lingerRead >= e.lim.lingerBytes && e.lingerBounded() {
+	if lb := e.sh.lim.lingerBytes; lb > 0 && e.lingerRead >= lb && e.lingerBounded() {
 		c |= fsm.IfLingerBytes
 	}
 	if e.held {
 		c |= fsm.IfHeld
+	}
+	if e.rateIn > 0 && e.rateActive() && e.now >= e.rateFrom+e.sh.lim.rateWindow && e.rateIn < e.sh.lim.rateBytes {
+		c |= fsm.IfMinRate
 	}
 	return c
 }
@@ -457,8 +563,10 @@ func (e *Engine) because(ev fsm.Event, cause fsm.Cond) {
 		case cause&fsm.IfPeerFIN != 0:
 			e.setReason(ReasonPeerClosed)
 			e.closeKind = closeFull
-		default: // a receive timer
-			if _, t := e.deadline(); t == timerLifetime {
+		default: // a receive timer, or MinRate
+			if _, t := e.deadline(); cause&fsm.IfTimer == 0 {
+				e.setReason(ReasonMinRate)
+			} else if t == timerLifetime {
 				e.setReason(ReasonMaxLifetime)
 			} else {
 				e.setReason(ReasonIdleTimeout)
@@ -492,7 +600,8 @@ func (e *Engine) setReason(r Reason) {
 // reason, not an earlier abort's.
 func (e *Engine) setAbortReason(r Reason, err error) {
 	if !e.reason.Abortive() {
-		e.reason, e.err = r, err
+		e.reason = r
+		e.coldState().err = err
 	}
 }
 
@@ -554,7 +663,7 @@ func (e *Engine) fire(ev fsm.Event) bool {
 	case to == fsm.Sending:
 		e.flushing = false // the flush clock starts at the next Next
 	}
-	if e.onChange != nil {
+	if e.sh.onChange != nil && !e.hookOff {
 		e.notifyChange(from, to, ev)
 	}
 	if e.debug {
@@ -574,7 +683,7 @@ func (e *Engine) notifyChange(from, to fsm.State, ev fsm.Event) {
 	perr := e.invokeHook(from, to, ev)
 	e.mu.Lock()
 	if perr != nil {
-		e.onChange = nil // it would panic again
+		e.hookOff = true // it would panic again
 		e.askAbort(ReasonHandlerPanic, perr)
 	}
 }
@@ -585,7 +694,7 @@ func (e *Engine) invokeHook(from, to fsm.State, ev fsm.Event) (perr *PanicError)
 			perr = &PanicError{Value: r, Stack: debug.Stack()}
 		}
 	}()
-	e.onChange(e.info, from, to, ev)
+	e.sh.onChange(e.info, from, to, ev)
 	return nil
 }
 
@@ -599,7 +708,8 @@ func (e *Engine) logTransition(from, to fsm.State, ev fsm.Event) {
 // aborted.
 func (e *Engine) internal(err error) {
 	if e.reason != ReasonInternal {
-		e.reason, e.err = ReasonInternal, err
+		e.reason = ReasonInternal
+		e.coldState().err = err
 	}
 	if e.mayClose() {
 		e.dropOutput()
@@ -686,6 +796,14 @@ func (e *Engine) wake(op Op) {
 // It returns ErrClosed if the connection is already being closed (Closing,
 // Aborting, Closed) or an abort was asked for; otherwise a second call is
 // harmless.
+//
+// A connection that has read nothing yet, younger than FirstInputGrace, is
+// new rather than idle: its first request is likely in flight (a client
+// that connected as the server began to shut down, or to the old process
+// of a zero-downtime restart). Its close waits for that input, which is
+// then answered and flushed as for a busy connection, or for
+// FirstInputGrace from its start, whichever comes first. net/http's
+// Shutdown gives new connections the same grace (5s there).
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	var err error
@@ -693,8 +811,8 @@ func (e *Engine) Close() error {
 	switch {
 	case !e.mayClose() || e.abortAsked:
 		err = ErrClosed
-	case e.closeKind != closeFull && !e.ownerClose:
-		e.ownerClose = true
+	case e.closeKind != closeFull && e.owner != ownerAsked:
+		e.owner = ownerAsked
 		wake = e.request(wakeClose)
 	}
 	e.mu.Unlock()
@@ -749,13 +867,18 @@ func abortReason(err error) Reason {
 func (e *Engine) Start(now time.Time) {
 	e.beginStep(now)
 	if e.m.State() == fsm.Accepted && !e.abortAsked {
-		e.start = now
-		if e.fire(fsm.Start) && e.hOpen != nil {
+		e.start, e.now = now, 0
+		if e.fire(fsm.Start) && e.caps&capOpen != 0 {
 			e.callback(cbOpen)
 		}
 	}
 	e.endStep()
 }
+
+// FirstInputGrace is how long the owner's close (Close: a server's
+// Shutdown) waits for the first input of a connection that has read
+// nothing yet, counted from the connection's start.
+const FirstInputGrace = time.Second
 
 // Next returns the operation the driver must perform next. It fires no
 // event: it only starts the flush clock when it first hands out a write, so
@@ -774,14 +897,14 @@ func (e *Engine) Next(now time.Time) Action {
 		if (e.paused && (st == fsm.Receiving || e.closeKind == closeHalf)) || e.m.PeerFIN() {
 			a.Op = OpWait
 		}
-		a.Deadline, _ = e.deadline()
+		a.Deadline = e.at(e.wakeAt())
 	case OpWrite:
 		if !e.flushing {
-			e.flushing, e.sendSince = true, now
+			e.flushing, e.sendSince = true, now.Sub(e.start)
 			e.flushTo = e.bytesOut + int64(len(e.out)-e.outOff)
 		}
 		a.Data = e.out[e.outOff:len(e.out):len(e.out)]
-		a.Deadline = e.wakeAt()
+		a.Deadline = e.at(e.wakeAt())
 	}
 	e.op = a.Op
 	e.mu.Unlock()
@@ -794,22 +917,51 @@ func (e *Engine) Next(now time.Time) Action {
 // clock starts at Next, so ask after Next.
 func (e *Engine) Timeout() time.Time {
 	e.mu.Lock()
-	dl := e.wakeAt()
+	dl := e.at(e.wakeAt())
 	e.mu.Unlock()
 	return dl
 }
 
 // wakeAt is when the engine must next act: the deadline of the current
-// state, or, while Sending, MaxLifetime if that comes first (it asks for a
-// close; the flush goes on).
-func (e *Engine) wakeAt() time.Time {
+// state; while Sending, MaxLifetime if that comes first (it asks for a
+// close; the flush goes on); while Receiving, the end of the MinRate window
+// if that comes first (the window is judged; it is no timer of the state).
+func (e *Engine) wakeAt() time.Duration {
 	dl, _ := e.deadline()
-	if e.lim.lifetime > 0 && e.m.State() == fsm.Sending && e.closeKind != closeFull {
-		if l := e.start.Add(e.lim.lifetime); dl.IsZero() || l.Before(dl) {
+	lim := &e.sh.lim
+	if lim.lifetime > 0 && e.m.State() == fsm.Sending && e.closeKind != closeFull {
+		if l := lim.lifetime; dl == 0 || l < dl {
 			dl = l
 		}
 	}
+	if e.rateIn > 0 && e.rateActive() {
+		if r := e.rateFrom + lim.rateWindow; dl == 0 || r < dl {
+			dl = r
+		}
+	}
+	if e.owner == ownerFirst && (dl == 0 || FirstInputGrace < dl) {
+		dl = FirstInputGrace
+	}
 	return dl
+}
+
+// rateActive reports whether input counts towards MinRate now: while
+// Receiving, reading, with no output waiting on the peer and no FIN from
+// it. Anything else ends the window.
+func (e *Engine) rateActive() bool {
+	return e.m.State() == fsm.Receiving && !e.paused && !e.m.PeerFIN() && len(e.out) == e.outOff
+}
+
+// rateCheck ends the MinRate window when input stops counting, or when
+// the window is over and brought MinRate×MinRateWindow bytes: the next
+// input starts the next one. A window over and short stays, for facts.
+func (e *Engine) rateCheck() {
+	if e.rateIn == 0 {
+		return
+	}
+	if !e.rateActive() || (e.now >= e.rateFrom+e.sh.lim.rateWindow && e.rateIn >= e.sh.lim.rateBytes) {
+		e.rateFrom, e.rateIn = 0, 0
+	}
 }
 
 // lingerBounded reports whether the linger bounds apply in HalfClosed.
@@ -820,38 +972,39 @@ func (e *Engine) lingerBounded() bool { return !(e.held && e.closeKind == closeH
 
 // deadline returns the deadline of the current state and which timer it
 // is.
-func (e *Engine) deadline() (time.Time, timer) {
+func (e *Engine) deadline() (time.Duration, timer) {
+	lim := &e.sh.lim
 	switch e.m.State() {
 	case fsm.Receiving:
-		var dl time.Time
+		var dl time.Duration
 		t := timerNone
-		if e.lim.idle > 0 && !e.paused {
-			dl, t = e.recvSince.Add(e.lim.idle), timerIdle
+		if lim.idle > 0 && !e.paused {
+			dl, t = e.recvSince+lim.idle, timerIdle
 		}
-		if e.lim.lifetime > 0 {
-			if l := e.start.Add(e.lim.lifetime); dl.IsZero() || l.Before(dl) {
+		if lim.lifetime > 0 {
+			if l := lim.lifetime; dl == 0 || l < dl {
 				dl, t = l, timerLifetime
 			}
 		}
 		return dl, t
 	case fsm.Sending:
 		if e.flushing {
-			return e.sendSince.Add(e.lim.write), timerWrite
+			return e.sendSince + lim.write, timerWrite
 		}
-		return time.Time{}, timerNone
+		return 0, timerNone
 	case fsm.HalfClosed:
 		if !e.lingerBounded() {
-			return time.Time{}, timerNone
+			return 0, timerNone
 		}
-		dl, t := e.halfAt.Add(e.lim.lingerTime), timerLingerTime
-		if e.lim.lingerTimeout > 0 {
-			if l := e.lastLinger.Add(e.lim.lingerTimeout); l.Before(dl) {
+		dl, t := e.halfAt+lim.lingerTime, timerLingerTime
+		if lim.lingerTimeout > 0 {
+			if l := e.lastLinger + lim.lingerTimeout; l < dl {
 				dl, t = l, timerLingerTimeout
 			}
 		}
 		return dl, t
 	}
-	return time.Time{}, timerNone
+	return 0, timerNone
 }
 
 // HandleTimeout handles what is due at now: the deadlines that have passed
@@ -889,7 +1042,7 @@ func (e *Engine) readEnded(r Result, err error) {
 	case ResultEOF:
 		if e.m.Can(fsm.PeerFIN) {
 			e.fire(fsm.PeerFIN)
-			if e.hPeer != nil {
+			if e.caps&capPeer != 0 {
 				e.callback(cbPeerClose)
 			}
 		}
@@ -906,6 +1059,12 @@ func (e *Engine) input(p []byte) {
 		return
 	}
 	e.bytesIn += n
+	if e.sh.lim.rateWindow > 0 && e.rateActive() {
+		if e.rateIn == 0 {
+			e.rateFrom = e.now
+		}
+		e.rateIn += n
+	}
 	if e.m.State() == fsm.HalfClosed {
 		e.lingerRead += n
 		e.lastLinger = e.now
@@ -932,11 +1091,11 @@ func (e *Engine) WriteDone(now time.Time, n int, r Result, err error) {
 			e.fire(fsm.Flushed)
 			if e.full {
 				e.full = false
-				if e.hDrain != nil {
+				if e.caps&capDrain != 0 {
 					e.callback(cbDrain)
 				}
 			}
-			if e.hFlush != nil {
+			if e.caps&capFlush != 0 {
 				e.callback(cbFlush)
 			}
 		} else {
@@ -946,7 +1105,7 @@ func (e *Engine) WriteDone(now time.Time, n int, r Result, err error) {
 				// flush of its own, with a WriteTimeout of its own. A
 				// peer still has to read MaxPendingOutput bytes per
 				// WriteTimeout.
-				e.sendSince = now
+				e.sendSince = now.Sub(e.start)
 				e.flushTo = e.bytesOut + int64(len(e.out)-e.outOff)
 			}
 			e.compactOutput()
@@ -994,11 +1153,13 @@ func (e *Engine) CloseDone(now time.Time) {
 		e.lastTasks = true
 		e.runTasks()
 		e.notified = true
-		e.tasks = nil
-		if e.hClose != nil {
+		if e.cold != nil {
+			e.cold.tasks = nil
+		}
+		if e.caps&capClose != 0 {
 			e.callClose()
 		}
-		if e.onClose != nil {
+		if e.sh.onClose != nil {
 			e.callOnCloseHook()
 		}
 		e.logClose()
@@ -1016,13 +1177,13 @@ func (e *Engine) CloseInfo() CloseInfo {
 func (e *Engine) closeInfo() CloseInfo {
 	return CloseInfo{
 		Reason:       e.reason,
-		Err:          e.err,
+		Err:          e.abortErr(),
 		Linger:       e.linger,
 		PeerFIN:      e.m.PeerFIN(),
 		BytesRead:    e.bytesIn,
 		BytesWritten: e.bytesOut,
 		Discarded:    e.discarded,
-		Duration:     e.now.Sub(e.start),
+		Duration:     e.now,
 	}
 }
 
@@ -1060,13 +1221,13 @@ func (e *Engine) invoke(k cbKind) (perr *PanicError) {
 	}()
 	switch k {
 	case cbOpen:
-		e.hOpen.OnOpen(&e.conn)
+		e.h.(OpenHandler).OnOpen(&e.conn)
 	case cbPeerClose:
-		e.hPeer.OnPeerClose(&e.conn)
+		e.h.(PeerCloseHandler).OnPeerClose(&e.conn)
 	case cbDrain:
-		e.hDrain.OnDrain(&e.conn)
+		e.h.(DrainHandler).OnDrain(&e.conn)
 	case cbFlush:
-		e.hFlush.OnFlush(&e.conn)
+		e.h.(FlushHandler).OnFlush(&e.conn)
 	}
 	return nil
 }
@@ -1112,7 +1273,7 @@ func (e *Engine) invokeClose(info *CloseInfo) (perr *PanicError) {
 			perr = &PanicError{Value: r, Stack: debug.Stack()}
 		}
 	}()
-	e.hClose.OnClose(&e.conn, *info)
+	e.h.(CloseHandler).OnClose(&e.conn, *info)
 	return nil
 }
 
@@ -1152,7 +1313,7 @@ func (e *Engine) invokeOnClose(info CloseInfo) (perr *PanicError) {
 			perr = &PanicError{Value: r, Stack: debug.Stack()}
 		}
 	}()
-	e.onClose(e.info, info)
+	e.sh.onClose(e.info, info)
 	return nil
 }
 

@@ -61,6 +61,7 @@ var testCfg = Config{
 	Logger:      slog.New(discardHandler{}),
 	IdleTimeout: 10 * time.Second, WriteTimeout: 20 * time.Second,
 	LingerTimeout: 3 * time.Second, LingerTime: 7 * time.Second, LingerBytes: 100,
+	MinRate: -1, // its own tests turn it on: minrate_test.go
 }
 
 func newTestEngine(t *testing.T, cfg Config, h Handler) *Engine {
@@ -453,6 +454,7 @@ func TestShutdownWhileSendingFlushesFirst(t *testing.T) {
 func TestConfigValidate(t *testing.T) {
 	for _, bad := range []Config{
 		{WriteTimeout: -1}, {LingerTime: -1}, {ReadBufferSize: -1}, {MaxPendingOutput: -1}, {MaxConns: -1},
+		{MinRate: maxMinRate + 1}, {MinRateWindow: maxMinRateWindow + 1},
 	} {
 		if err := bad.Validate(); !errors.Is(err, ErrInvalidConfig) || !strings.HasPrefix(err.Error(), "sockfsm: ") {
 			t.Errorf("%+v: %v", bad, err)
@@ -472,13 +474,20 @@ func TestConfigValidate(t *testing.T) {
 func TestConfigDefaultsAndOff(t *testing.T) {
 	l := Config{}.limits()
 	want := limits{idle: DefaultIdleTimeout, write: DefaultWriteTimeout, lingerTimeout: DefaultLingerTimeout,
-		lingerTime: DefaultLingerTime, lingerBytes: DefaultLingerBytes, readBuf: DefaultReadBufferSize, maxOut: DefaultMaxPendingOutput}
+		lingerTime: DefaultLingerTime, lingerBytes: DefaultLingerBytes, readBuf: DefaultReadBufferSize, maxOut: DefaultMaxPendingOutput,
+		rateWindow: DefaultMinRateWindow, rateBytes: DefaultMinRate * int64(DefaultMinRateWindow/time.Second)}
 	if l != want {
 		t.Errorf("defaults %+v, want %+v", l, want)
 	}
-	off := Config{IdleTimeout: -1, LingerTimeout: -5, LingerBytes: -1, MaxLifetime: -1}.limits()
-	if off.idle != 0 || off.lingerTimeout != 0 || off.lingerBytes != 0 || off.lifetime != 0 {
+	off := Config{IdleTimeout: -1, LingerTimeout: -5, LingerBytes: -1, MaxLifetime: -1, MinRate: -1}.limits()
+	if off.idle != 0 || off.lingerTimeout != 0 || off.lingerBytes != 0 || off.lifetime != 0 || off.rateWindow != 0 || off.rateBytes != 0 {
 		t.Errorf("off %+v", off)
+	}
+	if l := (Config{MinRateWindow: -1}).limits(); l.rateWindow != 0 {
+		t.Errorf("MinRateWindow off leaves MinRate on: %+v", l)
+	}
+	if l := (Config{MinRate: 3, MinRateWindow: 1500 * time.Millisecond}).limits(); l.rateWindow != 1500*time.Millisecond || l.rateBytes != 5 {
+		t.Errorf("MinRate 3 B/s over 1.5s: window %v, %d bytes; want 1.5s, 5 (rounded up)", l.rateWindow, l.rateBytes)
 	}
 	if b, ok := (Config{}).CloseBound(); !ok || b != 2*DefaultWriteTimeout+DefaultIdleTimeout+DefaultLingerTime {
 		t.Errorf("CloseBound %v %v", b, ok)
@@ -489,7 +498,7 @@ func TestConfigDefaultsAndOff(t *testing.T) {
 }
 
 func TestNamesAreComplete(t *testing.T) {
-	for r := ReasonNone; r <= ReasonInternal; r++ {
+	for r := ReasonNone; r <= ReasonMinRate; r++ {
 		if strings.HasPrefix(r.String(), "Reason(") {
 			t.Errorf("reason %d has no name", r)
 		}

@@ -41,6 +41,18 @@ var (
 	// ErrHandshake is the cause of a connection whose TLS handshake failed
 	// or timed out; the transport's error is joined to it.
 	ErrHandshake = errors.New("sockfsm: tls handshake failed")
+	// ErrProxyHeader is the reason a connection is refused when its PROXY
+	// protocol header is missing, malformed or late (package
+	// github.com/sockfsm/sockfsm/proxy); it wraps the parser's error.
+	// See Config.Prelude and Config.OnRefuse.
+	ErrProxyHeader = errors.New("sockfsm: bad or missing PROXY protocol header")
+	// ErrTooManyConnsFromIP is the reason a connection is refused when its
+	// source address already has Config.MaxConnsPerIP connections open.
+	ErrTooManyConnsFromIP = errors.New("sockfsm: too many connections from one address")
+	// ErrPrelude wraps the error of a Config.Prelude that failed
+	// without saying why with a sentinel of its own.
+	ErrPrelude = errors.New("sockfsm: connection prelude failed")
+
 	// ErrIO is the cause of a connection aborted after a read, write or
 	// half-close error; the transport's error is joined to it.
 	ErrIO = errors.New("sockfsm: i/o error")
@@ -58,3 +70,20 @@ func (e *PanicError) Error() string { return fmt.Sprintf("sockfsm: handler panic
 
 // Is reports whether target is ErrHandlerPanic.
 func (e *PanicError) Is(target error) bool { return target == ErrHandlerPanic }
+
+// RefusalReason names the reason of a refusal reported to Config.OnRefuse,
+// for a metric's label or a log: "too-many-conns-from-ip" (matching
+// ErrTooManyConnsFromIP), "proxy-header" (ErrProxyHeader), "prelude"
+// (ErrPrelude) or, for any other error, "other". The names are few and
+// stable: a label's cardinality stays bounded.
+func RefusalReason(reason error) string {
+	switch {
+	case errors.Is(reason, ErrTooManyConnsFromIP):
+		return "too-many-conns-from-ip"
+	case errors.Is(reason, ErrProxyHeader):
+		return "proxy-header"
+	case errors.Is(reason, ErrPrelude):
+		return "prelude"
+	}
+	return "other"
+}

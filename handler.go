@@ -135,7 +135,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 		return 0, ErrShutdown
 	}
 	n, err := len(p), error(nil)
-	if room := e.lim.maxOut - (len(e.out) - e.outOff); n > room {
+	if room := e.sh.lim.maxOut - (len(e.out) - e.outOff); n > room {
 		n, err = max(room, 0), ErrOutputFull
 		e.full = true
 	}
@@ -166,7 +166,7 @@ func (c *Conn) Available() int {
 	if !e.mayWrite() {
 		return 0
 	}
-	return max(0, e.lim.maxOut-(len(e.out)-e.outOff))
+	return max(0, e.sh.lim.maxOut-(len(e.out)-e.outOff))
 }
 
 // CloseWrite asks for a half-close: once the queued output is flushed the
@@ -223,7 +223,8 @@ func (c *Conn) Do(f func(c *Conn)) error {
 		e.mu.Unlock()
 		return ErrClosed
 	}
-	e.tasks = append(e.tasks, f)
+	cs := e.coldState()
+	cs.tasks = append(cs.tasks, f)
 	wake := e.request(wakeRead)
 	e.mu.Unlock()
 	e.wake(wake)
@@ -247,12 +248,13 @@ func (c *Conn) Hold() {
 // PauseRead stops reading input: backpressure for a handler that cannot
 // take more yet (a proxy whose other side is full). A read already under
 // way may still deliver one chunk. While reading is paused, IdleTimeout
-// does not run (MaxLifetime and the linger bounds do), and a peer that keeps
+// and MinRate do not run (MaxLifetime and the linger bounds do), and a peer that keeps
 // sending is held back by TCP flow control. A handler that never resumes
 // holds the connection: pair it with ResumeRead.
 func (c *Conn) PauseRead() {
 	c.e.mu.Lock()
 	c.e.paused = true
+	c.e.rateFrom, c.e.rateIn = 0, 0 // a pause ends the MinRate window
 	c.e.mu.Unlock()
 }
 
@@ -273,7 +275,8 @@ func (c *Conn) ResumeRead() {
 type Reason uint8
 
 // The reasons a connection closes. The first group closes gracefully (our
-// FIN, then linger); the second aborts (RST).
+// FIN, then linger); the second aborts (RST); the last, added later,
+// closes gracefully.
 const (
 	ReasonNone Reason = iota
 	// ReasonPeerClosed: the peer sent its FIN; we answered and closed.
@@ -313,10 +316,16 @@ const (
 	// ReasonInternal: the engine hit a bug (an illegal transition), or a
 	// panic escaped the engine.
 	ReasonInternal
+
+	// ReasonMinRate: the peer's input stayed below Config.MinRate over a
+	// window. It closes gracefully, as the first group does; it comes
+	// last so that the other reasons keep their values.
+	ReasonMinRate
 )
 
 var reasonNames = [...]string{"none", "peer-closed", "handler-close", "idle-timeout", "max-lifetime", "shutdown",
-	"peer-reset", "read-error", "write-error", "write-timeout", "handler-abort", "handler-panic", "shutdown-deadline", "handshake", "aborted", "internal"}
+	"peer-reset", "read-error", "write-error", "write-timeout", "handler-abort", "handler-panic", "shutdown-deadline", "handshake", "aborted", "internal",
+	"min-rate"}
 
 // String returns the reason's name.
 func (r Reason) String() string {
@@ -327,7 +336,7 @@ func (r Reason) String() string {
 }
 
 // Abortive reports whether connections closed for r are closed with RST.
-func (r Reason) Abortive() bool { return r >= ReasonPeerReset }
+func (r Reason) Abortive() bool { return r >= ReasonPeerReset && r <= ReasonInternal }
 
 // LingerEnd says how the linger after our half-close ended.
 type LingerEnd uint8

@@ -14,8 +14,9 @@ import (
 // Close that lingers instead of answering unread input with RST, bounded
 // timeouts, and a Shutdown that returns only when every socket is closed.
 // The connections are the same Engine, table, promises and CloseInfo as
-// Server's; Config's hooks (OnStateChange, OnClose, Logger) and MaxConns
-// apply to them as they do to Server's.
+// Server's; Config's hooks (OnAccept, OnStateChange, OnClose,
+// OnAcceptError, OnMaxConnsWait, Logger) and MaxConns apply to them as they
+// do to Server's.
 //
 // What Config's fields mean on this face:
 //
@@ -23,6 +24,10 @@ import (
 //     has its own IdleTimeout and ReadTimeout), and a handler that computes
 //     for minutes before it answers must not see its connection closed.
 //     Set it to bound a connection on which nothing is read or written.
+//   - MinRate, MinRateWindow: MinRate is off unless set, for the same
+//     reason: the application owns its protocol, and a request of a few
+//     bytes followed by minutes of computing is input below any rate. Set
+//     it (a positive MinRate) to close peers that trickle.
 //   - WriteTimeout (default 60s): bounds each flush to the peer, as on
 //     Server: a peer that does not read its response is aborted.
 //   - LingerTimeout, LingerTime, LingerBytes: bound the linger after the
@@ -33,6 +38,13 @@ import (
 //   - MaxPendingOutput (default 1 MiB): how much a Write may queue before
 //     it waits for the peer.
 //   - MaxConns: Accept waits while that many connections are open.
+//   - MaxConnsPerIP, OnRefuse: as on Server: Accept closes a connection
+//     beyond the limit, refuses it and accepts the next.
+//   - Prelude, PreludeTimeout: as on Server. Accept then takes its
+//     connections from an accept loop of the Listener's own, on which
+//     preludes run as on Server, each on a goroutine of its own; a
+//     connection whose prelude is done waits for Accept, as one in the
+//     kernel's backlog would, and Close closes those not yet taken.
 //
 // The application's own deadlines (SetDeadline and the like) are separate
 // from these and behave as net.Conn's.
@@ -44,6 +56,21 @@ type Listener struct {
 
 	closeOnce sync.Once
 	closed    chan struct{} // Close was called
+
+	// With a Prelude, the accept loop runs on a goroutine of its own
+	// (acceptLoop), so that a prelude delays no accept, and hands Accept
+	// the connections whose prelude is done.
+	loopOnce sync.Once
+	ready    chan accepted // unbuffered: a connection waits for Accept
+	loopDone chan struct{} // closed when acceptLoop returned on an error
+	loopErr  error         // that error, set before loopDone is closed
+}
+
+// accepted is what acceptLoop hands to Accept: a connection whose prelude
+// is done, or the underlying listener's error.
+type accepted struct {
+	c   net.Conn
+	err error
 }
 
 // NewListener returns a Listener that accepts from ln, with cfg for its
@@ -53,7 +80,14 @@ func NewListener(ln net.Listener, cfg Config) *Listener {
 	if cfg.IdleTimeout == 0 {
 		cfg.IdleTimeout = -1 // the application owns idleness: see Listener
 	}
+	if cfg.MinRate == 0 {
+		cfg.MinRate = -1 // the application owns its protocol: see Listener
+	}
 	l := &Listener{ln: ln, lim: cfg.limits(), err: cfg.Validate(), closed: make(chan struct{})}
+	if cfg.Prelude != nil {
+		l.ready = make(chan accepted)
+		l.loopDone = make(chan struct{})
+	}
 	l.srv.Config = cfg
 	l.srv.mu.Lock()
 	l.srv.initLocked()
@@ -84,16 +118,13 @@ func (l *Listener) Accept() (net.Conn, error) {
 	if l.err != nil {
 		return nil, l.err
 	}
+	if l.ready != nil {
+		return l.acceptPreluded()
+	}
 	s := &l.srv
 	for {
-		if s.sem != nil {
-			select {
-			case s.sem <- struct{}{}:
-			case <-l.closed:
-				return nil, l.closedError()
-			case <-s.done:
-				return nil, l.closedError()
-			}
+		if s.sem != nil && !s.acquire(l.closed) {
+			return nil, l.closedError()
 		}
 		s.mu.Lock()
 		if s.closing {
@@ -114,21 +145,126 @@ func (l *Listener) Accept() (net.Conn, error) {
 				return nil, l.closedError()
 			default:
 			}
+			s.acceptError(err)
 			return nil, err
 		}
-		t, err := transport.Wrap(c)
+		if nc := l.startConn(c); nc != nil {
+			return nc, nil
+		}
+	}
+}
+
+// startConn starts serving c, an accepted connection counted in
+// s.accepting and holding a MaxConns slot, and returns its NetConn; or it
+// refuses c (MaxConnsPerIP) and returns nil.
+func (l *Listener) startConn(c net.Conn) *NetConn {
+	s := &l.srv
+	key, ok := s.admitIP(c, s.logger())
+	if !ok {
+		s.doneAccepting()
+		s.release()
+		return nil
+	}
+	t, err := transport.Wrap(c)
+	if err != nil {
+		s.logger().Error("cannot serve connection", "err", err)
+		c.Close()
+		s.releaseIP(key)
+		s.doneAccepting()
+		s.release()
+		return nil
+	}
+	info := ConnInfo{ID: connIDs.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
+	nc := newNetConn(info, l.lim.readBuf)
+	nc.c = s.start(t, l.lim, nc, info, key).Conn()
+	return nc
+}
+
+// acceptPreluded is Accept with a Prelude: it takes the next connection
+// whose prelude is done from acceptLoop, which it starts on first use.
+func (l *Listener) acceptPreluded() (net.Conn, error) {
+	l.loopOnce.Do(func() { go l.acceptLoop() })
+	s := &l.srv
+	for {
+		select {
+		case a := <-l.ready:
+			if a.err != nil {
+				return nil, a.err
+			}
+			if nc := l.startConn(a.c); nc != nil {
+				return nc, nil
+			}
+		case <-l.loopDone:
+			return nil, l.loopErr
+		case <-l.closed:
+			return nil, l.closedError()
+		case <-s.done:
+			return nil, l.closedError()
+		}
+	}
+}
+
+// acceptLoop accepts connections and runs the prelude of each on a
+// goroutine of its own, which hands the connection to Accept when done.
+// The underlying listener's errors are handed to Accept too, one at a
+// time, so that the caller's back-off paces the loop; after one that is
+// not temporary, the loop ends and Accept returns it from then on.
+func (l *Listener) acceptLoop() {
+	s := &l.srv
+	log := s.logger()
+	for {
+		if s.sem != nil {
+			select {
+			case s.sem <- struct{}{}:
+			case <-l.closed:
+				return
+			case <-s.done:
+				return
+			}
+		}
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			s.release()
+			return
+		}
+		s.accepting++
+		s.mu.Unlock()
+		c, err := l.ln.Accept()
 		if err != nil {
-			s.logger().Error("cannot serve connection", "err", err)
-			c.Close()
 			s.doneAccepting()
 			s.release()
+			select {
+			case l.ready <- accepted{err: err}:
+			case <-l.closed:
+				return
+			case <-s.done:
+				return
+			}
+			if !temporary(err) {
+				l.loopErr = err
+				close(l.loopDone)
+				return
+			}
 			continue
 		}
-		info := ConnInfo{ID: connIDs.Add(1), LocalAddr: c.LocalAddr(), RemoteAddr: c.RemoteAddr()}
-		nc := newNetConn(info, l.lim.readBuf)
-		nc.c = s.start(t, l.lim, nc, info).Conn()
-		return nc, nil
+		s.startPrelude(c, log, l.closed, l.deliver)
 	}
+}
+
+// deliver hands a connection whose prelude is done to Accept, or closes it
+// if the Listener is closed first.
+func (l *Listener) deliver(c net.Conn) {
+	s := &l.srv
+	select {
+	case l.ready <- accepted{c: c}:
+		return
+	case <-l.closed:
+	case <-s.done:
+	}
+	c.Close()
+	s.doneAccepting()
+	s.release()
 }
 
 func (l *Listener) closedError() error {
@@ -142,6 +278,9 @@ func (l *Listener) Close() error {
 	l.closeOnce.Do(func() {
 		close(l.closed)
 		err = l.ln.Close()
+		l.srv.mu.Lock()
+		l.srv.cutPreludesLocked() // closed uncounted, like those Accept has not taken yet
+		l.srv.mu.Unlock()
 	})
 	return err
 }

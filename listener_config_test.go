@@ -24,6 +24,9 @@ func TestListenerZeroConfigHasNoIdleTimer(t *testing.T) {
 	if got := l.srv.Config.limits().idle; got != 0 {
 		t.Fatalf("the Listener's IdleTimeout is %v; want off", got)
 	}
+	if got := l.srv.Config.limits().rateWindow; got != 0 {
+		t.Fatalf("the Listener's MinRate window is %v; want MinRate off", got)
+	}
 	nc := newNetConn(ConnInfo{ID: 1}, l.lim.readBuf)
 	e, err := NewEngine(l.srv.Config, nc, ConnInfo{ID: 1})
 	if err != nil {
@@ -74,5 +77,38 @@ func TestListenerZeroConfigHasNoIdleTimer(t *testing.T) {
 	info, ok := nc.CloseInfo()
 	if !ok || info.Aborted() || info.Reason != ReasonHandlerClose || info.BytesWritten != int64(len(resp)) {
 		t.Fatalf("CloseInfo %+v (ended %v)", info, ok)
+	}
+}
+
+// TestListenerMinRateWhenSet: the net.Conn face leaves MinRate off unless
+// it is set; set, it closes a peer that trickles, as on Server. The same
+// request as TestListenerZeroConfigHasNoIdleTimer, with the application
+// computing past the window: off, nothing happens; on, the connection
+// half-closes with ReasonMinRate.
+func TestListenerMinRateWhenSet(t *testing.T) {
+	for _, rate := range []int64{0, 100} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := NewListener(ln, Config{MinRate: rate, MinRateWindow: time.Second})
+		nc := newNetConn(ConnInfo{ID: 1}, l.lim.readBuf)
+		e, err := NewEngine(l.srv.Config, nc, ConnInfo{ID: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nc.c = e.Conn()
+		e.Start(t0)
+		e.ReadDone(t0, []byte("GET / HTTP/1.1\r\n\r\n"), ResultOK, nil)
+		later := t0.Add(time.Minute)
+		e.HandleTimeout(later)
+		a := e.Next(later)
+		switch {
+		case rate == 0 && (a.Op != OpRead || e.State() != fsm.Receiving):
+			t.Errorf("MinRate unset: %v in %s after a minute; want a read in receiving", a.Op, e.State())
+		case rate > 0 && (a.Op != OpCloseWrite || e.CloseInfo().Reason != ReasonMinRate):
+			t.Errorf("MinRate %d: %v, reason %s; want our FIN for min-rate", rate, a.Op, e.CloseInfo().Reason)
+		}
+		l.Close()
 	}
 }

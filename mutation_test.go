@@ -75,6 +75,8 @@ var mutantCases = []struct {
 	{"no-wake", "TestPropertyEveryConnectionClosed", "no deadline|bound is"},
 	{"fin-before-closewrite", "TestPropertyEveryConnectionClosed", "reported early"},
 	{"rule-no-linger-bytes", "TestPropertyEveryConnectionClosed", "after our FIN; LingerBytes"},
+	// MinRate's own place to break: the window is judged, never short.
+	{"min-rate-never-short", "TestPropertyMinRate", "after the first byte|want min-rate"},
 }
 
 // mutantGaps are mutants no property catches yet: gaps in the properties,
@@ -95,6 +97,7 @@ var mutantProperties = []string{
 	"TestPropertyEchoIsExact",
 	"TestPropertyOnlyTableEdges",
 	"TestStateMachine",
+	"TestPropertyMinRate",
 }
 
 const (

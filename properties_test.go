@@ -64,6 +64,9 @@ type edge struct {
 type recorder struct {
 	d      drawer
 	random bool // draw actions; otherwise echo
+	sink   bool // answer nothing (when not random)
+	clock  *sim.Clock
+	first  time.Time // the first OnData
 
 	wrote       []byte // bytes Write accepted: what the peer is owed
 	shutdownAsk bool   // the handler asked for CloseWrite, Close or Abort
@@ -94,6 +97,12 @@ func (r *recorder) write(c *Conn, p []byte) {
 }
 
 func (r *recorder) act(c *Conn, p []byte) {
+	if r.first.IsZero() {
+		r.first = r.clock.Now()
+	}
+	if r.sink && !r.random {
+		return
+	}
 	if !r.random {
 		r.write(c, p)
 		return
@@ -205,6 +214,8 @@ func drawConfig(t *rapid.T) Config {
 		LingerTime:       d("linger-time", 1, 30, false),
 		LingerBytes:      int64(rapid.IntRange(-1, 2000).Draw(t, "linger-bytes")),
 		MaxLifetime:      d("lifetime", 1, 60, true) * time.Duration(rapid.IntRange(0, 1).Draw(t, "lifetime-on")),
+		MinRate:          int64(rapid.IntRange(-1, 200).Draw(t, "min-rate")),
+		MinRateWindow:    d("min-rate-window", 1, 20, true),
 		ReadBufferSize:   rapid.IntRange(1, 64).Draw(t, "read-buffer"),
 		MaxPendingOutput: rapid.IntRange(1, 1024).Draw(t, "max-output"),
 	}
@@ -234,14 +245,22 @@ func drawPeer(t *rapid.T, faults bool) sim.Peer {
 // run runs one connection to the end. If control is set, the server may
 // shut down or abort the connection at any of the peer's moves.
 func run(t *rapid.T, cfg Config, peer sim.Peer, random, control bool) *world {
+	return runHandler(t, cfg, peer, &recorder{random: random}, control)
+}
+
+// runHandler is run with the recorder h (its drawer and clock are set
+// here).
+func runHandler(t *rapid.T, cfg Config, peer sim.Peer, h *recorder, control bool) *world {
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("drew an invalid config: %v", err)
 	}
 	w := &world{cfg: cfg, lim: cfg.limits()}
 	dr := drawer{t: t, w: w}
-	w.h = &recorder{d: dr, random: random}
+	w.h = h
+	h.d = dr
 	w.start = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	w.clock = sim.NewClock(w.start)
+	h.clock = w.clock
 	w.conn = sim.NewSocket(w.clock, dr, peer)
 	cfg.OnStateChange = func(_ ConnInfo, from, to fsm.State, ev fsm.Event) {
 		w.edges = append(w.edges, edge{from, to, ev})
@@ -451,7 +470,7 @@ func propEchoIsExact(t *rapid.T) {
 	{
 		cfg := Config{ // long bounds: a well-behaved peer never hits them
 			IdleTimeout: time.Hour, WriteTimeout: time.Hour, LingerTimeout: time.Hour, LingerTime: time.Hour,
-			LingerBytes: -1, ReadBufferSize: rapid.IntRange(1, 64).Draw(t, "read-buffer"),
+			LingerBytes: -1, MinRate: -1, ReadBufferSize: rapid.IntRange(1, 64).Draw(t, "read-buffer"),
 		}
 		peer := drawPeer(t, false)
 		random := rapid.Bool().Draw(t, "random-handler")
@@ -490,4 +509,56 @@ func propOnlyTableEdges(t *rapid.T) {
 	if w.result.Reason == ReasonInternal {
 		t.Fatalf("the engine attempted an illegal transition: %v", w.result.Err)
 	}
+}
+
+// TestPropertyMinRate: with MinRate on and a handler that answers nothing,
+// a peer whose whole input is less than one window needs (a trickler, at
+// any pace) is closed within MinRateWindow + LingerTime of its first byte,
+// with ReasonMinRate unless its FIN or the idle timeout came first; and a
+// peer that sends at least a byte per MaxDelay, at MinRate ≤ 1/MaxDelay,
+// then its FIN, is never closed by MinRate, however long its input.
+func TestPropertyMinRate(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		window := time.Duration(rapid.IntRange(1, 10).Draw(t, "window")) * time.Second
+		base := Config{
+			WriteTimeout: 10 * time.Second, LingerTimeout: -1,
+			LingerTime:     time.Duration(rapid.IntRange(1, 30).Draw(t, "linger-time")) * time.Second,
+			ReadBufferSize: rapid.IntRange(1, 64).Draw(t, "read-buffer"),
+			MinRateWindow:  window,
+		}
+		if rapid.Bool().Draw(t, "trickler") {
+			cfg := base
+			cfg.MinRate = int64(rapid.IntRange(2, 50).Draw(t, "rate"))
+			cfg.IdleTimeout = time.Duration(rapid.IntRange(1, 30).Draw(t, "idle")) * time.Second
+			need := cfg.MinRate * int64(window/time.Second)
+			peer := drawPeer(t, false)
+			peer.Input = peer.Input[:min(len(peer.Input), int(need-1))]
+			peer.FIN = rapid.Bool().Draw(t, "fin")
+			w := runHandler(t, cfg, peer, &recorder{sink: true}, false)
+			checkCommon(t, w)
+			if w.h.first.IsZero() {
+				return // no input: IdleTimeout's business
+			}
+			if d := w.conn.Rec.ClosedAt.Sub(w.h.first); d > window+cfg.LingerTime {
+				t.Fatalf("closed %v after the first byte; MinRateWindow + LingerTime is %v (%+v)", d, window+cfg.LingerTime, w.result)
+			}
+			if !peer.FIN && cfg.IdleTimeout > window && w.result.Reason != ReasonMinRate {
+				t.Fatalf("a trickler of %d bytes (a window needs %d) closed with %s, want %s", len(peer.Input), need, w.result.Reason, ReasonMinRate)
+			}
+			return
+		}
+		delayMs := rapid.IntRange(1, 1000).Draw(t, "max-delay-ms")
+		cfg := base
+		cfg.MinRate = int64(max(1, 1000/delayMs))
+		cfg.IdleTimeout = time.Hour
+		peer := drawPeer(t, false)
+		peer.MaxDelay = time.Duration(delayMs) * time.Millisecond
+		peer.FIN = true
+		w := runHandler(t, cfg, peer, &recorder{sink: true}, false)
+		checkCommon(t, w)
+		if w.result.Reason != ReasonPeerClosed || w.result.BytesRead != int64(len(peer.Input)) {
+			t.Fatalf("a peer sending a byte per %v at least, MinRate %d B/s: %+v; want %s after all %d bytes",
+				peer.MaxDelay, cfg.MinRate, w.result, ReasonPeerClosed, len(peer.Input))
+		}
+	})
 }

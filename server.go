@@ -3,12 +3,16 @@ package sockfsm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/sockfsm/sockfsm/internal/admit"
 	"github.com/sockfsm/sockfsm/transport"
 )
 
@@ -36,6 +40,9 @@ type Server struct {
 	done      chan struct{}              // closed when shutting down
 	listeners map[*net.Listener]struct{} // by address: a listener need not be comparable
 	conns     map[*driver]struct{}
+	ipKeys    map[*driver]netip.Addr // the address perIP counts a connection under, if it does
+	perIP     *admit.Limiter         // MaxConnsPerIP; nil when unlimited
+	preluding map[net.Conn]struct{}  // in Config.Prelude: cut short by stopLocked
 	// accepting counts the Serve loops between calling Accept and
 	// registering what it returned: a connection there is not in conns
 	// yet, but Shutdown and Close must wait for it all the same.
@@ -57,6 +64,9 @@ func (s *Server) initLocked() {
 	s.done = make(chan struct{})
 	s.listeners = map[*net.Listener]struct{}{}
 	s.conns = map[*driver]struct{}{}
+	s.ipKeys = map[*driver]netip.Addr{}
+	s.perIP = admit.New(s.Config.MaxConnsPerIP)
+	s.preluding = map[net.Conn]struct{}{}
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -111,12 +121,8 @@ func (s *Server) Serve(ln net.Listener) error {
 	log := s.logger()
 	var backoff time.Duration
 	for {
-		if s.sem != nil {
-			select {
-			case s.sem <- struct{}{}:
-			case <-s.done:
-				return ErrServerClosed
-			}
+		if s.sem != nil && !s.acquire(nil) {
+			return ErrServerClosed
 		}
 		s.mu.Lock()
 		s.accepting++
@@ -130,6 +136,7 @@ func (s *Server) Serve(ln net.Listener) error {
 				return ErrServerClosed
 			default:
 			}
+			s.acceptError(err)
 			if !temporary(err) {
 				return err
 			}
@@ -147,6 +154,48 @@ func (s *Server) Serve(ln net.Listener) error {
 		backoff = 0
 		s.serve(c, lim, log)
 	}
+}
+
+// acquire takes one of the MaxConns slots, waiting while all are taken, and
+// reports whether it got one: it gives up when the server begins to shut
+// down, or when stop (nil for none) is closed. A wait is reported to
+// Config.OnMaxConnsWait when it ends.
+func (s *Server) acquire(stop <-chan struct{}) bool {
+	select {
+	case s.sem <- struct{}{}:
+		return true
+	default:
+	}
+	began := time.Now()
+	ok := false
+	select {
+	case s.sem <- struct{}{}:
+		ok = true
+	case <-s.done:
+	case <-stop:
+	}
+	if f := s.Config.OnMaxConnsWait; f != nil {
+		s.callHook("OnMaxConnsWait", func() { f(time.Since(began)) })
+	}
+	return ok
+}
+
+// acceptError reports an accept error to Config.OnAcceptError.
+func (s *Server) acceptError(err error) {
+	if f := s.Config.OnAcceptError; f != nil {
+		s.callHook("OnAcceptError", func() { f(err) })
+	}
+}
+
+// callHook calls one of the accepting goroutine's hooks; a panic there is
+// logged, so that it does not take the accept loop down.
+func (s *Server) callHook(name string, f func()) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.logger().Error("panic in Config."+name, "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	f()
 }
 
 // doneAccepting ends an accept that registered no connection.
@@ -198,12 +247,107 @@ func temporary(err error) bool {
 	return errors.As(err, &t) && t.Temporary()
 }
 
-// serve starts the goroutine of one accepted connection.
+// serve starts serving one accepted connection: at once, on the accepting
+// goroutine, or, with a Config.Prelude, once the prelude is done on a
+// goroutine of its own, so that a slow peer delays no accept.
 func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
+	if s.Config.Prelude == nil {
+		s.admit(c, lim, log)
+		return
+	}
+	s.startPrelude(c, log, nil, func(nc net.Conn) { s.admit(nc, lim, log) })
+}
+
+// startPrelude runs Config.Prelude on c on a goroutine of its own, then
+// calls then with the connection to serve, or refuses c. Like an accept,
+// the connection is counted in s.accepting until then takes it over. A
+// prelude that fails once stop is closed, or the server is closing, was
+// cut short (stopLocked, Listener.Close): it is not a refusal.
+func (s *Server) startPrelude(c net.Conn, log *slog.Logger, stop <-chan struct{}, then func(net.Conn)) {
+	timeout := s.Config.PreludeTimeout
+	if timeout == 0 {
+		timeout = DefaultPreludeTimeout
+	}
+	// Armed before the connection is registered, so that stopLocked's
+	// deadline in the past, set under mu, comes after it.
+	c.SetDeadline(time.Now().Add(timeout))
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		c.Close()
+		s.doneAccepting()
+		s.release()
+		return
+	}
+	s.preluding[c] = struct{}{}
+	s.mu.Unlock()
+	go s.prelude(c, log, stop, then)
+}
+
+// prelude is the goroutine of startPrelude.
+func (s *Server) prelude(c net.Conn, log *slog.Logger, stop <-chan struct{}, then func(net.Conn)) {
+	nc, err := s.runPrelude(c)
+	s.mu.Lock()
+	delete(s.preluding, c)
+	cut := s.closing
+	s.mu.Unlock()
+	select {
+	case <-stop:
+		cut = true
+	default:
+	}
+	if err != nil {
+		c.Close()
+		if !cut {
+			s.refuse(c.RemoteAddr(), err, log)
+		}
+		s.doneAccepting()
+		s.release()
+		return
+	}
+	c.SetDeadline(time.Time{})
+	then(nc)
+}
+
+// cutPreludesLocked moves the deadline of every connection in its prelude
+// into the past: the preludes fail now.
+func (s *Server) cutPreludesLocked() {
+	for c := range s.preluding {
+		c.SetDeadline(past)
+	}
+}
+
+// runPrelude calls Config.Prelude, and turns a panic, a nil connection or
+// an error without a reason of its own into a reason for OnRefuse.
+func (s *Server) runPrelude(c net.Conn) (nc net.Conn, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			nc, err = nil, fmt.Errorf("%w: %w", ErrPrelude, &PanicError{Value: r, Stack: debug.Stack()})
+		}
+	}()
+	nc, err = s.Config.Prelude(c)
+	switch {
+	case err == nil && nc == nil:
+		err = fmt.Errorf("%w: Prelude returned no connection", ErrPrelude)
+	case err != nil && !errors.Is(err, ErrProxyHeader) && !errors.Is(err, ErrTooManyConnsFromIP) && !errors.Is(err, ErrPrelude):
+		err = fmt.Errorf("%w: %w", ErrPrelude, err)
+	}
+	return nc, err
+}
+
+// admit serves c unless its source address is at MaxConnsPerIP.
+func (s *Server) admit(c net.Conn, lim limits, log *slog.Logger) {
+	key, ok := s.admitIP(c, log)
+	if !ok {
+		s.doneAccepting()
+		s.release()
+		return
+	}
 	t, err := transport.Wrap(c)
 	if err != nil {
 		log.Error("cannot serve connection", "err", err)
 		c.Close()
+		s.releaseIP(key)
 		s.doneAccepting()
 		s.release()
 		return
@@ -213,22 +357,60 @@ func (s *Server) serve(c net.Conn, lim limits, log *slog.Logger) {
 	if err != nil {
 		connLogger(log, info).Error("NewHandler failed; connection aborted", "err", err)
 		t.Abort()
+		s.releaseIP(key)
 		s.doneAccepting()
 		s.release()
 		return
 	}
-	s.start(t, lim, h, info)
+	s.start(t, lim, h, info, key)
+}
+
+// admitIP counts c under its source address for MaxConnsPerIP. At the
+// limit it closes c, refuses it and returns false. The address returned is
+// what releaseIP must be given when the connection ends; it is the zero
+// Addr when nothing was counted.
+func (s *Server) admitIP(c net.Conn, log *slog.Logger) (netip.Addr, bool) {
+	if s.perIP == nil {
+		return netip.Addr{}, true
+	}
+	key, ok := admit.Key(c.RemoteAddr())
+	if !ok {
+		return netip.Addr{}, true // not an IP address: not limited
+	}
+	if !s.perIP.Acquire(key) {
+		c.Close() // nothing was read: a plain close, FIN
+		s.refuse(c.RemoteAddr(), ErrTooManyConnsFromIP, log)
+		return netip.Addr{}, false
+	}
+	return key, true
+}
+
+// releaseIP releases what admitIP counted.
+func (s *Server) releaseIP(key netip.Addr) {
+	if key.IsValid() {
+		s.perIP.Release(key)
+	}
+}
+
+// refuse logs a refused connection once, at warn level, and reports it to
+// Config.OnRefuse.
+func (s *Server) refuse(remote net.Addr, reason error, log *slog.Logger) {
+	admit.Refuse(log, s.Config.OnRefuse, remote, reason)
 }
 
 // start registers a connection the Serve loop or Listener.Accept accepted
-// and starts its goroutine; it returns the connection's engine.
-func (s *Server) start(t Transport, lim limits, h Handler, info ConnInfo) *Engine {
+// and starts its goroutine; it returns the connection's engine. key is the
+// address MaxConnsPerIP counted it under, released when it ends.
+func (s *Server) start(t Transport, lim limits, h Handler, info ConnInfo, key netip.Addr) *Engine {
 	d := &driver{}
 	d.init(t, lim, h, info, &s.Config, time.Now)
 
 	s.mu.Lock()
 	s.accepting--
 	s.conns[d] = struct{}{}
+	if key.IsValid() {
+		s.ipKeys[d] = key // only then: without MaxConnsPerIP a connection costs no more
+	}
 	if s.closing {
 		d.e.Close()
 	}
@@ -259,9 +441,14 @@ func (s *Server) connDone(d *driver) {
 	if d.result.Reason == ReasonShutdownDeadline {
 		s.aborted++
 	}
+	key, counted := s.ipKeys[d]
+	if counted {
+		delete(s.ipKeys, d)
+	}
 	delete(s.conns, d)
 	s.notifyLocked()
 	s.mu.Unlock()
+	s.releaseIP(key)
 	s.release()
 }
 
@@ -289,6 +476,7 @@ func (s *Server) stopLocked() {
 	for ln := range s.listeners {
 		(*ln).Close()
 	}
+	s.cutPreludesLocked() // closed uncounted: see startPrelude
 }
 
 // drained returns a channel closed when no connection is open.

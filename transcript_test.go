@@ -40,7 +40,8 @@ import (
 // Setting up:
 //
 //	new [idle=D] [write=D] [linger-timeout=D] [linger-time=D] [linger-bytes=N]
-//	    [max-lifetime=D] [max-output=N] [handler=KIND] [greet=TEXT]
+//	    [max-lifetime=D] [min-rate=N] [min-rate-window=D] [max-output=N]
+//	    [handler=KIND] [greet=TEXT]
 //	    A new Engine in Accepted, with the waker and Config.OnStateChange
 //	    hooked, the clock at t0. A setting left out is the Config default.
 //	    KIND is what OnData does with p:
@@ -417,7 +418,7 @@ func trCount(t *testing.T, d *datadriven.TestData, key string) int {
 func (tr *transcript) newEngine(t *testing.T, d *datadriven.TestData) {
 	for _, a := range d.CmdArgs {
 		switch a.Key {
-		case "idle", "write", "linger-timeout", "linger-time", "linger-bytes", "max-lifetime", "max-output", "handler", "greet":
+		case "idle", "write", "linger-timeout", "linger-time", "linger-bytes", "max-lifetime", "min-rate", "min-rate-window", "max-output", "handler", "greet":
 		default:
 			d.Fatalf(t, "new: unknown setting %q", a.Key)
 		}
@@ -429,6 +430,8 @@ func (tr *transcript) newEngine(t *testing.T, d *datadriven.TestData) {
 		LingerTime:       trDuration(t, d, "linger-time"),
 		LingerBytes:      int64(trCount(t, d, "linger-bytes")),
 		MaxLifetime:      trDuration(t, d, "max-lifetime"),
+		MinRate:          int64(trCount(t, d, "min-rate")),
+		MinRateWindow:    trDuration(t, d, "min-rate-window"),
 		MaxPendingOutput: trCount(t, d, "max-output"),
 		OnStateChange: func(_ sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
 			tr.printf("%s -%s-> %s", from, ev, to)

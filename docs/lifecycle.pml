@@ -26,6 +26,7 @@ mtype = { opNone, opStart, opRead, opWait, opWrite, opCloseWrite, opClose, opAbo
 #define IfTimer         16
 #define IfLingerBytes   32
 #define IfHeld          64
+#define IfMinRate       128
 
 #define closeNone 0
 #define closeHalf 1
@@ -49,6 +50,7 @@ bool paused;          /* PauseRead */
 bool held;            /* Conn.Hold */
 bool timer;           /* the deadline of the current state has passed */
 bool linger_full;     /* LingerBytes were read while HalfClosed */
+bool slow;            /* a MinRate window ended short while Receiving */
 byte notified;        /* OnClose calls */
 
 /* The peer. */
@@ -142,6 +144,7 @@ inline compute_facts() {
 	if :: timer -> facts = facts | IfTimer :: else -> skip fi;
 	if :: linger_full -> facts = facts | IfLingerBytes :: else -> skip fi;
 	if :: held -> facts = facts | IfHeld :: else -> skip fi;
+	if :: slow && !paused && !peerfin && !out_q -> facts = facts | IfMinRate :: else -> skip fi;
 }
 
 /* due: Due. The first rule that applies fires ev; cause is the facts
@@ -161,8 +164,8 @@ inline due() {
 				ev = evOutput; cause = facts & (IfOutputQueued)
 			:: else ->
 				if
-				:: (st == Receiving) && (facts & (IfCloseAsked | IfTimer)) != 0 ->
-					ev = evHalfClose; cause = facts & (IfCloseAsked | IfTimer)
+				:: (st == Receiving) && (facts & (IfCloseAsked | IfTimer | IfMinRate)) != 0 ->
+					ev = evHalfClose; cause = facts & (IfCloseAsked | IfTimer | IfMinRate)
 				:: else ->
 					if
 					:: (st == Receiving) && (facts & (IfPeerFin)) != 0 && (facts & (IfHeld)) == 0 ->
@@ -191,7 +194,7 @@ inline due() {
 inline enter() {
 	printf("  %e: %e -> %e\n", ev, st, nst);
 	if
-	:: nst != st -> timer = false; flushing = false
+	:: nst != st -> timer = false; flushing = false; slow = false
 	:: else -> skip
 	fi;
 	if
@@ -371,7 +374,7 @@ end:
 		:: !paused -> printf("request: Conn.PauseRead\n")
 		:: else -> skip
 		fi;
-		paused = true
+		paused = true; slow = false
 	}
 	:: d_step {
 		if
@@ -398,6 +401,21 @@ end:
 		:: st == Sending -> abort_cause = true
 		:: else -> skip
 		fi
+	}
+	od
+}
+
+/* MinRate: a window may end short while Receiving with reading on,
+   nothing queued and no FIN from the peer; output, a pause or a new state
+   end the window (slow is cleared). A process of its own, so that weak
+   fairness still makes the deadlines above pass. */
+active proctype Rates() {
+end:
+	do
+	:: d_step {
+		!slow && st == Receiving && !paused && !peerfin && !out_q;
+		slow = true;
+		printf("timer: a MinRate window ended short\n")
 	}
 	od
 }

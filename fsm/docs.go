@@ -15,7 +15,7 @@ var stateDocs = [numStates]struct{ meaning, timeouts string }{
 	},
 	Receiving: {
 		"Waiting for input; nothing queued to send. Input goes to the handler, which may queue output, from its callbacks or from any goroutine. The handler may pause reading.",
-		"`IdleTimeout` (nothing read and nothing written for that long; stopped while reading is paused): graceful half-close; `MaxLifetime` (graceful close).",
+		"`IdleTimeout` (nothing read and nothing written for that long; stopped while reading is paused): graceful half-close; `MinRate` (input over a window of `MinRateWindow` that began with input, some but less than `MinRate`×`MinRateWindow` bytes; the window restarts on output, a pause or the peer's FIN): graceful half-close; `MaxLifetime` (graceful close).",
 	},
 	Sending: {
 		"Flushing the output the handler queued. No input is read until the flush completes, so a peer that floods without reading is held back by TCP flow control.",
@@ -50,7 +50,7 @@ var eventDocs = [numEvents]string{
 	Output:    "The handler queued output (state-triggered: output is queued).",
 	Flushed:   "Every queued byte reached the transport (WriteDone).",
 	PeerFIN:   "The peer's FIN: end of file on read (ReadDone). The peer will send nothing more.",
-	HalfClose: "The decision to half-close (state-triggered): a close was asked for with nothing left to flush, the peer's FIN was read, or a receive timer passed.",
+	HalfClose: "The decision to half-close (state-triggered): a close was asked for with nothing left to flush, the peer's FIN was read, a receive timer passed, or the peer's input stayed below MinRate over a window.",
 	FINSent:   "Our FIN was handed to the transport: its CloseWrite (`shutdown(SD_SEND)`) returned (CloseWriteDone).",
 	Close:     "The decision to close gracefully (state-triggered): the linger ended, or a connection that never started was asked to close.",
 	Abort:     "The decision to abort (state-triggered): an abort was asked for (a reset or I/O error the driver reported, Conn.Abort, Engine.Abort, a panic, the server's deadline), or the flush passed `WriteTimeout`.",
@@ -60,27 +60,28 @@ var eventDocs = [numEvents]string{
 // condDocs says what each fact means.
 var condDocs = [numConds]string{
 	"An abort was asked for: by Conn.Abort, Engine.Abort, the server, a handler panic, or a driver that reported a reset, an I/O error or a failed handshake.",
-	"A graceful close or half-close was asked for: Conn.Close or CloseWrite, Engine.Close (the server's shutdown), an idle timeout or MaxLifetime.",
+	"A graceful close or half-close was asked for: Conn.Close or CloseWrite, Engine.Close (the server's shutdown), or MaxLifetime.",
 	"Output is queued and not yet handed to the transport.",
 	"The peer's FIN was read (the machine's own bit, which also guards the table).",
 	"The deadline of the current state has passed (see Timeouts above).",
 	"`LingerBytes` were read while lingering.",
 	"The handler holds the connection open after the peer's FIN (`Conn.Hold`): the net.Conn face, whose application closes it as it would a net.Conn.",
+	"The peer trickles: a window of `MinRateWindow`, started by input while Receiving with reading on, nothing to flush and no FIN from the peer, ended with some input but less than `MinRate`×`MinRateWindow` bytes. A window with no input is `IdleTimeout`'s business.",
 }
 
 // promises are the engine's guarantees and the tests that check them.
 var promises = []struct{ promise, tests string }{
 	{
 		"**No send after shutdown.** After our half-close nothing reaches the transport's write side; a handler's Write returns `ErrShutdown`.",
-		"`TestPropertyNoSendAfterShutdown` (properties_test.go), `TestWriteAfterCloseWrite`",
+		"`TestPropertyNoSendAfterShutdown` (properties_test.go), `TestDrivers/*/WriteAfterCloseWrite` (internal/drivertest)",
 	},
 	{
 		"**Every connection is closed, exactly once, within its bounds.** Whatever the peer does, the transport is closed once, the handler hears `OnClose` once and last, and the connection reaches Closed by the bound computed from the configuration.",
-		"`TestPropertyEveryConnectionClosed` (properties_test.go), the real-socket tests in server_test.go",
+		"`TestPropertyEveryConnectionClosed` (properties_test.go), the real-socket suite in internal/drivertest (`TestDrivers`)",
 	},
 	{
 		"**No byte lost, reordered or cut off by an RST of ours.** A peer that reads receives exactly what the handler wrote before the half-close, in order, then FIN; no RST of ours is sent while the peer's input is unread, except on the abort paths listed under `abort`.",
-		"`TestPropertyEchoIsExact` (properties_test.go), `TestTutorialFlow`, `TestLingerNoReset` (server_test.go)",
+		"`TestPropertyEchoIsExact` (properties_test.go), `TestDrivers/*/TutorialFlow`, `TestDrivers/*/LingerNoReset` (internal/drivertest)",
 	},
 	{
 		"**Only table edges.** Every transition the engine takes is an edge of this table, and the looplab/fsm reference machine accepts it.",

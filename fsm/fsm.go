@@ -152,7 +152,7 @@ func (s State) Op() Op {
 
 // Cond is a set of facts about a connection that the state-triggered rules
 // read. The engine computes them; the rules decide what they mean.
-type Cond uint8
+type Cond uint16
 
 // The facts.
 const (
@@ -173,6 +173,10 @@ const (
 	// IfHeld: the handler holds the connection open after the peer's FIN
 	// (Conn.Hold) and closes it itself, as the user of a net.Conn does.
 	IfHeld
+	// IfMinRate: the peer's input over the last window of MinRateWindow
+	// while Receiving (reading, nothing to flush, no FIN from the peer)
+	// was some, but less than MinRate: a peer that trickles.
+	IfMinRate
 
 	numConds = iota
 )
@@ -230,7 +234,7 @@ func (c Cond) String() string {
 		}
 	}
 	if rest := c &^ (1<<numConds - 1); rest != 0 {
-		parts = append(parts, fmt.Sprintf("Cond(%#x)", uint8(rest)))
+		parts = append(parts, fmt.Sprintf("Cond(%#x)", uint16(rest)))
 	}
 	return strings.Join(parts, "|")
 }

@@ -86,7 +86,7 @@ func expectedRule(s State, c Cond) (Event, bool) {
 		return Close, true
 	case s == Receiving && c&IfOutputQueued != 0:
 		return Output, true
-	case s == Receiving && c&(IfCloseAsked|IfTimer) != 0:
+	case s == Receiving && c&(IfCloseAsked|IfTimer|IfMinRate) != 0:
 		return HalfClose, true
 	case s == Receiving && c&IfPeerFIN != 0 && c&IfHeld == 0:
 		return HalfClose, true

@@ -96,6 +96,7 @@ var promelaFacts = map[Cond]string{
 	IfTimer:        "timer",
 	IfLingerBytes:  "linger_full",
 	IfHeld:         "held",
+	IfMinRate:      "slow && !paused && !peerfin && !out_q",
 }
 
 // pState, pEvent, pOp and pCond are the model's names of a state, an
@@ -317,6 +318,7 @@ bool paused;          /* PauseRead */
 bool held;            /* Conn.Hold */
 bool timer;           /* the deadline of the current state has passed */
 bool linger_full;     /* LingerBytes were read while HalfClosed */
+bool slow;            /* a MinRate window ended short while Receiving */
 byte notified;        /* OnClose calls */
 
 /* The peer. */
@@ -364,7 +366,7 @@ const promelaEngine = `/* enter: Machine.Fire takes the edge ev to nst; Engine.f
 inline enter() {
 	printf("  %e: %e -> %e\n", ev, st, nst);
 	if
-	:: nst != st -> timer = false; flushing = false
+	:: nst != st -> timer = false; flushing = false; slow = false
 	:: else -> skip
 	fi;
 	if
@@ -544,7 +546,7 @@ end:
 		:: !paused -> printf("request: Conn.PauseRead\n")
 		:: else -> skip
 		fi;
-		paused = true
+		paused = true; slow = false
 	}
 	:: d_step {
 		if
@@ -571,6 +573,21 @@ end:
 		:: st == $Sending -> abort_cause = true
 		:: else -> skip
 		fi
+	}
+	od
+}
+
+/* MinRate: a window may end short while Receiving with reading on,
+   nothing queued and no FIN from the peer; output, a pause or a new state
+   end the window (slow is cleared). A process of its own, so that weak
+   fairness still makes the deadlines above pass. */
+active proctype Rates() {
+end:
+	do
+	:: d_step {
+		!slow && st == $Receiving && !paused && !peerfin && !out_q;
+		slow = true;
+		printf("timer: a MinRate window ended short\n")
 	}
 	od
 }

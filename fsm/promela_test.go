@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sockfsm/sockfsm/internal/testutil"
 )
 
 const promelaPath = "../docs/lifecycle.pml"
@@ -319,11 +321,8 @@ func spinTrail(out string) string {
 // TestSpin checks the claims with spin: each holds on the model of the
 // table, and each fails on a broken table, whose counterexample is logged.
 func TestSpin(t *testing.T) {
-	for _, tool := range []string{"spin", "cc"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed (apt-get install spin gcc): %v", tool, err)
-		}
-	}
+	testutil.Tool(t, "spin", "spin")
+	testutil.Tool(t, "cc", "gcc")
 	t.Run("table", func(t *testing.T) {
 		t.Parallel()
 		for _, r := range spinCheck(t, Promela(), "-O2", promelaClaimNames()) {

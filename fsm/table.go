@@ -21,7 +21,7 @@ var (
 	stateNames = [numStates]string{"accepted", "receiving", "sending", "half-closing", "half-closed", "closing", "aborting", "closed"}
 	eventNames = [numEvents]string{"start", "input", "output", "flushed", "peer-fin", "half-close", "fin-sent", "close", "abort", "close-done"}
 	opNames    = [numOps]string{"", "start", "read", "wait", "write", "close-write", "close", "abort", "done"}
-	condNames  = [numConds]string{"abort-asked", "close-asked", "output-queued", "peer-fin", "timer", "linger-bytes", "held"}
+	condNames  = [numConds]string{"abort-asked", "close-asked", "output-queued", "peer-fin", "timer", "linger-bytes", "held", "min-rate"}
 )
 
 // table is the lifecycle's edges, declared once.
@@ -99,9 +99,9 @@ var rules = []Rule{
 	},
 	{
 		From: []State{Receiving},
-		When: IfCloseAsked | IfTimer,
+		When: IfCloseAsked | IfTimer | IfMinRate,
 		Fire: HalfClose,
-		Why:  "nothing is left to flush and a close was asked for, or IdleTimeout or MaxLifetime passed",
+		Why:  "nothing is left to flush and a close was asked for, or IdleTimeout or MaxLifetime passed, or the peer's input over a window stayed below MinRate",
 	},
 	{
 		From:   []State{Receiving},

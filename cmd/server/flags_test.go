@@ -51,8 +51,18 @@ func flagCases() []flagCase {
 			cfg(func(c sockfsm.Config) any { return c.LingerBytes })},
 		{"max-lifetime", "17m", 17 * time.Minute,
 			cfg(func(c sockfsm.Config) any { return c.MaxLifetime })},
+		{"min-rate", "23", int64(23),
+			cfg(func(c sockfsm.Config) any { return c.MinRate })},
+		{"min-rate-window", "29s", 29 * time.Second,
+			cfg(func(c sockfsm.Config) any { return c.MinRateWindow })},
 		{"max-conns", "42", 42,
 			cfg(func(c sockfsm.Config) any { return c.MaxConns })},
+		{"max-conns-per-ip", "23", 23,
+			cfg(func(c sockfsm.Config) any { return c.MaxConnsPerIP })},
+		{"proxy-protocol", "required", "required, Prelude set: true",
+			func(o options, srv *sockfsm.Server) any {
+				return fmt.Sprintf("%v, Prelude set: %v", o.proxy, srv.Config.Prelude != nil)
+			}},
 		{"shutdown-timeout", "19s", 19 * time.Second,
 			func(o options, _ *sockfsm.Server) any { return o.shutdownTimeout }},
 		{"log-level", "warn", slog.LevelWarn,
@@ -61,6 +71,10 @@ func flagCases() []flagCase {
 			func(_ options, srv *sockfsm.Server) any { return verbosity(srv) }},
 		{"driver", "loop", "loop",
 			func(o options, _ *sockfsm.Server) any { return o.driver }},
+		{"metrics-addr", "127.0.0.1:9464", "127.0.0.1:9464",
+			func(o options, _ *sockfsm.Server) any { return o.ops.addr }},
+		{"shutdown-delay", "23s", 23 * time.Second,
+			func(o options, _ *sockfsm.Server) any { return o.ops.shutdownDelay }},
 	}
 }
 
@@ -102,7 +116,7 @@ func build(t *testing.T, args ...string) (options, *sockfsm.Server) {
 // set together arrive too. The flags are those the usage lists, so that a
 // new flag without a case here fails the test.
 func TestFlagsReachServer(t *testing.T) {
-	cases := flagCases()
+	cases := append(flagCases(), deployFlagCases()...)
 
 	code, _, usage := runResult(t, "-h")
 	if code != 0 {

@@ -17,11 +17,22 @@
 // plus each state change. SIGINT or SIGTERM shuts the server down
 // gracefully within -shutdown-timeout, aborting what is left at the
 // deadline, and exits 0; a second signal closes every connection at once.
+// With -metrics-addr it serves Prometheus metrics on /metrics, and /healthz
+// and /readyz, which fails from the first signal on (see metrics.go).
+//
+// It listens on -addr (host:port, or unix:PATH for a Unix socket), or on
+// the sockets systemd passes by socket activation (LISTEN_FDS); with
+// -tls-cert and -tls-key it serves TLS. SIGHUP restarts it with no downtime
+// (-upgrade, on by default except on Windows): the binary starts anew with
+// the listening sockets, and this process drains and exits
+// (docs/deploy.md).
 //
 // -driver loop serves the connections on event loops (package
 // github.com/sockfsm/sockfsm/loop: epoll on Linux) instead of a goroutine
 // each; elsewhere it logs that it serves with the goroutine driver, and
-// does. The default is -driver goroutine.
+// does. It serves neither TLS nor -proxy-protocol nor -max-conns-per-ip:
+// with any of them the server fails at start with the loop's error. The
+// default is -driver goroutine.
 //
 // Durations and byte limits follow the engine's scheme: 0 means the
 // engine's default, a negative value turns the bound off (not allowed for
@@ -46,6 +57,7 @@ import (
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
 	"github.com/sockfsm/sockfsm/loop"
+	"github.com/sockfsm/sockfsm/proxy"
 )
 
 // DefaultAddr is the tutorial's address.
@@ -53,7 +65,7 @@ const DefaultAddr = "localhost:27015"
 
 func main() {
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, upgradeSignal)
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, sigs, nil))
 }
 
@@ -65,6 +77,9 @@ type options struct {
 	logLevel        slog.Level
 	verbose         bool
 	driver          string
+	deployOptions
+	ops   opsOptions // -metrics-addr, -shutdown-delay: see metrics.go
+	proxy proxy.Mode
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -73,21 +88,27 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: server [flags]\n\nAn RFC 862 echo server on the sockfsm engine (the Winsock tutorial's server).\n"+
-			"Durations and byte limits: 0 means the engine's default, negative means off.\n\nFlags:\n")
+			"Durations and byte limits: 0 means the engine's default, negative means off.\n"+
+			"Under systemd socket activation (LISTEN_FDS set) it serves the sockets systemd passed instead of -addr.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	fs.StringVar(&o.addr, "addr", DefaultAddr, "`host:port` to listen on")
+	fs.StringVar(&o.addr, "addr", DefaultAddr, "`host:port` to listen on, or unix:PATH for a Unix socket")
 	fs.DurationVar(&o.cfg.IdleTimeout, "idle-timeout", sockfsm.DefaultIdleTimeout, "half-close a connection that sends nothing for this long")
 	fs.DurationVar(&o.cfg.WriteTimeout, "write-timeout", sockfsm.DefaultWriteTimeout, "abort a connection whose peer does not read our output within this long")
 	fs.DurationVar(&o.cfg.LingerTimeout, "linger-timeout", sockfsm.DefaultLingerTimeout, "after our FIN, close if a read waits this long")
 	fs.DurationVar(&o.cfg.LingerTime, "linger-time", sockfsm.DefaultLingerTime, "after our FIN, close after lingering this long in total")
 	fs.Int64Var(&o.cfg.LingerBytes, "linger-bytes", sockfsm.DefaultLingerBytes, "after our FIN, close after reading this many bytes")
 	fs.DurationVar(&o.cfg.MaxLifetime, "max-lifetime", 0, "gracefully close connections open this long (0: the default, off)")
+	fs.Int64Var(&o.cfg.MinRate, "min-rate", sockfsm.DefaultMinRate, "gracefully close a peer whose input over a window stays below this many `bytes` per second (negative: off; see sockfsm.Config.MinRate)")
+	fs.DurationVar(&o.cfg.MinRateWindow, "min-rate-window", sockfsm.DefaultMinRateWindow, "the window over which -min-rate is judged")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "on SIGINT or SIGTERM, abort connections still open after this long")
 	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
 	fs.StringVar(&o.driver, "driver", "goroutine", "`goroutine` (a goroutine per connection) or loop (event loops; on systems other than Linux it serves with the goroutine driver and logs so)")
+	addDeployFlags(fs, &o.deployOptions)
+	o.ops.register(fs)
+	admissionFlags(fs, &o)
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -102,14 +123,18 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	if err := o.logLevel.UnmarshalText([]byte(*level)); err != nil {
 		return o, fail("bad -log-level %q", *level)
 	}
-	if o.driver != "goroutine" && o.driver != "loop" {
-		return o, fail("bad -driver %q: goroutine or loop", o.driver)
-	}
 	if o.shutdownTimeout <= 0 {
 		return o, fail("-shutdown-timeout must be positive")
 	}
+	applyAdmission(&o)
+	if o.driver != "goroutine" && o.driver != "loop" {
+		return o, fail("bad -driver %q: goroutine or loop", o.driver)
+	}
 	if err := o.cfg.Validate(); err != nil {
 		return o, fail("%v", err)
+	}
+	if msg := o.ops.check(); msg != "" {
+		return o, fail("%s", msg)
 	}
 	return o, nil
 }
@@ -130,19 +155,42 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	}
 	cfgSrv := newServer(o, stdout, stderr)
 	log := cfgSrv.Config.Logger
-	srv := withDriver(o.driver, cfgSrv)
-
-	lns, err := listen(o.addr)
+	ops, err := startOps(o.ops, &cfgSrv.Config, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "server: %v\n", err)
 		return 1
 	}
+	defer ops.shutdown() // after the echo server has drained
+
+	sup, err := newSupervision(o.deployOptions, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "server: %v\n", err)
+		return 1
+	}
+	defer sup.stop()
+	lns, err := sup.listen(o)
+	if err == nil {
+		lns, err = serveTLS(o.deployOptions, lns, log)
+	}
+	if err == nil {
+		err = sup.ready()
+	}
+	if err != nil {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		fmt.Fprintf(stderr, "server: %v\n", err)
+		return 1
+	}
+	sigs = sup.signals(sigs)
+	srv := withDriver(o.driver, cfgSrv)
 
 	served := make(chan error, len(lns))
 	for _, ln := range lns {
 		log.Info("listening", "addr", ln.Addr().String())
 		go func() { served <- srv.Serve(ln) }()
 	}
+	ops.setReady(true)
 	if ready != nil {
 		ready <- lns[0].Addr()
 	}
@@ -160,6 +208,8 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal, ready c
 	case sig := <-sigs:
 		log.Info("shutting down", "signal", sig.String(), "timeout", o.shutdownTimeout)
 	}
+	ops.setReady(false) // /readyz fails from here on, before the listeners close
+	sigs = shutdownDelay(o.ops.shutdownDelay, sigs, log)
 
 	ctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
 	defer cancel()
@@ -217,7 +267,8 @@ type server interface {
 }
 
 // withDriver returns srv itself for the goroutine driver, or a loop.Server
-// with srv's Config and handlers for the loop driver.
+// with srv's Config (hooks and metrics included) and handlers for the loop
+// driver.
 func withDriver(driver string, srv *sockfsm.Server) server {
 	if driver == "loop" {
 		return &loop.Server{Config: srv.Config, NewHandler: srv.NewHandler}
@@ -225,16 +276,17 @@ func withDriver(driver string, srv *sockfsm.Server) server {
 	return srv
 }
 
-// listen listens on addr. For the host name "localhost" it listens on every
-// loopback address the name resolves to (127.0.0.1 and ::1, usually), on the
-// same port, so that clients that try IPv6 first find the server too.
-func listen(addr string) ([]net.Listener, error) {
+// listenTCP listens on addr with listen. For the host name "localhost" it
+// listens on every loopback address the name resolves to (127.0.0.1 and
+// ::1, usually), on the same port, so that clients that try IPv6 first find
+// the server too.
+func listenTCP(addr string, listen listenFunc) ([]net.Listener, error) {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, err
 	}
 	if host != "localhost" {
-		ln, err := net.Listen("tcp", addr)
+		ln, err := listen("tcp", addr)
 		if err != nil {
 			return nil, err
 		}
@@ -249,7 +301,7 @@ func listen(addr string) ([]net.Listener, error) {
 		if !ip.IP.IsLoopback() {
 			continue
 		}
-		ln, err := net.Listen("tcp", net.JoinHostPort(ip.String(), port))
+		ln, err := listen("tcp", net.JoinHostPort(ip.String(), port))
 		if err != nil {
 			if len(lns) > 0 && !ip.IP.Equal(net.IPv4(127, 0, 0, 1)) {
 				continue // the first address is served; this one may be unavailable (no IPv6)

@@ -30,8 +30,14 @@ import (
 	"go.uber.org/goleak"
 )
 
-// TestMain fails the run if a goroutine outlives the tests.
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// TestMain fails the run if a goroutine outlives the tests. The tests that
+// call run in-process do so many times, and tableflip allows one Upgrader
+// per process: -upgrade is off by default for them (the restart tests exec
+// the binary, where it is on).
+func TestMain(m *testing.M) {
+	upgradeByDefault = false
+	goleak.VerifyTestMain(m)
+}
 
 // deadline bounds every socket operation and every wait in these tests.
 const deadline = 10 * time.Second

@@ -73,7 +73,11 @@ func run(args []string, stderr io.Writer, sigs <-chan os.Signal, ready chan<- ne
 			// still be sending, and its input still goes to the upstream.
 			// Bound that by time (LingerTime), not by bytes.
 			LingerBytes: -1,
-			Logger:      log,
+			// The proxy does not know the protocol it carries: a small
+			// request whose answer the upstream takes long to send, or
+			// a one-way stream with pauses, is input below MinRate.
+			MinRate: -1,
+			Logger:  log,
 		},
 		NewHandler: px.NewHandler,
 	}

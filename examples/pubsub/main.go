@@ -68,7 +68,11 @@ func run(args []string, stderr io.Writer, sigs <-chan os.Signal, ready chan<- ne
 	hub := NewHub(Options{MaxFull: *maxFull, MaxLine: *maxLine, Logger: log})
 	defer hub.Close()
 	srv := &sockfsm.Server{
-		Config:     sockfsm.Config{MaxPendingOutput: *maxPending, IdleTimeout: *idle, Logger: log},
+		Config: sockfsm.Config{MaxPendingOutput: *maxPending, IdleTimeout: *idle, Logger: log,
+			// A chat line is not answered to its sender: a user who types a
+			// line a minute sends far below any MinRate. IdleTimeout bounds
+			// silence.
+			MinRate: -1},
 		NewHandler: hub.NewHandler,
 	}
 	ln, err := net.Listen("tcp", *addr)
