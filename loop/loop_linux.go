@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"runtime/debug"
 	"slices"
@@ -16,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/admit"
 )
 
 // Tuning.
@@ -475,10 +477,15 @@ func (l *eventLoop) recoverConn(c *conn) {
 	l.gone(c, sockfsm.ReasonInternal)
 }
 
-// gone counts the end of c, once.
+// gone counts the end of c, once, and releases what admitIP counted.
 func (l *eventLoop) gone(c *conn, r sockfsm.Reason) {
 	if c.flags&fGone == 0 {
 		c.flags |= fGone
+		if l.s.perIP != nil {
+			if key, ok := admit.Key(c.e.Info().RemoteAddr); ok {
+				l.s.perIP.Release(key)
+			}
+		}
 		l.s.connGone(r)
 	}
 }
@@ -715,9 +722,42 @@ func (l *eventLoop) accept(a *acceptor) {
 			}
 		}
 		a.backoff = 0
+		if !l.admitIP(fd, sa) {
+			s.unreserve()
+			continue
+		}
 		l.newConn(fd, sa, a)
 	}
 	l.acceptMore = true
+}
+
+// admitIP counts the connection accepted on fd under its source address
+// for MaxConnsPerIP. At the limit it closes fd (nothing was read: a plain
+// close, FIN), refuses the connection as sockfsm.Server does and returns
+// false. The count is released when the connection is gone (see gone).
+func (l *eventLoop) admitIP(fd int32, sa unix.Sockaddr) bool {
+	s := l.s
+	if s.perIP == nil {
+		return true
+	}
+	var key netip.Addr
+	var remote net.Addr
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		key = netip.AddrFrom4(sa.Addr)
+		remote = &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}
+	case *unix.SockaddrInet6:
+		key = netip.AddrFrom16(sa.Addr).Unmap()
+		remote = &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port, Zone: zoneName(sa.ZoneId)}
+	default:
+		return true // not an IP address: not limited
+	}
+	if s.perIP.Acquire(key) {
+		return true
+	}
+	l.k.close(fd)
+	admit.Refuse(s.log, s.cfg.OnRefuse, remote, sockfsm.ErrTooManyConnsFromIP)
+	return false
 }
 
 // temporaryAcceptErrors are the accept errors worth retrying after a

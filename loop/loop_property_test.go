@@ -1,3 +1,5 @@
+//go:build linux
+
 package loop
 
 // The loop's logic without a kernel: loops run on fake kernels

@@ -62,5 +62,10 @@ func (s *Server) check(ln net.Listener) error {
 	if s.Loops < 0 {
 		return fmt.Errorf("%w: Loops %d is negative", sockfsm.ErrInvalidConfig, s.Loops)
 	}
+	if s.Config.Prelude != nil {
+		// A prelude reads from a net.Conn, blocking: it has no place on
+		// a loop.
+		return fmt.Errorf("%w: the loop driver does not run Config.Prelude (the PROXY protocol); use sockfsm.Server", sockfsm.ErrInvalidConfig)
+	}
 	return checkListener(ln)
 }

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/admit"
 )
 
 // serverState is a Server's event loops and bookkeeping.
@@ -38,6 +39,7 @@ type serverState struct {
 	newH     func(sockfsm.ConnInfo) sockfsm.Handler
 	log      *slog.Logger
 	maxConns int64
+	perIP    *admit.Limiter // MaxConnsPerIP; nil when unlimited
 
 	closingFlag atomic.Bool  // closing, for connGone
 	nconns      atomic.Int64 // open connections, from accept to close
@@ -60,6 +62,7 @@ func (st *serverState) initLocked(s *Server) {
 		st.log = slog.Default()
 	}
 	st.maxConns = int64(s.Config.MaxConns)
+	st.perIP = admit.New(s.Config.MaxConnsPerIP)
 	st.listeners = map[*acceptor]net.Listener{}
 	st.drained = make(chan struct{})
 }

@@ -828,12 +828,14 @@ func TestServeAfterShutdown(t *testing.T) {
 	}
 }
 
-// TestBadConfig: Serve refuses an invalid Config and a nil NewHandler.
+// TestBadConfig: Serve refuses an invalid Config, a nil NewHandler, and a
+// Config.Prelude, which the loop cannot run.
 func TestBadConfig(t *testing.T) {
 	for _, srv := range []*Server{
 		{Config: sockfsm.Config{WriteTimeout: -1}, NewHandler: always(sockfsm.Echo{})},
 		{},
 		{NewHandler: always(sockfsm.Echo{}), Loops: -1},
+		{NewHandler: always(sockfsm.Echo{}), Config: sockfsm.Config{Prelude: func(c net.Conn) (net.Conn, error) { return c, nil }}},
 	} {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -869,4 +871,52 @@ func TestHandlerPanic(t *testing.T) {
 	}
 	closeWrite(t, other)
 	readToEOF(t, other)
+}
+
+// TestMaxConnsPerIP: beyond MaxConnsPerIP open connections from one
+// address a new one is closed at once (FIN) and refused through OnRefuse;
+// other addresses are served, and the count drops as connections close.
+func TestMaxConnsPerIP(t *testing.T) {
+	checkFDs(t)
+	refused := make(chan error, 4)
+	cfg := sockfsm.Config{MaxConnsPerIP: 1, OnRefuse: func(_ net.Addr, reason error) { refused <- reason }}
+	ts := startServer(t, "tcp", "0.0.0.0:0", 2, cfg, always(sockfsm.Echo{}))
+	_, port, _ := net.SplitHostPort(ts.addr)
+	dialFrom := func(src string) net.Conn {
+		t.Helper()
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: clientDeadline}
+		c, err := d.Dial("tcp", net.JoinHostPort("127.0.0.1", port))
+		if err != nil {
+			t.Fatalf("dial from %s: %v", src, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(clientDeadline))
+		return c
+	}
+	echo := func(c net.Conn) {
+		t.Helper()
+		mustWrite(t, c, []byte("hi"))
+		if got := readFull(t, c, 2); string(got) != "hi" {
+			t.Fatalf("echo = %q", got)
+		}
+	}
+	c1 := dialFrom("127.0.0.1")
+	echo(c1)
+	c2 := dialFrom("127.0.0.1")
+	if n, err := c2.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("second connection from 127.0.0.1: read %d, %v; want EOF (refused)", n, err)
+	}
+	select {
+	case reason := <-refused:
+		if !errors.Is(reason, sockfsm.ErrTooManyConnsFromIP) {
+			t.Errorf("OnRefuse reason %v", reason)
+		}
+	case <-time.After(clientDeadline):
+		t.Fatal("OnRefuse was not called")
+	}
+	echo(dialFrom("127.0.0.2")) // another address
+	closeWrite(t, c1)
+	readToEOF(t, c1)
+	ts.rec.wait(t, key(c1))
+	echo(dialFrom("127.0.0.1")) // its slot is free again
 }
