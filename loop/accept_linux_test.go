@@ -55,7 +55,8 @@ func settleLoop(t *testing.T, l *eventLoop) {
 // success resets the back-off.
 func TestAcceptBackoff(t *testing.T) {
 	w := newWorld()
-	_, l, _ := fakeServer(t, w, sockfsm.Config{})
+	var acceptErrs []error
+	_, l, _ := fakeServer(t, w, sockfsm.Config{OnAcceptError: func(err error) { acceptErrs = append(acceptErrs, err) }})
 	k := l.k.(*fakeKernel)
 	connect := func() *fsock {
 		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
@@ -84,6 +85,9 @@ func TestAcceptBackoff(t *testing.T) {
 	}
 	if k.interest[listenFD] == 0 {
 		t.Fatal("the listener is not watched again")
+	}
+	if len(acceptErrs) != 3 || !errors.Is(acceptErrs[0], unix.EMFILE) || !errors.Is(acceptErrs[1], unix.ENFILE) {
+		t.Errorf("OnAcceptError heard %v, want EMFILE, ENFILE, EMFILE", acceptErrs)
 	}
 	// A success reset the back-off: the next error waits 5 ms again.
 	connect()
@@ -125,7 +129,9 @@ func TestAcceptErrorEndsServe(t *testing.T) {
 // connection closes.
 func TestMaxConnsPausesListener(t *testing.T) {
 	w := newWorld()
-	_, l, _ := fakeServer(t, w, sockfsm.Config{MaxConns: 1, IdleTimeout: 10 * time.Millisecond, LingerTimeout: 10 * time.Millisecond})
+	var waits []time.Duration
+	_, l, _ := fakeServer(t, w, sockfsm.Config{MaxConns: 1, IdleTimeout: 10 * time.Millisecond, LingerTimeout: 10 * time.Millisecond,
+		OnMaxConnsWait: func(d time.Duration) { waits = append(waits, d) }})
 	k := l.k.(*fakeKernel)
 	for range 2 {
 		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
@@ -150,6 +156,10 @@ func TestMaxConnsPausesListener(t *testing.T) {
 	}
 	if len(w.backlog) != 0 || l.n != 1 {
 		t.Fatalf("after the first closed: %d open, %d in the backlog; want the second accepted", l.n, len(w.backlog))
+	}
+	// The idle timeout (10ms) and the linger timeout (10ms) of the first.
+	if len(waits) != 1 || waits[0] != 20*time.Millisecond {
+		t.Errorf("OnMaxConnsWait heard %v, want one wait of 20ms", waits)
 	}
 }
 

@@ -648,9 +648,10 @@ type acceptor struct {
 	done  chan error
 
 	backoff  time.Duration
-	resumeAt int64 // the back-off ends, on the loop's clock; 0: none
-	paused   bool  // at MaxConns
-	watched  bool  // in the epoll set
+	resumeAt int64     // the back-off ends, on the loop's clock; 0: none
+	paused   bool      // at MaxConns
+	pausedAt time.Time // when it paused, for Config.OnMaxConnsWait
+	watched  bool      // in the epoll set
 }
 
 func (l *eventLoop) addAcceptor(a *acceptor) {
@@ -689,8 +690,7 @@ func (l *eventLoop) closeAcceptor(a *acceptor, err error) {
 	l.accs = slices.Delete(l.accs, i, i+1)
 	l.unwatch(a)
 	if a.paused {
-		a.paused = false
-		l.s.paused.Add(-1)
+		l.unpause(a) // a wait at MaxConns ends with the server's stop
 	}
 	l.k.close(a.fd)
 	a.done <- err
@@ -713,13 +713,17 @@ func (l *eventLoop) accept(a *acceptor) {
 				return
 			case err == unix.EINTR || err == unix.ECONNABORTED:
 				continue // as net does: the next one
-			case temporary(err):
-				l.backOff(a, err)
-				return
-			default:
-				l.closeAcceptor(a, os.NewSyscallError("accept4", err))
-				return
 			}
+			err = os.NewSyscallError("accept4", err)
+			if f := s.cfg.OnAcceptError; f != nil {
+				s.callHook("OnAcceptError", func() { f(err) })
+			}
+			if temporary(err) {
+				l.backOff(a, err)
+			} else {
+				l.closeAcceptor(a, err)
+			}
+			return
 		}
 		a.backoff = 0
 		if !l.admitIP(fd, sa) {
@@ -770,29 +774,47 @@ var temporaryAcceptErrors = []unix.Errno{
 }
 
 func temporary(err error) bool {
-	errno, ok := err.(unix.Errno)
-	return ok && slices.Contains(temporaryAcceptErrors, errno)
+	var errno unix.Errno
+	return errors.As(err, &errno) && slices.Contains(temporaryAcceptErrors, errno)
 }
 
 // backOff stops accepting on a for a while: 5 ms, doubling on each
 // consecutive error up to 1 s.
 func (l *eventLoop) backOff(a *acceptor, err error) {
 	a.backoff = min(max(2*a.backoff, acceptBackoffMin), acceptBackoffMax)
-	l.s.log.Warn("accept error; retrying", "err", os.NewSyscallError("accept4", err), "backoff", a.backoff)
+	l.s.log.Warn("accept error; retrying", "err", err, "backoff", a.backoff)
 	a.resumeAt = l.ns(l.k.now().Add(a.backoff))
 	l.unwatch(a)
 }
 
 // pause stops accepting on a at MaxConns until a connection closes.
 func (l *eventLoop) pause(a *acceptor) {
-	if !a.paused {
-		a.paused = true
-		l.s.paused.Add(1)
-		l.unwatch(a)
+	if a.paused {
+		return
 	}
+	a.paused = true
+	l.s.paused.Add(1)
 	// A connection may have closed before paused was counted, and so
-	// posted no cmdResume.
-	l.resumeAccepting()
+	// posted no cmdResume: then there is no wait.
+	if l.s.belowMax() {
+		a.paused = false
+		l.s.paused.Add(-1)
+		l.acceptMore = true // accept again in the next turn
+		return
+	}
+	a.pausedAt = l.k.now()
+	l.unwatch(a)
+}
+
+// unpause ends a's wait at MaxConns, and reports it to
+// Config.OnMaxConnsWait.
+func (l *eventLoop) unpause(a *acceptor) {
+	a.paused = false
+	l.s.paused.Add(-1)
+	if f := l.s.cfg.OnMaxConnsWait; f != nil {
+		wait := l.k.now().Sub(a.pausedAt)
+		l.s.callHook("OnMaxConnsWait", func() { f(wait) })
+	}
 }
 
 // resumeAccepting watches the loop's paused listeners again if the
@@ -800,8 +822,7 @@ func (l *eventLoop) pause(a *acceptor) {
 func (l *eventLoop) resumeAccepting() {
 	for _, a := range l.accs {
 		if a.paused && l.s.belowMax() {
-			a.paused = false
-			l.s.paused.Add(-1)
+			l.unpause(a)
 			if a.resumeAt == 0 {
 				l.watch(a)
 			}

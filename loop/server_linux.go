@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -250,6 +251,17 @@ func (st *serverState) checkDrainedLocked() {
 		st.isDrained = true
 		close(st.drained)
 	}
+}
+
+// callHook calls one of the accepting loop's hooks; a panic there is
+// logged, so that it does not take the loop down.
+func (st *serverState) callHook(name string, f func()) {
+	defer func() {
+		if r := recover(); r != nil {
+			st.log.Error("panic in Config."+name, "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	f()
 }
 
 func (st *serverState) newHandler(info sockfsm.ConnInfo) (h sockfsm.Handler, err error) {
