@@ -75,11 +75,20 @@
 // PauseRead, ResumeRead wake the loop through its eventfd), exactly as with
 // sockfsm.Server.
 //
+// # Config
+//
+// Every field of sockfsm.Config means what it means to sockfsm.Server:
+// the engine's timeouts and limits, MaxConns, MaxConnsPerIP (refused at
+// accept, through OnRefuse), and the hooks (OnAccept, OnStateChange,
+// OnClose, OnAcceptError, OnMaxConnsWait), all but Prelude.
+//
 // # What is not supported
 //
 // TLS: Serve refuses a listener other than *net.TCPListener and
 // *net.UnixListener (a tls.Listener, say) with an error matching
-// ErrUnsupportedListener; serve TLS with sockfsm.Server. ConnInfo.ID is
+// ErrUnsupportedListener. Config.Prelude (the PROXY protocol): it reads
+// from a net.Conn, blocking, and Serve refuses it with an error matching
+// sockfsm.ErrInvalidConfig. Serve both with sockfsm.Server. ConnInfo.ID is
 // numbered by this package, separately from sockfsm's own drivers.
 //
 // The driver uses the Engine's exported API only: it is a package of its
