@@ -362,16 +362,6 @@ type loadStats struct {
 	resets     atomic.Int64
 	mu         sync.Mutex
 	problems   []string
-	notes      []string
-}
-
-// note keeps a line for the log.
-func (s *loadStats) note(format string, a ...any) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.notes) < 20 {
-		s.notes = append(s.notes, fmt.Sprintf(format, a...))
-	}
 }
 
 func (s *loadStats) problem(format string, a ...any) {
@@ -591,9 +581,6 @@ func TestUpgradeUnderLoad(t *testing.T) {
 
 	t.Logf("%d churn exchanges and %d echo round trips exact; %d churn exchanges cut short; %d persistent echo connections ended by a draining server (FIN after an exact round trip), reconnected",
 		s.churned.Load(), s.rounds.Load(), s.cut.Load(), s.reconnects.Load())
-	for _, n := range s.notes {
-		t.Log(n)
-	}
 	if n := s.refused.Load(); n != 0 {
 		t.Errorf("%d connections refused", n)
 	}
