@@ -546,3 +546,32 @@ func clientExchange(addr string, msg []byte) (outcome, error) {
 func isReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
+
+// TestChooseDriver: -driver auto is the loop on Linux, except with TLS or
+// the PROXY protocol, which only the goroutine driver serves; an explicit
+// choice stands.
+func TestChooseDriver(t *testing.T) {
+	loopHere := "goroutine"
+	if runtime.GOOS == "linux" {
+		loopHere = "loop"
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, loopHere},
+		{[]string{"-tls-cert", "c.pem", "-tls-key", "k.pem"}, "goroutine"},
+		{[]string{"-proxy-protocol", "required"}, "goroutine"},
+		{[]string{"-proxy-protocol", "off"}, loopHere},
+		{[]string{"-driver", "goroutine"}, "goroutine"},
+		{[]string{"-driver", "loop", "-proxy-protocol", "required"}, "loop"},
+	} {
+		o, err := parse(tc.args, io.Discard)
+		if err != nil {
+			t.Fatalf("parse(%q): %v", tc.args, err)
+		}
+		if got := chooseDriver(o); got != tc.want {
+			t.Errorf("chooseDriver(%q) = %s, want %s", tc.args, got, tc.want)
+		}
+	}
+}
