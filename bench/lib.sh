@@ -38,3 +38,8 @@ stop_server() {
 	fi
 	wait "$SRV_PID" 2>/dev/null || true
 }
+
+# median FILE: the median of the numbers in FILE, one a line; nan if none.
+median() {
+	sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.6f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}

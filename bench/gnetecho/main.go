@@ -38,7 +38,6 @@ import (
 	"time"
 
 	"github.com/panjf2000/gnet/v2"
-	"github.com/panjf2000/gnet/v2/pkg/logging"
 	"golang.org/x/sys/unix"
 )
 
@@ -74,6 +73,19 @@ func (e *echo) OnTraffic(c gnet.Conn) gnet.Action {
 		return gnet.Close
 	}
 	return gnet.None
+}
+
+// gnetLog is gnet's logger on the command's slog.Logger, on stderr: gnet's
+// own would print its start-up line on stdout.
+type gnetLog struct{ log *slog.Logger }
+
+func (g gnetLog) Debugf(format string, args ...any) { g.log.Debug(fmt.Sprintf(format, args...)) }
+func (g gnetLog) Infof(format string, args ...any)  { g.log.Debug(fmt.Sprintf(format, args...)) }
+func (g gnetLog) Warnf(format string, args ...any)  { g.log.Warn(fmt.Sprintf(format, args...)) }
+func (g gnetLog) Errorf(format string, args ...any) { g.log.Error(fmt.Sprintf(format, args...)) }
+func (g gnetLog) Fatalf(format string, args ...any) {
+	g.log.Error(fmt.Sprintf(format, args...))
+	os.Exit(1)
 }
 
 // listenAddr returns the address of eng's listener (its port, when the
@@ -139,7 +151,7 @@ func run(args []string, stderr io.Writer, sigs <-chan os.Signal) int {
 	go func() {
 		served <- gnet.Run(h, "tcp://"+*addr,
 			gnet.WithNumEventLoop(*loops),
-			gnet.WithLogLevel(logging.ErrorLevel))
+			gnet.WithLogger(gnetLog{log}))
 	}()
 
 	var eng gnet.Engine
