@@ -12,6 +12,7 @@ cpu_ticks() {
 launch() {
 	local name=$1 log=$2
 	shift 2
+	: >"$log" # before the reads below: the background job opens it in its own time
 	taskset -c "$SERVER_CPU" "$@" 2>"$log" &
 	SRV_PID=$!
 	SRV_ADDR=
