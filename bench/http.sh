@@ -101,8 +101,6 @@ run_one() {
 	to_us "$p99" >>"$OUT/$name.$mode.p99"
 }
 
-median() { sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-
 for round in $(seq "$ROUNDS"); do
 	for mode in "${MODES[@]}"; do
 		for name in "${SERVERS[@]}"; do

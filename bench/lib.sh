@@ -12,6 +12,7 @@ cpu_ticks() {
 launch() {
 	local name=$1 log=$2
 	shift 2
+	: >"$log" # before the reads below: the background job opens it in its own time
 	taskset -c "$SERVER_CPU" "$@" 2>"$log" &
 	SRV_PID=$!
 	SRV_ADDR=
@@ -37,4 +38,9 @@ stop_server() {
 		kill -KILL "$SRV_PID" 2>/dev/null || true
 	fi
 	wait "$SRV_PID" 2>/dev/null || true
+}
+
+# median FILE: the median of the numbers in FILE, one a line; nan if none.
+median() {
+	sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.6f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }

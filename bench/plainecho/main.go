@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sockfsm/sockfsm/bench/internal/probe"
 	"github.com/sockfsm/sockfsm/bench/plain"
 )
 
@@ -54,7 +55,7 @@ func run(args []string, stderr io.Writer, sigs <-chan os.Signal) int {
 		fmt.Fprintln(stderr, "plainecho: unexpected arguments or non-positive -shutdown-timeout")
 		return 2
 	}
-	if err := checkLoopback(*addr); err != nil {
+	if err := probe.CheckLoopback(*addr); err != nil {
 		fmt.Fprintf(stderr, "plainecho: %v\n", err)
 		return 2
 	}
@@ -84,20 +85,4 @@ func run(args []string, stderr io.Writer, sigs <-chan os.Signal) int {
 	<-served
 	log.Info("server stopped")
 	return 0
-}
-
-// checkLoopback returns an error unless addr's host is "localhost" or a
-// loopback IP address.
-func checkLoopback(addr string) error {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return err
-	}
-	if host == "localhost" {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
-		return nil
-	}
-	return fmt.Errorf("-addr %q: not a loopback address (127.0.0.0/8, ::1 or localhost)", addr)
 }

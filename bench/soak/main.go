@@ -70,6 +70,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/sockfsm/sockfsm/bench/internal/probe"
 )
 
 func main() {
@@ -226,44 +228,6 @@ func parseMix(s string) (map[string]int, error) {
 	return mix, nil
 }
 
-// loopbackAddr resolves addr and returns it with its host replaced by a
-// loopback IP address. It refuses an address any of whose IPs is not a
-// loopback address.
-func loopbackAddr(ctx context.Context, addr string) (string, error) {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return "", err
-	}
-	if host == "" {
-		return "", fmt.Errorf("%s: no host: name a loopback address", addr)
-	}
-	var ips []net.IP
-	if ip := net.ParseIP(host); ip != nil {
-		ips = []net.IP{ip}
-	} else {
-		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		ias, err := net.DefaultResolver.LookupIPAddr(ctx, host)
-		if err != nil {
-			return "", err
-		}
-		for _, ia := range ias {
-			ips = append(ips, ia.IP)
-		}
-	}
-	if len(ips) == 0 {
-		return "", fmt.Errorf("%s resolves to no address", host)
-	}
-	for _, ip := range ips {
-		if !ip.IsLoopback() {
-			return "", fmt.Errorf("%s is not a loopback address: soak targets loopback only", ip)
-		}
-	}
-	// Dial the address checked, not the name again; IPv4 first.
-	sort.SliceStable(ips, func(i, j int) bool { return ips[i].To4() != nil && ips[j].To4() == nil })
-	return net.JoinHostPort(ips[0].String(), port), nil
-}
-
 // run is the whole program; it returns the exit status.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	o, err := parse(args, stderr)
@@ -273,7 +237,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		return 2
 	}
-	addr, err := loopbackAddr(ctx, o.addr)
+	addr, err := probe.ResolveLoopback(ctx, o.addr)
 	if err != nil {
 		fmt.Fprintf(stderr, "soak: -addr %s: %v\n", o.addr, err)
 		return 2
@@ -461,21 +425,12 @@ func (cl *client) message(min int) []byte {
 	return b
 }
 
-func isReset(err error) bool {
-	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
-}
-
 // classify names the outcome of an error.
 func classify(err error) string {
 	switch {
-	case isReset(err):
+	case probe.IsReset(err):
 		return outReset
-	case isTimeout(err):
+	case probe.IsTimeout(err):
 		return outTimeout
 	}
 	return outError
@@ -545,7 +500,7 @@ func endWrite(c *net.TCPConn, written <-chan error, readErr error) error {
 		c.Close()
 	}
 	werr := <-written
-	if isReset(werr) {
+	if probe.IsReset(werr) {
 		return werr
 	}
 	return nil
@@ -619,7 +574,7 @@ func (cl *client) slowRead(c *net.TCPConn) (string, string) {
 		n, err := c.Write(chunk[:min(len(chunk), cl.o.slowMax-sent)])
 		sent += n
 		if err != nil {
-			if isReset(err) {
+			if probe.IsReset(err) {
 				return outServerReset, ""
 			}
 			return classify(err), fmt.Sprintf("after sending %d bytes: %v", sent, err)
@@ -750,31 +705,11 @@ func (m *monitor) stop() peaks {
 // kernel's own peak of the resident set, counts as well as the sampled
 // VmRSS.
 func sample(pid int, p *peaks) {
-	if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
-		p.fds = max(p.fds, len(ents))
+	if n, err := probe.FDs(pid); err == nil {
+		p.fds = max(p.fds, n)
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		key, val, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		f := strings.Fields(val)
-		if len(f) == 0 {
-			continue
-		}
-		n, err := strconv.Atoi(f[0])
-		if err != nil {
-			continue
-		}
-		switch key {
-		case "Threads":
-			p.threads = max(p.threads, n)
-		case "VmRSS", "VmHWM":
-			p.rssKiB = max(p.rssKiB, n)
-		}
+	if s, err := probe.ReadStatus(pid); err == nil {
+		p.threads = max(p.threads, int(s.Threads))
+		p.rssKiB = max(p.rssKiB, int(s.RSSKiB), int(s.HWMKiB))
 	}
 }

@@ -1,11 +1,12 @@
 // Command loadgen loads an echo server over loopback TCP and measures it: the
-// client side of bench/compare.sh, for cmd/server (sockfsm) and
-// bench/plainecho (the plain baseline).
+// client side of bench/compare.sh, for cmd/server (sockfsm) and the servers
+// it is compared with (bench/plainecho, bench/minimal, bench/gnetecho).
 //
 // Usage:
 //
 //	loadgen [-mode echo|churn|idle] [-addr 127.0.0.1:27015] [-conns N]
 //	        [-size S] [-duration D] [-n OPS] [-timeout T] [-pid PID]
+//	        [-sources 127.0.0.2-127.0.0.5] [-shutdown]
 //
 // The modes:
 //
@@ -22,7 +23,7 @@
 //     the EOF. To a server on 127.0.0.0/8, each worker connects from a
 //     source address of its own (127.0.0.2, 127.0.0.3, ...; see
 //     churnSources), so that the client's ports in TIME_WAIT do not limit
-//     the rate.
+//     the rate. -sources replaces these addresses with its own.
 //   - idle: opens -conns connections (default 1000), 128 at a time; each
 //     does one 1-byte echo (so that the server has certainly accepted it and
 //     parked it in a read), then stays idle for -duration, or until the
@@ -32,17 +33,30 @@
 //     again while every connection is open and idle; the difference divided
 //     by the connections is kib_per_conn. An op is one connection
 //     established and echoed; its latency runs from the connect to the echo.
-//     Then each connection closes gracefully.
+//     Then each connection closes gracefully. With -shutdown (and -pid),
+//     once the hold is over loadgen sends the server SIGTERM instead, and
+//     waits for the server to close every connection: each one it closes
+//     with a FIN counts in eofs, each one it resets in resets (a failure:
+//     a graceful shutdown resets none), and shutdown_ms is the time from
+//     the signal to the last connection's end.
+//
+// -sources binds the connections to loopback source addresses, in turn:
+// one source address has about 28,000 ephemeral ports (the kernel's
+// ip_local_port_range), so many connections to one server need several. It
+// takes a comma-separated list of addresses and IPv4 ranges
+// (127.0.0.2-127.0.0.5), all loopback.
 //
 // The run lasts -duration (default 10s, at most 10m) or -n ops (echo,
 // churn), whichever comes first; SIGINT ends it early. Every socket
 // operation has a deadline (-timeout, default 5s). -addr must be a loopback
 // address (127.0.0.0/8, ::1) or localhost: anything else is refused. The soft
 // limit on open files is raised as far as the hard limit if -conns needs it.
+// With -pid, the server's CPU time (utime+stime in /proc/PID/stat) is read
+// before the first connect and after the last close: server_cpu_ms.
 //
 // Output: logs and a human summary on stderr, then one line on stdout:
 //
-//	loadgen mode=echo addr=127.0.0.1:27015 conns=32 size=64 elapsed_s=10.001 ops=412345 errors=0 resets=0 mismatches=0 eofs=0 p50_us=71.2 p90_us=95.0 p99_us=160.4 max_us=2107.9 ops_per_s=41230.4 rss_before_kib=-1 rss_after_kib=-1 kib_per_conn=-1
+//	loadgen mode=echo addr=127.0.0.1:27015 conns=32 size=64 elapsed_s=10.001 ops=412345 errors=0 resets=0 mismatches=0 eofs=0 p50_us=71.2 p90_us=95.0 p99_us=160.4 max_us=2107.9 ops_per_s=41230.4 rss_before_kib=-1 rss_after_kib=-1 kib_per_conn=-1 server_cpu_ms=-1 shutdown_ms=-1
 //
 // Every key is always present, in this order:
 //
@@ -55,11 +69,13 @@
 //	errors          failed ops other than resets and mismatches (timeouts, refused, ...)
 //	resets          ops failed by ECONNRESET (the server's RST), the graceful closes included
 //	mismatches      ops whose echo differed from what was sent
-//	eofs            idle: connections the server closed gracefully during the hold; 0 otherwise
+//	eofs            idle: connections the server closed gracefully (its FIN) before ours; 0 otherwise
 //	p50_us, p90_us, p99_us, max_us   the ops' latency percentiles, µs (±0.4%)
 //	ops_per_s       ops / elapsed_s
 //	rss_before_kib, rss_after_kib    idle with -pid: the server's VmRSS, KiB; -1 otherwise
 //	kib_per_conn    (rss_after_kib - rss_before_kib) / ops, KiB; -1 without them
+//	server_cpu_ms   with -pid: the server's CPU time during the run, ms (to 10 ms); -1 otherwise
+//	shutdown_ms     idle with -shutdown: from SIGTERM to the last connection's end, ms; -1 otherwise
 //
 // The exit status is 0 when the run completed with no errors, resets or
 // mismatches, 1 when it completed with some (the line is printed anyway) or
@@ -78,6 +94,8 @@ import (
 	"os/signal"
 	"strings"
 	"time"
+
+	"github.com/sockfsm/sockfsm/bench/internal/probe"
 )
 
 // Bounds on the flags.
@@ -109,6 +127,8 @@ type options struct {
 	n        int64
 	timeout  time.Duration
 	pid      int
+	sources  []net.IP // nil: the default (see churnSource)
+	shutdown bool
 }
 
 func parse(args []string, stderr io.Writer) (options, error) {
@@ -122,7 +142,9 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "how long to run (idle: to hold), at most "+MaxDuration.String())
 	fs.Int64Var(&o.n, "n", 0, "stop after this many ops (echo, churn); 0: no limit")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Second, "deadline of every socket operation")
-	fs.IntVar(&o.pid, "pid", 0, "idle: the server's pid, to report its RSS per connection (Linux)")
+	fs.IntVar(&o.pid, "pid", 0, "the server's pid, to report its CPU time and (idle) its RSS per connection (Linux)")
+	sources := fs.String("sources", "", "loopback source `addresses` to connect from, in turn: a comma-separated list of addresses and IPv4 ranges (127.0.0.2-127.0.0.5)")
+	fs.BoolVar(&o.shutdown, "shutdown", false, "idle, with -pid: after the hold, send the server SIGTERM and time its closing every connection")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -164,30 +186,71 @@ func parse(args []string, stderr io.Writer) (options, error) {
 		return bad("-timeout %v: want more than 0 and at most %v", o.timeout, MaxTimeout)
 	case o.pid < 0:
 		return bad("-pid %d is negative", o.pid)
+	case o.shutdown && (o.mode != "idle" || o.pid == 0):
+		return bad("-shutdown goes with -mode idle and -pid")
 	}
 	if err := checkLoopback(o.addr); err != nil {
 		return bad("%v", err)
 	}
+	if *sources != "" {
+		var err error
+		if o.sources, err = parseSources(*sources); err != nil {
+			return bad("-sources %q: %v", *sources, err)
+		}
+	}
 	return o, nil
 }
 
-// checkLoopback returns an error unless addr's host is "localhost" or a
-// loopback IP address. It resolves nothing.
-func checkLoopback(addr string) error {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return fmt.Errorf("-addr %q: %v", addr, err)
+// maxSources bounds -sources.
+const maxSources = 256
+
+// parseSources parses -sources: a comma-separated list of loopback
+// addresses and IPv4 ranges first-last.
+func parseSources(s string) ([]net.IP, error) {
+	var ips []net.IP
+	for part := range strings.SplitSeq(s, ",") {
+		part = strings.TrimSpace(part)
+		first, last, isRange := strings.Cut(part, "-")
+		a := net.ParseIP(first)
+		if a == nil || !a.IsLoopback() {
+			return nil, fmt.Errorf("%q is not a loopback address", first)
+		}
+		if !isRange {
+			ips = append(ips, a)
+			continue
+		}
+		b := net.ParseIP(last)
+		a4, b4 := a.To4(), b.To4()
+		if a4 == nil || b4 == nil || !b.IsLoopback() {
+			return nil, fmt.Errorf("range %q: want two IPv4 loopback addresses", part)
+		}
+		lo, hi := uint32(a4[1])<<16|uint32(a4[2])<<8|uint32(a4[3]), uint32(b4[1])<<16|uint32(b4[2])<<8|uint32(b4[3])
+		if hi < lo {
+			return nil, fmt.Errorf("range %q is empty", part)
+		}
+		if hi-lo >= maxSources {
+			return nil, fmt.Errorf("range %q: more than %d addresses", part, maxSources)
+		}
+		for v := lo; v <= hi; v++ {
+			ips = append(ips, net.IPv4(127, byte(v>>16), byte(v>>8), byte(v)))
+		}
 	}
-	if port == "" || port == "0" {
+	if len(ips) > maxSources {
+		return nil, fmt.Errorf("more than %d addresses", maxSources)
+	}
+	return ips, nil
+}
+
+// checkLoopback returns an error unless addr has a port and its host is
+// "localhost" or a loopback IP address. It resolves nothing.
+func checkLoopback(addr string) error {
+	if err := probe.CheckLoopback(addr); err != nil {
+		return fmt.Errorf("-addr: %w: loadgen only loads this machine", err)
+	}
+	if _, port, _ := net.SplitHostPort(addr); port == "" || port == "0" {
 		return fmt.Errorf("-addr %q: no port", addr)
 	}
-	if host == "localhost" {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
-		return nil
-	}
-	return fmt.Errorf("-addr %q: not a loopback address: loadgen only loads 127.0.0.0/8, ::1 or localhost", addr)
+	return nil
 }
 
 // result is what a run measured.
@@ -196,7 +259,9 @@ type result struct {
 	ops, errors, resets, mismatches int64
 	eofs                            int64
 	lat                             *hist
-	rssBefore, rssAfter             int64 // KiB; -1: not measured
+	rssBefore, rssAfter             int64         // KiB; -1: not measured
+	serverCPU                       time.Duration // -1: not measured
+	shutdown                        time.Duration // -1: not measured
 	rssNote                         string
 	firstErr                        error
 	dialFailed                      bool // nothing could be measured: no connection was made
@@ -223,6 +288,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithTimeout(ctx, backstop)
 	defer cancel()
 
+	cpu0 := time.Duration(-1)
+	if o.pid > 0 {
+		if d, err := probe.CPUTime(o.pid); err == nil {
+			cpu0 = d
+		} else {
+			log.Warn("cannot read the server's CPU time", "err", err)
+		}
+	}
 	var r *result
 	switch o.mode {
 	case "echo":
@@ -231,6 +304,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		r = runChurn(ctx, o, log)
 	case "idle":
 		r = runIdle(ctx, o, log)
+	}
+	r.serverCPU = -1
+	if cpu0 >= 0 {
+		// After -shutdown the server may have exited: no second reading.
+		if d, err := probe.CPUTime(o.pid); err == nil {
+			r.serverCPU = d - cpu0
+		}
 	}
 	summarize(stderr, o, r)
 	fmt.Fprintln(stdout, machineLine(o, r))
@@ -245,6 +325,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 func us(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d)/float64(time.Microsecond)) }
 
+// ms formats d in milliseconds, or -1 for a negative d (not measured).
+func ms(d time.Duration) string {
+	if d < 0 {
+		return "-1"
+	}
+	return fmt.Sprintf("%.1f", float64(d)/float64(time.Millisecond))
+}
+
 // machineLine formats the final line; see the package doc for the keys.
 func machineLine(o options, r *result) string {
 	secs := r.elapsed.Seconds()
@@ -257,10 +345,10 @@ func machineLine(o options, r *result) string {
 		perConn = fmt.Sprintf("%.3f", float64(r.rssAfter-r.rssBefore)/float64(r.ops))
 	}
 	return fmt.Sprintf("loadgen mode=%s addr=%s conns=%d size=%d elapsed_s=%.3f ops=%d errors=%d resets=%d mismatches=%d eofs=%d "+
-		"p50_us=%s p90_us=%s p99_us=%s max_us=%s ops_per_s=%.1f rss_before_kib=%d rss_after_kib=%d kib_per_conn=%s",
+		"p50_us=%s p90_us=%s p99_us=%s max_us=%s ops_per_s=%.1f rss_before_kib=%d rss_after_kib=%d kib_per_conn=%s server_cpu_ms=%s shutdown_ms=%s",
 		o.mode, o.addr, o.conns, o.size, secs, r.ops, r.errors, r.resets, r.mismatches, r.eofs,
 		us(r.lat.quantile(0.50)), us(r.lat.quantile(0.90)), us(r.lat.quantile(0.99)), us(r.lat.max),
-		rate, r.rssBefore, r.rssAfter, perConn)
+		rate, r.rssBefore, r.rssAfter, perConn, ms(r.serverCPU), ms(r.shutdown))
 }
 
 // summarize writes the human summary.
@@ -295,6 +383,12 @@ func summarize(w io.Writer, o options, r *result) {
 			fmt.Fprintf(w, ": %.2f KiB per connection", float64(r.rssAfter-r.rssBefore)/float64(r.ops))
 		}
 		fmt.Fprintln(w)
+	}
+	if r.serverCPU >= 0 {
+		fmt.Fprintf(w, "  server CPU %v during the run\n", r.serverCPU)
+	}
+	if r.shutdown >= 0 {
+		fmt.Fprintf(w, "  shutdown   %v from SIGTERM to the last connection's end: %d FIN, %d RST\n", r.shutdown.Round(time.Millisecond), r.eofs, r.resets)
 	}
 	if r.rssNote != "" {
 		fmt.Fprintf(w, "  note       %s\n", r.rssNote)

@@ -1,15 +1,22 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
+	"os/exec"
+	"os/signal"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -24,7 +31,8 @@ const testDeadline = 10 * time.Second
 
 // keys is the machine line's keys, in order, as the package doc lists them.
 var keys = []string{"mode", "addr", "conns", "size", "elapsed_s", "ops", "errors", "resets", "mismatches", "eofs",
-	"p50_us", "p90_us", "p99_us", "max_us", "ops_per_s", "rss_before_kib", "rss_after_kib", "kib_per_conn"}
+	"p50_us", "p90_us", "p99_us", "max_us", "ops_per_s", "rss_before_kib", "rss_after_kib", "kib_per_conn",
+	"server_cpu_ms", "shutdown_ms"}
 
 // runLoadgen runs the program and returns its exit code and the machine
 // line's values.
@@ -134,6 +142,14 @@ func TestParse(t *testing.T) {
 		{"-size", "2000000"},
 		{"-n", "-5"},
 		{"-timeout", "0s"},
+		{"-shutdown"},
+		{"-mode", "idle", "-shutdown"},
+		{"-mode", "echo", "-shutdown", "-pid", "1"},
+		{"-sources", "10.0.0.1"},
+		{"-sources", "127.0.0.5-127.0.0.2"},
+		{"-sources", "127.0.0.1-127.1.0.0"},
+		{"-sources", "::1-127.0.0.2"},
+		{"-sources", "127.0.0.2,"},
 		{"extra"},
 	} {
 		if _, err := parse(args, io.Discard); err == nil {
@@ -358,5 +374,170 @@ func TestChurnSource(t *testing.T) {
 		if src := churnSource(addr, 1); src != nil {
 			t.Errorf("churnSource(%q) = %v, want nil (the default source)", addr, src)
 		}
+	}
+}
+
+func TestParseSources(t *testing.T) {
+	for in, want := range map[string]string{
+		"127.0.0.2":                          "127.0.0.2",
+		"127.0.0.2-127.0.0.5":                "127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5",
+		"127.0.0.254-127.0.1.1":              "127.0.0.254 127.0.0.255 127.0.1.0 127.0.1.1",
+		"::1, 127.0.0.9-127.0.0.9,127.1.2.3": "::1 127.0.0.9 127.1.2.3",
+	} {
+		ips, err := parseSources(in)
+		if err != nil {
+			t.Errorf("parseSources(%q): %v", in, err)
+			continue
+		}
+		var got []string
+		for _, ip := range ips {
+			got = append(got, ip.String())
+		}
+		if strings.Join(got, " ") != want {
+			t.Errorf("parseSources(%q) = %v, want %s", in, got, want)
+		}
+	}
+	if _, err := parseSources("127.0.0.1-127.0.1.1"); err == nil {
+		t.Errorf("a range of %d addresses: accepted", 257)
+	}
+}
+
+// sourceServer is an echo server that records its peers' addresses.
+func sourceServer(t *testing.T) (string, func() map[string]int) {
+	var mu sync.Mutex
+	peers := map[string]int{}
+	addr := badServer(t, func(c *net.TCPConn) {
+		mu.Lock()
+		peers[c.RemoteAddr().(*net.TCPAddr).IP.String()]++
+		mu.Unlock()
+		io.Copy(struct{ io.Writer }{c}, c)
+		c.CloseWrite()
+	})
+	return addr, func() map[string]int {
+		mu.Lock()
+		defer mu.Unlock()
+		return maps.Clone(peers)
+	}
+}
+
+// TestSources: with -sources, every mode's connections come from those
+// addresses, in turn.
+func TestSources(t *testing.T) {
+	for _, mode := range []string{"echo", "churn", "idle"} {
+		t.Run(mode, func(t *testing.T) {
+			addr, peers := sourceServer(t)
+			code, kv := runLoadgen(t, "-mode", mode, "-addr", addr, "-conns", "6", "-n", "60", "-duration", "200ms",
+				"-sources", "127.0.0.2-127.0.0.3,127.0.0.7")
+			if code != 0 || kv["errors"] != "0" || kv["resets"] != "0" {
+				t.Fatalf("exit %d, %v", code, kv)
+			}
+			got := peers()
+			if len(got) != 3 || got["127.0.0.2"] == 0 || got["127.0.0.3"] == 0 || got["127.0.0.7"] == 0 {
+				t.Errorf("the server's peers: %v, want 127.0.0.2, 127.0.0.3 and 127.0.0.7", got)
+			}
+		})
+	}
+}
+
+// serverEnv, when set, makes the test binary a server for TestIdleShutdown
+// (see TestMain): "fin" serves bench/plain and shuts it down gracefully on
+// SIGTERM; "rst" resets every connection on SIGTERM.
+const serverEnv = "LOADGEN_TEST_SERVER"
+
+// childServer runs when the test binary is started with serverEnv: it
+// listens on 127.0.0.1:0, prints the address on stdout, and serves until
+// SIGTERM.
+func childServer(kind string) int {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println(ln.Addr())
+	switch kind {
+	case "fin":
+		s := &plain.Server{}
+		go s.Serve(ln)
+		<-sigs
+		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+		defer cancel()
+		if err := s.Shutdown(ctx); err != nil {
+			return 1
+		}
+	case "rst":
+		var mu sync.Mutex
+		var conns []*net.TCPConn
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				conns = append(conns, c.(*net.TCPConn))
+				mu.Unlock()
+				go io.Copy(struct{ io.Writer }{c}, c)
+			}
+		}()
+		<-sigs
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.SetLinger(0)
+			c.Close()
+		}
+		mu.Unlock()
+	}
+	return 0
+}
+
+// TestIdleShutdown: -shutdown sends the server (a child process) SIGTERM
+// after the hold and counts how it closes the idle connections: all with a
+// FIN for a graceful server, all with a RST for one that resets them.
+func TestIdleShutdown(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("-shutdown reads /proc")
+	}
+	for _, kind := range []string{"fin", "rst"} {
+		t.Run(kind, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*testDeadline)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), serverEnv+"="+kind)
+			cmd.Stderr = os.Stderr
+			out, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer cmd.Wait()
+			defer cmd.Process.Kill()
+			addr, err := bufio.NewReader(out).ReadString('\n')
+			if err != nil {
+				t.Fatalf("the child server printed no address: %v", err)
+			}
+			code, kv := runLoadgen(t, "-mode", "idle", "-addr", strings.TrimSpace(addr), "-conns", "40", "-duration", "100ms",
+				"-sources", "127.0.0.2-127.0.0.3", "-pid", strconv.Itoa(cmd.Process.Pid), "-shutdown")
+			if err := cmd.Wait(); err != nil {
+				t.Errorf("the child server: %v", err)
+			}
+			if kv["ops"] != "40" || num(t, kv, "shutdown_ms") < 0 || kv["mismatches"] != "0" {
+				t.Fatalf("exit %d, %v", code, kv)
+			}
+			switch kind {
+			case "fin":
+				if code != 0 || kv["eofs"] != "40" || kv["resets"] != "0" || kv["errors"] != "0" {
+					t.Errorf("a graceful shutdown: exit %d, %v; want 40 FINs and no reset", code, kv)
+				}
+			case "rst":
+				if code != 1 || kv["resets"] != "40" || kv["eofs"] != "0" {
+					t.Errorf("a resetting shutdown: exit %d, %v; want 40 resets, no FIN, exit 1", code, kv)
+				}
+			}
+		})
 	}
 }

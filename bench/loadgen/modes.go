@@ -9,12 +9,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/sockfsm/sockfsm/bench/internal/probe"
 )
 
 // dialConcurrency bounds the connects in flight in idle and echo mode.
@@ -28,9 +28,10 @@ type tally struct {
 	firstErr error
 }
 
-// fail counts a failed op: a reset if err is ECONNRESET, an error otherwise.
+// fail counts a failed op: a reset if err is the server's reset
+// (probe.IsReset), an error otherwise.
 func (t *tally) fail(err error) {
-	if isReset(err) {
+	if probe.IsReset(err) {
 		t.resets.Add(1)
 	} else {
 		t.errors.Add(1)
@@ -59,11 +60,19 @@ func (t *tally) result(elapsed time.Duration, lat *hist) *result {
 		elapsed: elapsed, lat: lat,
 		ops: t.ops.Load(), errors: t.errors.Load(), resets: t.resets.Load(),
 		mismatches: t.mismatches.Load(), eofs: t.eofs.Load(),
-		firstErr: t.firstErr, rssBefore: -1, rssAfter: -1,
+		firstErr: t.firstErr, rssBefore: -1, rssAfter: -1, shutdown: -1,
 	}
 }
 
-func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
+// dialer returns the dialer of connection (or churn worker) i: bound to
+// -sources' addresses in turn, if set.
+func dialer(o options, i int) *net.Dialer {
+	d := &net.Dialer{Timeout: o.timeout}
+	if len(o.sources) > 0 {
+		d.LocalAddr = &net.TCPAddr{IP: o.sources[i%len(o.sources)]}
+	}
+	return d
+}
 
 // fill writes a pattern unique to seq into p.
 func fill(p []byte, seq uint64) {
@@ -87,14 +96,13 @@ func closeGracefully(c *net.TCPConn, timeout time.Duration) (int64, error) {
 // that fail are counted in t and left nil.
 func dialAll(ctx context.Context, o options, t *tally) []*net.TCPConn {
 	conns := make([]*net.TCPConn, o.conns)
-	d := net.Dialer{Timeout: o.timeout}
 	sem := make(chan struct{}, dialConcurrency)
 	var wg sync.WaitGroup
 	for i := range conns {
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			c, err := d.DialContext(ctx, "tcp", o.addr)
+			c, err := dialer(o, i).DialContext(ctx, "tcp", o.addr)
 			if err != nil {
 				t.fail(err)
 				return
@@ -230,17 +238,18 @@ func churnLoop(ctx context.Context, w int, o options, end time.Time, budget *ato
 		fill(payload, uint64(w))
 	}
 	buf := make([]byte, o.size+1) // one more: an echo that is too long is caught
-	d := net.Dialer{Timeout: o.timeout}
-	if src := churnSource(o.addr, w); src != nil {
+	d := dialer(o, w)
+	if src := churnSource(o.addr, w); src != nil && d.LocalAddr == nil {
 		d.LocalAddr = src
 	}
+	defaultSource := len(o.sources) == 0
 	for ctx.Err() == nil {
 		t0 := time.Now()
 		if !t0.Before(end) || (o.n > 0 && budget.Add(-1) < 0) {
 			return
 		}
 		nc, err := d.DialContext(ctx, "tcp", o.addr)
-		if err != nil && d.LocalAddr != nil && errors.Is(err, syscall.EADDRNOTAVAIL) {
+		if err != nil && defaultSource && d.LocalAddr != nil && errors.Is(err, syscall.EADDRNOTAVAIL) {
 			// Only 127.0.0.1 is configured (macOS, say): one source.
 			d.LocalAddr = nil
 			nc, err = d.DialContext(ctx, "tcp", o.addr)
@@ -330,21 +339,21 @@ func runIdle(ctx context.Context, o options, log *slog.Logger) *result {
 	var note string
 	if o.pid > 0 {
 		var err error
-		if rssBefore, err = readRSS(o.pid); err != nil {
+		if rssBefore, err = probe.RSS(o.pid); err != nil {
 			note = err.Error()
 			rssBefore = -1
 		}
 	}
 
 	// Each connection's reader waits for the server's FIN (or the echo of
-	// its ping, first) until this deadline at the latest.
-	readDeadline := time.Now().Add(o.duration + 4*o.timeout + time.Duration(o.conns/dialConcurrency+1)*o.timeout)
+	// its ping, first) until this deadline at the latest: the dials, the
+	// hold, and a bound on the server's shutdown or the answers to our FINs.
+	readDeadline := time.Now().Add(o.duration + shutdownBound(o) + time.Duration(o.conns/dialConcurrency+1)*o.timeout)
 	var ourClose atomic.Bool // set before we half-close: EOFs after it answer our FIN
 	var closed atomic.Int64  // connections whose reader is done
 
 	conns := make([]*net.TCPConn, o.conns)
 	done := make([]chan struct{}, o.conns)
-	d := net.Dialer{Timeout: o.timeout}
 	sem := make(chan struct{}, dialConcurrency)
 	var dialing, readers sync.WaitGroup
 	for i := range conns {
@@ -352,7 +361,7 @@ func runIdle(ctx context.Context, o options, log *slog.Logger) *result {
 		dialing.Go(func() {
 			defer func() { <-sem }()
 			t0 := time.Now()
-			nc, err := d.DialContext(ctx, "tcp", o.addr)
+			nc, err := dialer(o, i).DialContext(ctx, "tcp", o.addr)
 			if err != nil {
 				t.fail(err)
 				return
@@ -410,7 +419,7 @@ func runIdle(ctx context.Context, o options, log *slog.Logger) *result {
 		if o.pid <= 0 || t.eofs.Load() > 0 || t.resets.Load() > 0 || closed.Load() > 0 {
 			return // measure only while every connection is open
 		}
-		if rss, err := readRSS(o.pid); err == nil {
+		if rss, err := probe.RSS(o.pid); err == nil {
 			rssAfter = rss
 		} else {
 			note = err.Error()
@@ -437,6 +446,10 @@ hold:
 	if n := t.eofs.Load(); n > 0 {
 		log.Info("the server closed connections during the hold", "closed", n, "of", established)
 	}
+	shutdown := time.Duration(-1)
+	if o.shutdown && ctx.Err() == nil {
+		shutdown = shutDown(ctx, o, log, &closed, established)
+	}
 
 	// Close ours gracefully: our FIN; each reader sees the server's answer.
 	ourClose.Store(true)
@@ -458,7 +471,46 @@ hold:
 	if rssBefore < 0 {
 		r.rssAfter = -1
 	}
+	r.shutdown = shutdown
 	return r
+}
+
+// shutdownBound bounds the wait for the server's closes after SIGTERM
+// (-shutdown), or for the answers to our FINs.
+func shutdownBound(o options) time.Duration { return 4 * o.timeout }
+
+// shutDown sends SIGTERM to the server (-pid) and waits until the server has
+// closed every connection (closed reaches established: each reader has seen
+// its FIN or its reset), ctx ends, or shutdownBound passes. It returns the
+// time from the signal to the last close seen, or -1 if the signal could
+// not be sent.
+func shutDown(ctx context.Context, o options, log *slog.Logger, closed *atomic.Int64, established int64) time.Duration {
+	p, err := os.FindProcess(o.pid)
+	if err == nil {
+		err = p.Signal(syscall.SIGTERM)
+	}
+	if err != nil {
+		log.Error("cannot send the server SIGTERM", "pid", o.pid, "err", err)
+		return -1
+	}
+	start := time.Now()
+	bound := time.NewTimer(shutdownBound(o))
+	defer bound.Stop()
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for closed.Load() < established {
+		select {
+		case <-ctx.Done():
+			return time.Since(start)
+		case <-bound.C:
+			log.Warn("the server did not close every connection after SIGTERM", "open", established-closed.Load(), "bound", shutdownBound(o))
+			return time.Since(start)
+		case <-tick.C:
+		}
+	}
+	d := time.Since(start)
+	log.Info("the server closed every connection after SIGTERM", "conns", established, "took", d)
+	return d
 }
 
 // idleReader waits on an idle connection for the server's FIN, or for ours
@@ -480,21 +532,4 @@ func idleReader(c *net.TCPConn, t *tally, ourClose *atomic.Bool, timeout time.Du
 	default:
 		t.fail(err)
 	}
-}
-
-// readRSS returns the VmRSS of process pid, in KiB.
-func readRSS(pid int) (int64, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return -1, fmt.Errorf("reading the server's RSS: %w", err)
-	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			f := strings.Fields(rest)
-			if len(f) == 2 && f[1] == "kB" {
-				return strconv.ParseInt(f[0], 10, 64)
-			}
-		}
-	}
-	return -1, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
 }
