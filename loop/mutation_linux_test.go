@@ -41,12 +41,14 @@ var loopMutantCases = []struct {
 	{"hup-not-writable", "TestLoopProperties", "the socket has room"},
 	{"level-triggered", "TestLoopProperties", "a loop spins"},
 	{"level-triggered", "TestNoSpinFloodWithoutReading", "it spins"},
-	{"wake-lost", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|no loop has a timer"},
+	// A lost wake-up shows as a loop asleep with work it was told of: a
+	// request, input, room, a deadline, or Shutdown's drain.
+	{"wake-lost", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|no loop has a timer|and the loop sleeps|the server is not drained"},
 	// Nothing reaches the loop, not even Shutdown: the test hangs in its
 	// cleanup.
 	{"wake-lost", "TestPushFromAnotherGoroutine", "never opened|test timed out"},
 	{"budget-ends-at-close", "TestBudgetEndsAtClose", "NumConns 1"},
-	{"woken-not-driven", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline"},
+	{"woken-not-driven", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|and the loop sleeps|the server is not drained"},
 }
 
 // loopMutantGaps are mutants no test catches, and why.
