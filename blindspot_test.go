@@ -550,7 +550,7 @@ func TestBlindRequestsAndWaker(t *testing.T) {
 		{OpRead, "Do", true, true, OpRead},
 		{OpRead, "CloseWrite", true, true, OpCloseWrite},
 		{OpRead, "Close", true, true, OpCloseWrite},
-		{OpRead, "EngineClose", true, true, OpCloseWrite},
+		{OpRead, "EngineClose", true, true, OpRead}, // a new connection: the close waits for its first input (FirstInputGrace)
 		{OpRead, "Abort", true, true, OpAbort},
 		{OpRead, "EngineAbort", true, true, OpAbort},
 		{OpRead, "PauseRead", false, false, OpWait},
@@ -790,7 +790,12 @@ func TestBlindEngineCloseFromATask(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.HandleTimeout(t0)
-	if a := e.Next(t0); a.Op != OpCloseWrite || e.CloseInfo().Reason != ReasonShutdown {
+	// The connection has read nothing: the close waits FirstInputGrace
+	// for its first input, then is taken.
+	expect(t, e, t0, OpRead, "", t0.Add(FirstInputGrace))
+	later := t0.Add(FirstInputGrace)
+	e.HandleTimeout(later)
+	if a := e.Next(later); a.Op != OpCloseWrite || e.CloseInfo().Reason != ReasonShutdown {
 		t.Fatalf("after a task closed the engine: %v in %s (reason %s); want close-write", a.Op, e.State(), e.CloseInfo().Reason)
 	}
 }

@@ -80,9 +80,11 @@ var hourCfg = Config{IdleTimeout: time.Hour, LingerTimeout: time.Hour, LingerTim
 // TestDriverWakeRace: a shutdown requested after the loop set its read
 // deadline but before it called Read (so the request's own wake-up, a past
 // deadline, came before the loop's and was overwritten) must be seen before
-// the loop blocks in Read.
+// the loop blocks in Read. The connection is new, so the close, once
+// seen, waits for its first input (FirstInputGrace), which it answers
+// before our FIN.
 func TestDriverWakeRace(t *testing.T) {
-	tr := &scripted{t: t}
+	tr := &scripted{t: t, reads: []scriptedRead{{data: "hi"}}}
 	d := newScriptedDriver(tr, hourCfg)
 	requested := false
 	tr.onSetRDL = func(dl time.Time) {

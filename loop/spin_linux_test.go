@@ -82,10 +82,21 @@ func countedServer(t *testing.T, loops int, cfg sockfsm.Config, h func(sockfsm.C
 		ts.srv.Shutdown(ctx)
 		ts.serveResult(t)
 	})
+	// The kernels are made when Serve starts its loops, which may be after
+	// a client's dial returns (the listener's backlog accepts it): wait
+	// for them, bounded.
 	return ts, func() []*countingKernel {
-		mu.Lock()
-		defer mu.Unlock()
-		return ks
+		for end := time.Now().Add(clientDeadline); ; time.Sleep(time.Millisecond) {
+			mu.Lock()
+			got := ks
+			mu.Unlock()
+			if len(got) >= loops || time.Now().After(end) {
+				if len(got) < loops {
+					t.Fatalf("%d of %d loops started within %v", len(got), loops, clientDeadline)
+				}
+				return got
+			}
+		}
 	}
 }
 
