@@ -87,6 +87,7 @@ read -ra MODES <<<"${MODES:-echo churn idle}"
 say() { printf '%s\n' "$*" >&2; }
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+trap kill_server EXIT
 die() { say "compare.sh: $*"; exit 1; }
 
 [[ $ROUNDS =~ ^[0-9]+$ ]] && ((ROUNDS >= 1 && ROUNDS <= 50)) || die "ROUNDS=$ROUNDS: want 1 to 50"

@@ -38,6 +38,7 @@ read -ra MODES <<<"${MODES:-keepalive close}"
 say() { printf '%s\n' "$*" >&2; }
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+trap kill_server EXIT
 die() { say "http.sh: $*"; exit 1; }
 
 [[ $ROUNDS =~ ^[0-9]+$ ]] && ((ROUNDS >= 1 && ROUNDS <= 50)) || die "ROUNDS=$ROUNDS: want 1 to 50"

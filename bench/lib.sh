@@ -38,6 +38,15 @@ stop_server() {
 		kill -KILL "$SRV_PID" 2>/dev/null || true
 	fi
 	wait "$SRV_PID" 2>/dev/null || true
+	SRV_PID=
+}
+
+# kill_server: on the way out (trap EXIT), kill a server still running: a
+# script that dies between launch and stop_server leaves none behind.
+kill_server() {
+	if [[ -n ${SRV_PID:-} ]]; then
+		kill -KILL "$SRV_PID" 2>/dev/null || true
+	fi
 }
 
 # median FILE: the median of the numbers in FILE, one a line; nan if none.

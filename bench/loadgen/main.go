@@ -367,7 +367,7 @@ func summarize(w io.Writer, o options, r *result) {
 	fmt.Fprintf(w, "  ops        %d (%.1f/s)\n", r.ops, rate)
 	fmt.Fprintf(w, "  errors     %d, resets %d, mismatches %d", r.errors, r.resets, r.mismatches)
 	if o.mode == "idle" {
-		fmt.Fprintf(w, ", closed by the server during the hold %d", r.eofs)
+		fmt.Fprintf(w, ", closed by the server first (its FIN) %d", r.eofs)
 	}
 	fmt.Fprintln(w)
 	if r.firstErr != nil {
