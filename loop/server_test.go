@@ -16,7 +16,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -254,31 +253,6 @@ func readToEOF(t *testing.T, c net.Conn) []byte {
 
 func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
 
-// drain reads until an error and returns it with the count read; the bytes
-// must be a prefix of want if want is not nil.
-func drain(c net.Conn, want []byte) (int, error) {
-	buf := make([]byte, 64<<10)
-	n := 0
-	for {
-		m, err := c.Read(buf)
-		if want != nil && (n+m > len(want) || !bytes.Equal(buf[:m], want[n:n+m])) {
-			return n, fmt.Errorf("bytes %d..%d are not the server's output", n, n+m)
-		}
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-}
-
-func wantReset(t *testing.T, c net.Conn, want []byte) {
-	t.Helper()
-	n, err := drain(c, want)
-	if !isReset(err) {
-		t.Fatalf("client read: %v after %d bytes; want ECONNRESET (the server's RST)", err, n)
-	}
-}
-
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(clientDeadline)
@@ -345,6 +319,11 @@ func checkInfo(t *testing.T, got sockfsm.CloseInfo, want wantInfo) {
 }
 
 // ---- the tests ------------------------------------------------------------------
+//
+// The real-socket tests every driver passes (idle timeout, linger, write
+// timeout, Shutdown, Close, MaxConns, peer reset, ...) are the shared suite,
+// internal/drivertest, run on this driver by TestDrivers (drivers_test.go).
+// Those here are the loop's own.
 
 // TestTutorialFlow is the Winsock tutorial's client against the echo server
 // on the loop: send "this is a test", half-close, read the 14 bytes back
@@ -402,295 +381,6 @@ func TestConnInfo(t *testing.T) {
 		}
 		c.Close()
 	}
-}
-
-// TestIdleTimeout: a client silent for IdleTimeout gets the server's FIN,
-// not a reset, and the server closes once the client's FIN comes.
-func TestIdleTimeout(t *testing.T) {
-	checkFDs(t)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{IdleTimeout: 100 * time.Millisecond}, always(sockfsm.Echo{}))
-	c := ts.dial(t)
-	mustWrite(t, c, []byte("ping"))
-	if got := readFull(t, c, 4); string(got) != "ping" {
-		t.Fatalf("echo = %q", got)
-	}
-	if got := readToEOF(t, c); len(got) != 0 {
-		t.Fatalf("client received %q, want nothing", got)
-	}
-	c.Close()
-	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
-		BytesRead: 4, BytesWritten: 4})
-}
-
-// TestLingerNoReset: the handler answers and closes while the client still
-// sends. The server lingers, reading and discarding until the client's
-// FIN, so no RST destroys the response: the client reads all of it, then
-// EOF, and its writes after the server's FIN succeed.
-func TestLingerNoReset(t *testing.T) {
-	checkFDs(t)
-	resp := pattern(100 << 10)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{LingerTimeout: 5 * time.Second, LingerTime: 10 * time.Second},
-		func(sockfsm.ConnInfo) sockfsm.Handler {
-			answered := false
-			return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
-				if !answered {
-					answered = true
-					c.Write(resp)
-					c.Close()
-				}
-			})
-		})
-	c := ts.dial(t)
-	mustWrite(t, c, []byte("request"))
-	waitUntil(t, "the server to half-close", func() bool { return ts.rec.saw(key(c), fsm.HalfClose) })
-	chunk := bytes.Repeat([]byte("x"), 1<<10)
-	for i := range 20 {
-		if _, err := c.Write(chunk); err != nil {
-			t.Fatalf("client write %d after the server's half-close: %v", i, err)
-		}
-		time.Sleep(time.Millisecond) // pacing, so that an RST would be back before the next write
-	}
-	if got := readToEOF(t, c); !bytes.Equal(got, resp) {
-		t.Fatalf("client received %d bytes, want the %d-byte response", len(got), len(resp))
-	}
-	for i := range 5 {
-		if _, err := c.Write(chunk); err != nil {
-			t.Fatalf("client write %d after reading the server's FIN: %v", i, err)
-		}
-	}
-	closeWrite(t, c)
-	readToEOF(t, c)
-	sent := int64(len("request") + 25*len(chunk))
-	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
-		BytesRead: sent, BytesWritten: int64(len(resp))})
-}
-
-// TestLingerTimeout: after our FIN, a client that neither sends nor closes
-// is closed at LingerTimeout, gracefully.
-func TestLingerTimeout(t *testing.T) {
-	checkFDs(t)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 1,
-		sockfsm.Config{IdleTimeout: 50 * time.Millisecond, LingerTimeout: 50 * time.Millisecond, LingerTime: time.Second}, always(sockfsm.Echo{}))
-	c := ts.dial(t)
-	readToEOF(t, c)
-	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTimeout, BytesRead: 0, BytesWritten: 0})
-	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
-		t.Fatalf("client read after the close = %d, %v; want EOF (no reset)", n, err)
-	}
-}
-
-// TestWriteTimeout: a client that never reads a big response is aborted at
-// WriteTimeout and gets a reset, while another client of the same loop is
-// served meanwhile.
-func TestWriteTimeout(t *testing.T) {
-	checkFDs(t)
-	resp := pattern(16 << 20)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 1,
-		sockfsm.Config{WriteTimeout: 200 * time.Millisecond, MaxPendingOutput: 16 << 20}, always(bigHandler(resp)))
-	other := ts.dial(t)
-	c := ts.dial(t)
-	mustWrite(t, c, []byte("big"))
-	waitUntil(t, "the server to start sending", func() bool { return ts.rec.saw(key(c), fsm.Output) })
-	mustWrite(t, other, []byte("hello"))
-	if got := readFull(t, other, 5); string(got) != "hello" {
-		t.Fatalf("other client's echo = %q", got)
-	}
-	info := ts.rec.wait(t, key(c))
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonWriteTimeout, Err: sockfsm.ErrWriteTimeout, BytesRead: 3, BytesWritten: -1})
-	if info.BytesWritten >= int64(len(resp)) || info.BytesWritten == 0 {
-		t.Errorf("CloseInfo.BytesWritten = %d, want some of the response, not all", info.BytesWritten)
-	}
-	wantReset(t, c, resp)
-	closeWrite(t, other)
-	readToEOF(t, other)
-}
-
-// TestShutdownBusyAndIdle: Shutdown half-closes idle connections at once
-// and lets a busy one finish; every client gets all its bytes and then
-// EOF; Shutdown returns nil, Serve ErrServerClosed, and dials are refused.
-func TestShutdownBusyAndIdle(t *testing.T) {
-	checkFDs(t)
-	const size = 8 << 20
-	resp := pattern(size)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 2,
-		sockfsm.Config{WriteTimeout: clientDeadline, MaxPendingOutput: size}, always(bigHandler(resp)))
-	var idle []net.Conn
-	for range 3 {
-		c := ts.dial(t)
-		mustWrite(t, c, []byte("hello"))
-		readFull(t, c, 5)
-		idle = append(idle, c)
-	}
-	busy := ts.dial(t)
-	mustWrite(t, busy, []byte("big"))
-	const piece = 64 << 10
-	got := readFull(t, busy, piece)
-
-	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
-	defer cancel()
-	shut := make(chan error, 1)
-	go func() { shut <- ts.srv.Shutdown(ctx) }()
-	for i, c := range idle {
-		if b := readToEOF(t, c); len(b) != 0 {
-			t.Fatalf("idle client %d received %q at shutdown", i, b)
-		}
-		c.Close()
-	}
-	for len(got) < size {
-		got = append(got, readFull(t, busy, min(piece, size-len(got)))...)
-		time.Sleep(time.Millisecond)
-	}
-	if !bytes.Equal(got, resp) {
-		t.Fatal("the busy client's response is corrupt")
-	}
-	if b := readToEOF(t, busy); len(b) != 0 {
-		t.Fatalf("busy client received %d bytes more than the response", len(b))
-	}
-	busy.Close()
-	select {
-	case err := <-shut:
-		if err != nil {
-			t.Fatalf("Shutdown = %v, want nil", err)
-		}
-	case <-time.After(clientDeadline):
-		t.Fatal("Shutdown did not return")
-	}
-	if n := ts.srv.NumConns(); n != 0 {
-		t.Errorf("NumConns after Shutdown = %d", n)
-	}
-	if err := ts.serveResult(t); !errors.Is(err, sockfsm.ErrServerClosed) {
-		t.Errorf("Serve = %v, want ErrServerClosed", err)
-	}
-	if c, err := net.DialTimeout("tcp", ts.addr, clientDeadline); err == nil {
-		c.Close()
-		t.Error("Dial after Shutdown succeeded")
-	}
-	for _, c := range idle {
-		checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
-			BytesRead: 5, BytesWritten: 5})
-	}
-	checkInfo(t, ts.rec.wait(t, key(busy)), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
-		BytesRead: 3, BytesWritten: size})
-}
-
-// TestShutdownDeadlineAborts: a connection that cannot close gracefully
-// before Shutdown's context ends (its client never reads) is aborted, and
-// Shutdown returns the context's error only once it is closed.
-func TestShutdownDeadlineAborts(t *testing.T) {
-	checkFDs(t)
-	resp := pattern(16 << 20)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 1,
-		sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: 16 << 20}, always(bigHandler(resp)))
-	c := ts.dial(t)
-	mustWrite(t, c, []byte("big"))
-	waitUntil(t, "the server to start sending", func() bool { return ts.rec.saw(key(c), fsm.Output) })
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	if err := ts.srv.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Shutdown = %v, want context.DeadlineExceeded", err)
-	}
-	info, ok := ts.rec.peek(key(c))
-	if !ok {
-		t.Fatal("Shutdown returned before the connection was closed")
-	}
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdownDeadline, Err: sockfsm.ErrShutdownDeadline, BytesRead: 3, BytesWritten: -1})
-	wantReset(t, c, resp)
-}
-
-// TestClose: Close aborts every connection at once and returns when they
-// are closed.
-func TestClose(t *testing.T) {
-	checkFDs(t)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{}, always(sockfsm.Echo{}))
-	var cs []net.Conn
-	for range 4 {
-		c := ts.dial(t)
-		mustWrite(t, c, []byte("x"))
-		readFull(t, c, 1)
-		cs = append(cs, c)
-	}
-	if err := ts.srv.Close(); err != nil {
-		t.Fatalf("Close = %v", err)
-	}
-	for _, c := range cs {
-		info, ok := ts.rec.peek(key(c))
-		if !ok {
-			t.Fatal("Close returned before a connection was closed")
-		}
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdownDeadline, Err: sockfsm.ErrShutdownDeadline, BytesRead: 1, BytesWritten: 1})
-		wantReset(t, c, nil)
-	}
-}
-
-// TestMaxConns: at MaxConns open connections the server stops accepting;
-// the next client waits in the backlog, unserved, until one closes.
-func TestMaxConns(t *testing.T) {
-	checkFDs(t)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{MaxConns: 2}, always(sockfsm.Echo{}))
-	echo := func(c net.Conn, msg string) {
-		t.Helper()
-		mustWrite(t, c, []byte(msg))
-		if got := readFull(t, c, len(msg)); string(got) != msg {
-			t.Fatalf("echo = %q, want %q", got, msg)
-		}
-	}
-	c1, c2 := ts.dial(t), ts.dial(t)
-	echo(c1, "one")
-	echo(c2, "two")
-	c3 := ts.dial(t)
-	mustWrite(t, c3, []byte("three"))
-	// A bound on a check that nothing happens, not a timing assertion.
-	c3.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	if n, err := c3.Read(make([]byte, 8)); !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("third client's read = %d, %v while two connections are open; want a timeout", n, err)
-	}
-	c3.SetReadDeadline(time.Now().Add(clientDeadline))
-	if n := ts.srv.NumConns(); n != 2 {
-		t.Errorf("NumConns = %d, want 2", n)
-	}
-	closeWrite(t, c1)
-	readToEOF(t, c1)
-	if got := readFull(t, c3, 5); string(got) != "three" {
-		t.Fatalf("third client's echo = %q", got)
-	}
-	for _, c := range []net.Conn{c2, c3} {
-		closeWrite(t, c)
-		readToEOF(t, c)
-		ts.rec.wait(t, key(c))
-	}
-	ts.rec.mu.Lock()
-	most := ts.rec.most
-	ts.rec.mu.Unlock()
-	if most > 2 {
-		t.Errorf("%d connections were open at once, want at most MaxConns = 2", most)
-	}
-}
-
-// TestPeerReset: a client that resets its connection is reported as the
-// peer's reset, whether the server was reading or writing.
-func TestPeerReset(t *testing.T) {
-	checkFDs(t)
-	resp := pattern(16 << 20)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{MaxPendingOutput: 16 << 20}, always(bigHandler(resp)))
-	reset := func(c net.Conn) {
-		c.(*net.TCPConn).SetLinger(0)
-		c.Close()
-	}
-	t.Run("Reading", func(t *testing.T) {
-		c := ts.dial(t)
-		mustWrite(t, c, []byte("hi"))
-		readFull(t, c, 2)
-		reset(c)
-		checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonPeerReset, Err: sockfsm.ErrPeerReset, BytesRead: 2, BytesWritten: 2})
-	})
-	t.Run("Writing", func(t *testing.T) {
-		c := ts.dial(t)
-		mustWrite(t, c, []byte("big"))
-		readFull(t, c, 1000)
-		waitUntil(t, "the server to start sending", func() bool { return ts.rec.saw(key(c), fsm.Output) })
-		reset(c)
-		checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonPeerReset, Err: sockfsm.ErrPeerReset, BytesRead: 3, BytesWritten: -1})
-	})
 }
 
 // TestPushFromAnotherGoroutine: a goroutine other than the loop writes to
@@ -805,26 +495,6 @@ func TestTLSListenerRefused(t *testing.T) {
 	}
 	if err := srv.Shutdown(context.Background()); err != nil {
 		t.Errorf("Shutdown = %v", err)
-	}
-}
-
-// TestServeAfterShutdown: Serve after Shutdown returns ErrServerClosed
-// and closes its listener; Shutdown without Serve returns at once.
-func TestServeAfterShutdown(t *testing.T) {
-	checkFDs(t)
-	srv := &Server{NewHandler: always(sockfsm.Echo{})}
-	if err := srv.Shutdown(context.Background()); err != nil {
-		t.Fatalf("Shutdown = %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.Serve(ln); !errors.Is(err, sockfsm.ErrServerClosed) {
-		t.Fatalf("Serve after Shutdown = %v", err)
-	}
-	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
-		t.Errorf("listener still open: %v", err)
 	}
 }
 
