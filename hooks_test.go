@@ -209,6 +209,22 @@ func TestOnAcceptError(t *testing.T) {
 	got = nil
 	mu.Unlock()
 
+	// The same with a Prelude, whose accept loop runs on a goroutine of
+	// its own (it may go on to the listener's next error meanwhile).
+	pcfg := cfg
+	pcfg.Prelude = func(c net.Conn) (net.Conn, error) { return c, nil }
+	pl := sockfsm.NewListener(&errListener{errs: []error{syscall.EMFILE}}, pcfg)
+	if _, err := pl.Accept(); !errors.Is(err, syscall.EMFILE) {
+		t.Errorf("Listener.Accept with a Prelude = %v, want EMFILE", err)
+	}
+	pl.Close()
+	mu.Lock()
+	if len(got) == 0 || got[0] != syscall.EMFILE {
+		t.Errorf("OnAcceptError heard %v from Listener.Accept with a Prelude, want EMFILE first", got)
+	}
+	got = nil
+	mu.Unlock()
+
 	// A real listener closed by Shutdown: Serve returns ErrServerClosed
 	// and reports nothing.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

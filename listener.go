@@ -213,14 +213,8 @@ func (l *Listener) acceptLoop() {
 	s := &l.srv
 	log := s.logger()
 	for {
-		if s.sem != nil {
-			select {
-			case s.sem <- struct{}{}:
-			case <-l.closed:
-				return
-			case <-s.done:
-				return
-			}
+		if s.sem != nil && !s.acquire(l.closed) {
+			return
 		}
 		s.mu.Lock()
 		if s.closing {
@@ -234,6 +228,14 @@ func (l *Listener) acceptLoop() {
 		if err != nil {
 			s.doneAccepting()
 			s.release()
+			select {
+			case <-l.closed:
+				return
+			case <-s.done:
+				return
+			default:
+			}
+			s.acceptError(err)
 			select {
 			case l.ready <- accepted{err: err}:
 			case <-l.closed:

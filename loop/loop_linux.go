@@ -744,16 +744,8 @@ func (l *eventLoop) admitIP(fd int32, sa unix.Sockaddr) bool {
 	if s.perIP == nil {
 		return true
 	}
-	var key netip.Addr
-	var remote net.Addr
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		key = netip.AddrFrom4(sa.Addr)
-		remote = &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}
-	case *unix.SockaddrInet6:
-		key = netip.AddrFrom16(sa.Addr).Unmap()
-		remote = &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port, Zone: zoneName(sa.ZoneId)}
-	default:
+	key, remote, ok := ipKey(sa)
+	if !ok {
 		return true // not an IP address: not limited
 	}
 	if s.perIP.Acquire(key) {
@@ -762,6 +754,18 @@ func (l *eventLoop) admitIP(fd int32, sa unix.Sockaddr) bool {
 	l.k.close(fd)
 	admit.Refuse(s.log, s.cfg.OnRefuse, remote, sockfsm.ErrTooManyConnsFromIP)
 	return false
+}
+
+// ipKey returns the MaxConnsPerIP key of the peer address sa, and the
+// address; ok is false for a peer that has no IP address (Unix sockets).
+func ipKey(sa unix.Sockaddr) (key netip.Addr, remote net.Addr, ok bool) {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrFrom4(sa.Addr), &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}, true
+	case *unix.SockaddrInet6:
+		return netip.AddrFrom16(sa.Addr).Unmap(), &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port, Zone: zoneName(sa.ZoneId)}, true
+	}
+	return netip.Addr{}, nil, false
 }
 
 // temporaryAcceptErrors are the accept errors worth retrying after a
@@ -838,6 +842,13 @@ func (l *eventLoop) newConn(fd int32, sa unix.Sockaddr, a *acceptor) {
 	if err != nil {
 		s.log.Error("NewHandler failed; connection aborted", "conn", info.ID, "remote", addrString(info.RemoteAddr), "err", err)
 		l.k.abort(fd)
+		if s.perIP != nil {
+			// admitIP counted it; gone, which would release it, never
+			// comes for a connection that was never registered.
+			if key, _, ok := ipKey(sa); ok {
+				s.perIP.Release(key)
+			}
+		}
 		s.unreserve()
 		return
 	}

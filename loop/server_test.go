@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -589,4 +590,37 @@ func TestMaxConnsPerIP(t *testing.T) {
 	readToEOF(t, c1)
 	ts.rec.wait(t, key(c1))
 	echo(dialFrom("127.0.0.1")) // its slot is free again
+}
+
+// TestMaxConnsPerIPReleasedWhenNewHandlerFails: a connection that counted
+// against its address and then failed before it was registered (NewHandler
+// returned nil) gives its slot back: the next connection from the same
+// address is served.
+func TestMaxConnsPerIPReleasedWhenNewHandlerFails(t *testing.T) {
+	checkFDs(t)
+	var calls atomic.Int32
+	nh := func(sockfsm.ConnInfo) sockfsm.Handler {
+		if calls.Add(1) == 1 {
+			return nil
+		}
+		return sockfsm.Echo{}
+	}
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{MaxConnsPerIP: 1}, nh)
+	// The first connection is aborted (RST) at once: so fast, on loopback,
+	// that the dial itself may report the reset.
+	if c1, err := net.DialTimeout("tcp", ts.addr, clientDeadline); err == nil {
+		c1.SetDeadline(time.Now().Add(clientDeadline))
+		if n, err := c1.Read(make([]byte, 1)); err == nil {
+			t.Fatalf("the connection whose handler failed read %d bytes; want it aborted", n)
+		}
+		c1.Close()
+	}
+	c2 := ts.dial(t)
+	mustWrite(t, c2, []byte("hi"))
+	if got := readFull(t, c2, 2); string(got) != "hi" {
+		t.Fatalf("echo = %q: the address's slot was not given back", got)
+	}
+	closeWrite(t, c2)
+	readToEOF(t, c2)
+	c2.Close()
 }
