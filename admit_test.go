@@ -41,6 +41,15 @@ func (r *refusals) all() []refusal {
 	return append([]refusal(nil), r.list...)
 }
 
+// wait waits (bounded) until n refusals were reported, and returns them:
+// the client sees the close before OnRefuse is called.
+func (r *refusals) wait(n int) []refusal {
+	for end := time.Now().Add(clientDeadline); len(r.all()) < n && time.Now().Before(end); {
+		time.Sleep(time.Millisecond)
+	}
+	return r.all()
+}
+
 // count returns the number of refusals whose reason matches target.
 func (r *refusals) count(target error) int {
 	n := 0
@@ -269,7 +278,7 @@ func TestListenerPrelude(t *testing.T) {
 		t.Fatalf("read %q after the prelude, want %q", got, "hello")
 	}
 	sc.Close()
-	if r := ref.all(); len(r) != 1 || !errors.Is(r[0].reason, sockfsm.ErrPrelude) {
+	if r := ref.wait(1); len(r) != 1 || !errors.Is(r[0].reason, sockfsm.ErrPrelude) {
 		t.Errorf("refusals %v, want the bad one, ErrPrelude", r)
 	}
 
