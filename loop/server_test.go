@@ -28,6 +28,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/testutil"
 )
 
 // clientDeadline bounds every client socket's I/O and every wait.
@@ -136,26 +137,9 @@ func always(h sockfsm.Handler) func(sockfsm.ConnInfo) sockfsm.Handler {
 	return func(sockfsm.ConnInfo) sockfsm.Handler { return h }
 }
 
-// testLogger logs through t while the test runs.
+// testLogger logs through t while the test runs (testutil.LogWriter).
 func testLogger(t *testing.T) *slog.Logger {
-	w := &testWriter{t: t}
-	t.Cleanup(func() { w.mu.Lock(); w.done = true; w.mu.Unlock() })
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
-}
-
-type testWriter struct {
-	t    *testing.T
-	mu   sync.Mutex
-	done bool
-}
-
-func (w *testWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
+	return slog.New(slog.NewTextHandler(testutil.NewLogWriter(t), &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
 // startServer serves with cfg on a new listener on network and addr, with
