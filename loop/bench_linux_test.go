@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -33,7 +34,7 @@ var sinkConn *conn
 func TestConnFootprint(t *testing.T) {
 	w := newWorld()
 	_, l, a := fakeServer(t, w, sockfsm.Config{})
-	sa := &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 2}, Port: 4242}
+	sa := &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 2}, Port: 4242}
 	mk := func() {
 		c, _, err := l.makeConn(7, sa, a, l)
 		if err != nil {

@@ -45,8 +45,9 @@
 // shutdown(SHUT_WR); an abort is SO_LINGER {1, 0} then close, which sends
 // RST; ECONNRESET, EPIPE, ECONNABORTED and ENOTCONN are reported to the
 // engine as the peer's reset (sockfsm.Classify), other errors as I/O
-// errors. Accepted TCP connections get TCP_NODELAY, as net's do; no
-// keep-alive is set (IdleTimeout and the linger bounds end dead peers).
+// errors. Accepted TCP connections get TCP_NODELAY, as net's do: set on
+// the listener, which Linux copies to the sockets it accepts (checked on
+// the first one; set on each where it is not); no keep-alive is set (IdleTimeout and the linger bounds end dead peers).
 //
 // # Timers
 //
@@ -56,14 +57,21 @@
 // then), so a busy connection touches the heap about once per IdleTimeout,
 // not once per read. Time is read from the monotonic clock.
 //
-// A loop with work takes its events with a non-blocking epoll_wait each
-// turn. One with nothing to do does not block in epoll_wait, where its
-// goroutine would keep a P of the runtime until sysmon took it back (up to
-// 10 ms, during which, with a P per loop or one CPU, the process's other
-// goroutines wait): it parks in the runtime's network poller on its epoll
-// descriptor, which is readable when events are ready, with its first
-// timer as the read deadline. To the scheduler a loop is an ordinary
-// goroutine.
+// A loop first takes what is ready with a non-blocking epoll_wait. When
+// nothing is, how it waits depends on its load. A busy loop (its last
+// wait found events) yields once to the runtime (runtime.Gosched), then
+// blocks in epoll_wait itself for at most 1 ms: under load the next event
+// comes sooner than that, and waking from epoll_wait is the cheapest way
+// to get it. A loop that found nothing in that time is idle, and parks in
+// the runtime's network poller on its epoll descriptor, which is readable
+// when events are ready, with its first timer as the read deadline; it
+// then holds no P, and to the scheduler it is an ordinary parked
+// goroutine. The bound matters: a goroutine blocked in a system call keeps
+// its P until sysmon takes it back, and with a P per loop, or one CPU, the
+// process's other goroutines wait meanwhile; they wait at most 1 ms for a
+// busy loop, and not at all for an idle one. (Parking every time, as this
+// package did first, cost twice gnet's context switches per connection
+// under load; see docs/performance.md.)
 //
 // # Handlers run on the loop
 //

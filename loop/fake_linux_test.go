@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -24,6 +25,9 @@ type world struct {
 	kernels    []*fakeKernel
 	problems   []string // what no kernel would allow the loop to do
 	acceptErrs []error  // the next accepts fail with these
+
+	listenerNoDelay bool // TCP_NODELAY is set on the listener
+	noInherit       bool // accepted sockets do not inherit TCP_NODELAY from the listener
 }
 
 // listenFD is the fake listener's descriptor.
@@ -55,6 +59,7 @@ type fsock struct {
 	nospace               bool // a write found the socket full: the next room makes an edge
 	eintr                 bool // the next read or write fails with EINTR
 	writesAfterFIN        int
+	nodelay               bool        // TCP_NODELAY is set
 	owner                 *fakeKernel // the epoll it is registered in
 }
 
@@ -259,7 +264,7 @@ func (k *fakeKernel) clearPost() {
 	k.mu.Unlock()
 }
 
-func (k *fakeKernel) accept(lfd int32, tcp bool) (int32, unix.Sockaddr, error) {
+func (k *fakeKernel) accept(lfd int32) (int32, syscall.Sockaddr, error) {
 	if lfd != listenFD {
 		k.w.problem("accept on fd %d", lfd)
 		return -1, nil, unix.EBADF
@@ -274,11 +279,33 @@ func (k *fakeKernel) accept(lfd int32, tcp bool) (int32, unix.Sockaddr, error) {
 	}
 	s := k.w.backlog[0]
 	k.w.backlog = k.w.backlog[1:]
-	return s.fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: int(s.fd)}, nil
+	s.nodelay = k.w.listenerNoDelay && !k.w.noInherit
+	return s.fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: int(s.fd)}, nil
 }
 
-func (k *fakeKernel) sockname(fd int32) (unix.Sockaddr, error) {
-	return &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: 1}, nil
+func (k *fakeKernel) sockname(fd int32) (syscall.Sockaddr, error) {
+	return &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: 1}, nil
+}
+
+func (k *fakeKernel) setNoDelay(fd int32) error {
+	if fd == listenFD {
+		k.w.listenerNoDelay = true
+		return nil
+	}
+	s := k.sock("setsockopt", fd)
+	if s == nil {
+		return unix.EBADF
+	}
+	s.nodelay = true
+	return nil
+}
+
+func (k *fakeKernel) noDelay(fd int32) (bool, error) {
+	s := k.sock("getsockopt", fd)
+	if s == nil {
+		return false, unix.EBADF
+	}
+	return s.nodelay, nil
 }
 
 func (k *fakeKernel) read(fd int32, p []byte) (int, error) {
@@ -324,6 +351,9 @@ func (k *fakeKernel) write(fd int32, p []byte) (int, error) {
 			return -1, unix.ECONNRESET
 		}
 		return -1, unix.EPIPE
+	}
+	if !s.nodelay {
+		k.w.problem("fd %d: a write with Nagle's algorithm on (no TCP_NODELAY)", fd)
 	}
 	n := min(len(p), s.room())
 	if n < len(p) {

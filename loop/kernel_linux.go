@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -28,10 +29,14 @@ type kernel interface {
 	// clearPost consumes the posts made so far.
 	clearPost()
 	// accept accepts a connection on the listener lfd, non-blocking and
-	// close-on-exec; tcp asks for TCP_NODELAY.
-	accept(lfd int32, tcp bool) (int32, unix.Sockaddr, error)
+	// close-on-exec.
+	accept(lfd int32) (int32, syscall.Sockaddr, error)
 	// sockname returns the local address of a socket.
-	sockname(fd int32) (unix.Sockaddr, error)
+	sockname(fd int32) (syscall.Sockaddr, error)
+	// setNoDelay sets TCP_NODELAY on a TCP socket, listening or not.
+	setNoDelay(fd int32) error
+	// noDelay reports whether TCP_NODELAY is set on a TCP socket.
+	noDelay(fd int32) (bool, error)
 	read(fd int32, p []byte) (int, error)
 	write(fd int32, p []byte) (int, error)
 	// shutdownWrite sends our FIN.
@@ -47,23 +52,34 @@ type kernel interface {
 
 // epollKernel is the real kernel: an epoll instance and an eventfd.
 //
-// A loop that has nothing to do does not sleep in epoll_wait: a goroutine
-// blocked in a system call keeps its P until the runtime's sysmon takes it
-// back, which can take up to 10 ms, and meanwhile, with GOMAXPROCS loops or
-// a server pinned to one CPU, the process's other goroutines (those that
-// push to connections, Shutdown, timers) wait. It parks in the runtime's
-// network poller instead, on the epoll descriptor itself (an epoll
-// descriptor is readable when it has events), with the loop's next timer
-// as the read deadline: the goroutine is an ordinary parked goroutine, and
-// a busy loop still takes its events with one non-blocking epoll_wait per
-// turn.
+// How a loop waits is a trade between its own cost and the rest of the
+// process. A goroutine blocked in epoll_wait keeps its P until the
+// runtime's sysmon takes it back, which can take up to 10 ms, and
+// meanwhile, with GOMAXPROCS loops or a server pinned to one CPU, the
+// process's other goroutines (those that push to connections, Shutdown,
+// timers, a metrics endpoint) wait. A goroutine parked in the runtime's
+// network poller frees its P, but each park and wake-up costs a trip
+// through the scheduler, a second epoll_wait, and, when the P goes idle,
+// sysmon's sleep and wake-up: measured on a loaded loop, twice gnet's
+// context switches per connection (docs/performance.md).
+//
+// So wait does both, as the load asks. It first takes what is ready with
+// a non-blocking epoll_wait. A loop that found events in its last wait is
+// busy, and more are likely soon: it yields once (runtime.Gosched, so
+// that runnable goroutines go first) and then blocks in epoll_wait itself
+// for at most busyWait. A loop that found nothing for that long is idle:
+// it parks in the runtime's poller on the epoll descriptor (readable when
+// it has events), with the loop's next timer as the read deadline, and
+// holds no P while it sleeps. Other goroutines thus wait at most busyWait
+// for a busy loop's P, and an idle loop costs the process nothing.
 type epollKernel struct {
 	epfd, evfd int
 	ep         *os.File        // epfd, registered in the runtime's poller
 	rc         syscall.RawConn // ep's
 	poll       func(uintptr) bool
 
-	dl time.Time // ep's read deadline
+	dl   time.Time // ep's read deadline
+	busy bool      // the last wait found events: block in epoll_wait first
 
 	// What poll leaves for wait.
 	events []unix.EpollEvent
@@ -104,17 +120,57 @@ func (k *epollKernel) ctl(op int, fd int32, events uint32) error {
 	return unix.EpollCtl(k.epfd, op, int(fd), &ev)
 }
 
-// wait parks in the runtime's poller (see epollKernel), with until as the
-// epoll descriptor's read deadline, set only when it changes: the loop's
-// first timer seldom does.
+// busyWait is how long a busy loop blocks in epoll_wait before it parks
+// in the runtime's poller; epoll_wait counts in milliseconds.
+const busyWait = 1 // ms
+
+// wait takes the events ready now, then, if block and there are none,
+// waits for some until the time until (zero: no limit): in epoll_wait for
+// at most busyWait if the loop is busy, then parked in the runtime's
+// poller (see epollKernel).
 func (k *epollKernel) wait(events []unix.EpollEvent, block bool, until time.Time) (int, error) {
-	if !block {
-		n, err := unix.EpollWait(k.epfd, events, 0)
-		if err == unix.EINTR {
+	n, err := k.epollWait(events, 0)
+	if n > 0 || err != nil || !block {
+		k.busy = k.busy || n > 0
+		return n, err
+	}
+	if k.busy {
+		msec := busyWait
+		if !until.IsZero() {
+			// Rounded up: a timer is never taken early.
+			msec = min(msec, int((time.Until(until)+time.Millisecond-1)/time.Millisecond))
+		}
+		if msec <= 0 {
 			return 0, nil
 		}
-		return max(n, 0), err
+		runtime.Gosched()
+		n, err := k.epollWait(events, msec)
+		if n > 0 || err != nil {
+			return n, err
+		}
+		k.busy = false
+		if !until.IsZero() && !time.Now().Before(until) {
+			return 0, nil
+		}
 	}
+	n, err = k.park(events, until)
+	k.busy = n > 0
+	return n, err
+}
+
+// epollWait is one epoll_wait; EINTR is no error, and no event.
+func (k *epollKernel) epollWait(events []unix.EpollEvent, msec int) (int, error) {
+	n, err := unix.EpollWait(k.epfd, events, msec)
+	if err == unix.EINTR {
+		return 0, nil
+	}
+	return max(n, 0), err
+}
+
+// park waits in the runtime's poller for the epoll descriptor to become
+// readable, with until as its read deadline, set only when it changes:
+// the loop's first timer seldom does.
+func (k *epollKernel) park(events []unix.EpollEvent, until time.Time) (int, error) {
 	if !until.Equal(k.dl) {
 		if err := k.ep.SetReadDeadline(until); err != nil {
 			return 0, err
@@ -160,18 +216,30 @@ func (k *epollKernel) clearPost() {
 	unix.Read(k.evfd, b[:])
 }
 
-func (k *epollKernel) accept(lfd int32, tcp bool) (int32, unix.Sockaddr, error) {
-	fd, sa, err := unix.Accept4(int(lfd), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+// accept uses the standard library's accept4, not x/sys's: for an IPv4
+// peer, x/sys asks the listener's protocol (getsockopt SO_PROTOCOL) on
+// every call, to tell L2TP from TCP.
+func (k *epollKernel) accept(lfd int32) (int32, syscall.Sockaddr, error) {
+	fd, sa, err := syscall.Accept4(int(lfd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
 	if err != nil {
 		return -1, nil, err
-	}
-	if tcp {
-		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	}
 	return int32(fd), sa, nil
 }
 
-func (k *epollKernel) sockname(fd int32) (unix.Sockaddr, error) { return unix.Getsockname(int(fd)) }
+// sockname: the standard library's, for the reason accept gives.
+func (k *epollKernel) sockname(fd int32) (syscall.Sockaddr, error) {
+	return syscall.Getsockname(int(fd))
+}
+
+func (k *epollKernel) setNoDelay(fd int32) error {
+	return unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+}
+
+func (k *epollKernel) noDelay(fd int32) (bool, error) {
+	v, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY)
+	return v != 0, err
+}
 
 func (k *epollKernel) read(fd int32, p []byte) (int, error) { return unix.Read(int(fd), p) }
 

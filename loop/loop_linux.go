@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -652,10 +653,21 @@ type acceptor struct {
 	paused   bool      // at MaxConns
 	pausedAt time.Time // when it paused, for Config.OnMaxConnsWait
 	watched  bool      // in the epoll set
+	nodelay  uint8     // how its TCP connections get TCP_NODELAY: nodelayUnknown, ...
 }
+
+// acceptor.nodelay
+const (
+	nodelayUnknown   = iota // no connection accepted yet
+	nodelayInherited        // accepted sockets inherit it from the listener
+	nodelayEach             // it is set on each
+)
 
 func (l *eventLoop) addAcceptor(a *acceptor) {
 	l.accs = append(l.accs, a)
+	if a.tcp {
+		l.k.setNoDelay(a.fd) // for its connections to inherit; see noDelay
+	}
 	if l.stopped {
 		l.closeAcceptor(a, sockfsm.ErrServerClosed)
 		return
@@ -705,7 +717,7 @@ func (l *eventLoop) accept(a *acceptor) {
 			l.pause(a)
 			return
 		}
-		fd, sa, err := l.k.accept(a.fd, a.tcp)
+		fd, sa, err := l.k.accept(a.fd)
 		if err != nil {
 			s.unreserve()
 			switch {
@@ -726,6 +738,9 @@ func (l *eventLoop) accept(a *acceptor) {
 			return
 		}
 		a.backoff = 0
+		if a.tcp {
+			l.noDelay(a, fd)
+		}
 		if !l.admitIP(fd, sa) {
 			s.unreserve()
 			continue
@@ -735,11 +750,29 @@ func (l *eventLoop) accept(a *acceptor) {
 	l.acceptMore = true
 }
 
+// noDelay turns Nagle's algorithm off on a TCP connection accepted on a,
+// as net does. Linux copies TCP_NODELAY from the listener to the sockets
+// it accepts, and addAcceptor set it there: the first connection tells
+// whether this kernel did, and if so the others cost no system call.
+func (l *eventLoop) noDelay(a *acceptor, fd int32) {
+	switch a.nodelay {
+	case nodelayInherited:
+		return
+	case nodelayUnknown:
+		if on, err := l.k.noDelay(fd); err == nil && on {
+			a.nodelay = nodelayInherited
+			return
+		}
+		a.nodelay = nodelayEach
+	}
+	l.k.setNoDelay(fd)
+}
+
 // admitIP counts the connection accepted on fd under its source address
 // for MaxConnsPerIP. At the limit it closes fd (nothing was read: a plain
 // close, FIN), refuses the connection as sockfsm.Server does and returns
 // false. The count is released when the connection is gone (see gone).
-func (l *eventLoop) admitIP(fd int32, sa unix.Sockaddr) bool {
+func (l *eventLoop) admitIP(fd int32, sa syscall.Sockaddr) bool {
 	s := l.s
 	if s.perIP == nil {
 		return true
@@ -758,11 +791,11 @@ func (l *eventLoop) admitIP(fd int32, sa unix.Sockaddr) bool {
 
 // ipKey returns the MaxConnsPerIP key of the peer address sa, and the
 // address; ok is false for a peer that has no IP address (Unix sockets).
-func ipKey(sa unix.Sockaddr) (key netip.Addr, remote net.Addr, ok bool) {
+func ipKey(sa syscall.Sockaddr) (key netip.Addr, remote net.Addr, ok bool) {
 	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
+	case *syscall.SockaddrInet4:
 		return netip.AddrFrom4(sa.Addr), &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}, true
-	case *unix.SockaddrInet6:
+	case *syscall.SockaddrInet6:
 		return netip.AddrFrom16(sa.Addr).Unmap(), &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port, Zone: zoneName(sa.ZoneId)}, true
 	}
 	return netip.Addr{}, nil, false
@@ -835,7 +868,7 @@ func (l *eventLoop) resumeAccepting() {
 }
 
 // newConn sets up the connection accepted on fd and hands it to a loop.
-func (l *eventLoop) newConn(fd int32, sa unix.Sockaddr, a *acceptor) {
+func (l *eventLoop) newConn(fd int32, sa syscall.Sockaddr, a *acceptor) {
 	s := l.s
 	target := s.pick()
 	c, info, err := l.makeConn(fd, sa, a, target)
@@ -863,7 +896,7 @@ func (l *eventLoop) newConn(fd int32, sa unix.Sockaddr, a *acceptor) {
 // makeConn makes the connection accepted on fd for the loop target: its
 // ConnInfo, its handler and its engine. The connection's memory is this
 // one allocation and its waker's closure.
-func (l *eventLoop) makeConn(fd int32, sa unix.Sockaddr, a *acceptor, target *eventLoop) (*conn, sockfsm.ConnInfo, error) {
+func (l *eventLoop) makeConn(fd int32, sa syscall.Sockaddr, a *acceptor, target *eventLoop) (*conn, sockfsm.ConnInfo, error) {
 	s := l.s
 	c := &conn{fd: fd}
 	info := sockfsm.ConnInfo{ID: connIDs.Add(1), LocalAddr: a.laddr, RemoteAddr: c.remoteAddr(sa, a)}
@@ -890,17 +923,17 @@ func addrString(a net.Addr) string {
 }
 
 // remoteAddr returns the peer's address, kept in c for TCP.
-func (c *conn) remoteAddr(sa unix.Sockaddr, a *acceptor) net.Addr {
+func (c *conn) remoteAddr(sa syscall.Sockaddr, a *acceptor) net.Addr {
 	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
+	case *syscall.SockaddrInet4:
 		copy(c.ip[:], sa.Addr[:])
 		c.raddr = net.TCPAddr{IP: c.ip[:4], Port: sa.Port}
 		return &c.raddr
-	case *unix.SockaddrInet6:
+	case *syscall.SockaddrInet6:
 		c.ip = sa.Addr
 		c.raddr = net.TCPAddr{IP: c.ip[:], Port: sa.Port, Zone: zoneName(sa.ZoneId)}
 		return &c.raddr
-	case *unix.SockaddrUnix:
+	case *syscall.SockaddrUnix:
 		if sa.Name == "" || sa.Name == "@" {
 			return a.uaddr
 		}
@@ -917,9 +950,9 @@ func (l *eventLoop) localAddr(fd int32) net.Addr {
 		return nil
 	}
 	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
+	case *syscall.SockaddrInet4:
 		return &net.TCPAddr{IP: net.IP(sa.Addr[:]).To16(), Port: sa.Port}
-	case *unix.SockaddrInet6:
+	case *syscall.SockaddrInet6:
 		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port, Zone: zoneName(sa.ZoneId)}
 	}
 	return nil

@@ -92,6 +92,7 @@ func newHarness(t *rapid.T) *harness {
 		cfg.MaxLifetime = ms(10, 300, "maxLifetime")
 	}
 	h := &harness{t: t, w: newWorld(), byFD: map[int32]*tconn{}}
+	h.w.noInherit = rapid.Bool().Draw(t, "noInheritNoDelay")
 	cfg.Logger = discardLogger
 	h.cfg = cfg
 	h.srv = &Server{Config: cfg, NewHandler: h.newHandler, Loops: rapid.IntRange(1, 3).Draw(t, "loops")}

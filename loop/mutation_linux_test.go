@@ -48,6 +48,7 @@ var loopMutantCases = []struct {
 	// cleanup.
 	{"wake-lost", "TestPushFromAnotherGoroutine", "never opened|test timed out"},
 	{"budget-ends-at-close", "TestBudgetEndsAtClose", "NumConns 1"},
+	{"nodelay-assumed-inherited", "TestLoopProperties", "Nagle's algorithm on"},
 	{"woken-not-driven", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|and the loop sleeps|the server is not drained"},
 }
 
