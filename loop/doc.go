@@ -68,10 +68,14 @@
 // then holds no P, and to the scheduler it is an ordinary parked
 // goroutine. The bound matters: a goroutine blocked in a system call keeps
 // its P until sysmon takes it back, and with a P per loop, or one CPU, the
-// process's other goroutines wait meanwhile; they wait at most 1 ms for a
-// busy loop, and not at all for an idle one. (Parking every time, as this
-// package did first, cost twice gnet's context switches per connection
-// under load; see docs/performance.md.)
+// process's other goroutines wait meanwhile. While a loop is busy,
+// goroutines that are runnable run at each of its waits (the Gosched),
+// and those waiting for the network or a timer are found by the runtime's
+// sysmon, which polls the network when nobody has for 10 ms, as it does
+// for any goroutine that keeps its P; an idle loop holds no P at all.
+// (Parking every time, as this package did first, cost more context
+// switches and system calls per connection under load than gnet; see
+// docs/performance.md.)
 //
 // # Handlers run on the loop
 //

@@ -70,8 +70,10 @@ type kernel interface {
 // for at most busyWait. A loop that found nothing for that long is idle:
 // it parks in the runtime's poller on the epoll descriptor (readable when
 // it has events), with the loop's next timer as the read deadline, and
-// holds no P while it sleeps. Other goroutines thus wait at most busyWait
-// for a busy loop's P, and an idle loop costs the process nothing.
+// holds no P while it sleeps. So a busy loop lets runnable goroutines go
+// first at each wait, leaves those waiting for the network to sysmon's
+// poll (at least every 10 ms, as for any goroutine that keeps its P), and
+// an idle loop costs the process nothing.
 type epollKernel struct {
 	epfd, evfd int
 	ep         *os.File        // epfd, registered in the runtime's poller
