@@ -62,7 +62,7 @@ func TestAcceptBackoff(t *testing.T) {
 		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
 		w.nextFD++
 		w.socks[s.fd] = s
-		w.backlog = append(w.backlog, s)
+		w.connect(s)
 		return s
 	}
 	s1 := connect()
@@ -108,7 +108,7 @@ func TestAcceptBackoff(t *testing.T) {
 func TestAcceptErrorEndsServe(t *testing.T) {
 	w := newWorld()
 	_, l, a := fakeServer(t, w, sockfsm.Config{})
-	w.backlog = append(w.backlog, &fsock{fd: 99})
+	w.connect(&fsock{fd: 99})
 	w.acceptErrs = []error{unix.EINVAL}
 	settleLoop(t, l)
 	select {
@@ -137,7 +137,7 @@ func TestMaxConnsPausesListener(t *testing.T) {
 		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
 		w.nextFD++
 		w.socks[s.fd] = s
-		w.backlog = append(w.backlog, s)
+		w.connect(s)
 	}
 	settleLoop(t, l)
 	if l.n != 1 || len(w.backlog) != 1 {
@@ -178,7 +178,7 @@ func TestBudgetEndsAtClose(t *testing.T) {
 		s := &fsock{fd: w.nextFD, rcvCap: 1 << 10, sndCap: 1 << 10}
 		w.nextFD++
 		w.socks[s.fd] = s
-		w.backlog = append(w.backlog, s)
+		w.connect(s)
 		settleLoop(t, l)
 		s.eintr = eintr
 		w.send(s, bytes.Repeat([]byte("x"), k))

@@ -45,9 +45,11 @@
 // shutdown(SHUT_WR); an abort is SO_LINGER {1, 0} then close, which sends
 // RST; ECONNRESET, EPIPE, ECONNABORTED and ENOTCONN are reported to the
 // engine as the peer's reset (sockfsm.Classify), other errors as I/O
-// errors. Accepted TCP connections get TCP_NODELAY, as net's do: set on
-// the listener, which Linux copies to the sockets it accepts (checked on
-// the first one; set on each where it is not); no keep-alive is set (IdleTimeout and the linger bounds end dead peers).
+// errors. Accepted TCP connections get TCP_NODELAY, as net's do: on a
+// plain TCP listener it is set once, on the listener, which Linux copies
+// to the sockets it accepts (checked until one is seen with it), and on an
+// MPTCP listener (net's default since Go 1.24) on each connection. No
+// keep-alive is set (IdleTimeout and the linger bounds end dead peers).
 //
 // # Timers
 //

@@ -28,6 +28,15 @@ type world struct {
 
 	listenerNoDelay bool // TCP_NODELAY is set on the listener
 	noInherit       bool // accepted sockets do not inherit TCP_NODELAY from the listener
+	mptcp           bool // the listener is MPTCP: only some accepted sockets inherit TCP_NODELAY
+}
+
+// connect queues s on the listener. Like Linux, which copies the listening
+// socket into each child as the handshake completes, it gives s the
+// listener's TCP_NODELAY as it is now, not as it is when s is accepted.
+func (w *world) connect(s *fsock) {
+	s.nodelay = w.listenerNoDelay && !w.noInherit && (!w.mptcp || s.fd%2 == 0)
+	w.backlog = append(w.backlog, s)
 }
 
 // listenFD is the fake listener's descriptor.
@@ -279,7 +288,6 @@ func (k *fakeKernel) accept(lfd int32) (int32, syscall.Sockaddr, error) {
 	}
 	s := k.w.backlog[0]
 	k.w.backlog = k.w.backlog[1:]
-	s.nodelay = k.w.listenerNoDelay && !k.w.noInherit
 	return s.fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: int(s.fd)}, nil
 }
 
@@ -287,11 +295,16 @@ func (k *fakeKernel) sockname(fd int32) (syscall.Sockaddr, error) {
 	return &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: 1}, nil
 }
 
-func (k *fakeKernel) setNoDelay(fd int32) error {
-	if fd == listenFD {
-		k.w.listenerNoDelay = true
-		return nil
+func (k *fakeKernel) listenNoDelay(lfd int32) bool {
+	if lfd != listenFD {
+		k.w.problem("listener setsockopt on fd %d", lfd)
+		return false
 	}
+	k.w.listenerNoDelay = true
+	return !k.w.mptcp
+}
+
+func (k *fakeKernel) setNoDelay(fd int32) error {
 	s := k.sock("setsockopt", fd)
 	if s == nil {
 		return unix.EBADF

@@ -33,8 +33,11 @@ type kernel interface {
 	accept(lfd int32) (int32, syscall.Sockaddr, error)
 	// sockname returns the local address of a socket.
 	sockname(fd int32) (syscall.Sockaddr, error)
-	// setNoDelay sets TCP_NODELAY on a TCP socket, listening or not.
+	// setNoDelay sets TCP_NODELAY on a TCP socket.
 	setNoDelay(fd int32) error
+	// listenNoDelay sets TCP_NODELAY on a TCP listener, for the sockets it
+	// accepts to inherit, and reports whether they may be counted on to.
+	listenNoDelay(lfd int32) bool
 	// noDelay reports whether TCP_NODELAY is set on a TCP socket.
 	noDelay(fd int32) (bool, error)
 	read(fd int32, p []byte) (int, error)
@@ -60,8 +63,8 @@ type kernel interface {
 // timers, a metrics endpoint) wait. A goroutine parked in the runtime's
 // network poller frees its P, but each park and wake-up costs a trip
 // through the scheduler, a second epoll_wait, and, when the P goes idle,
-// sysmon's sleep and wake-up: measured on a loaded loop, twice gnet's
-// context switches per connection (docs/performance.md).
+// sysmon's sleep and wake-up: measured on a loaded loop, more than three
+// times gnet's context switches per connection (docs/performance.md).
 //
 // So wait does both, as the load asks. It first takes what is ready with
 // a non-blocking epoll_wait. A loop that found events in its last wait is
@@ -131,29 +134,34 @@ const busyWait = 1 // ms
 // at most busyWait if the loop is busy, then parked in the runtime's
 // poller (see epollKernel).
 func (k *epollKernel) wait(events []unix.EpollEvent, block bool, until time.Time) (int, error) {
+	if block && !k.busy {
+		// Idle: park, whose first poll takes what is ready now.
+		n, err := k.park(events, until)
+		k.busy = n > 0
+		return n, err
+	}
 	n, err := k.epollWait(events, 0)
 	if n > 0 || err != nil || !block {
 		k.busy = k.busy || n > 0
 		return n, err
 	}
-	if k.busy {
-		msec := busyWait
-		if !until.IsZero() {
-			// Rounded up: a timer is never taken early.
-			msec = min(msec, int((time.Until(until)+time.Millisecond-1)/time.Millisecond))
-		}
+	runtime.Gosched()
+	msec := busyWait
+	if !until.IsZero() {
+		// After the Gosched, which may have taken a while; rounded up: a
+		// timer is never taken early.
+		msec = min(msec, int((time.Until(until)+time.Millisecond-1)/time.Millisecond))
 		if msec <= 0 {
 			return 0, nil
 		}
-		runtime.Gosched()
-		n, err := k.epollWait(events, msec)
-		if n > 0 || err != nil {
-			return n, err
-		}
-		k.busy = false
-		if !until.IsZero() && !time.Now().Before(until) {
-			return 0, nil
-		}
+	}
+	n, err = k.epollWait(events, msec)
+	if n > 0 || err != nil {
+		return n, err
+	}
+	k.busy = false
+	if !until.IsZero() && !time.Now().Before(until) {
+		return 0, nil
 	}
 	n, err = k.park(events, until)
 	k.busy = n > 0
@@ -218,7 +226,7 @@ func (k *epollKernel) clearPost() {
 	unix.Read(k.evfd, b[:])
 }
 
-// accept uses the standard library's accept4, not x/sys's: for an IPv4
+// accept uses the standard library's accept4, not x/sys's: for an IP
 // peer, x/sys asks the listener's protocol (getsockopt SO_PROTOCOL) on
 // every call, to tell L2TP from TCP.
 func (k *epollKernel) accept(lfd int32) (int32, syscall.Sockaddr, error) {
@@ -236,6 +244,17 @@ func (k *epollKernel) sockname(fd int32) (syscall.Sockaddr, error) {
 
 func (k *epollKernel) setNoDelay(fd int32) error {
 	return unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+}
+
+// listenNoDelay sets TCP_NODELAY on a TCP listener and reports whether the
+// sockets it accepts may be counted on to inherit it: Linux copies the
+// listening socket into each child, TCP_NODELAY with it, but an MPTCP
+// listener (net's default since Go 1.24) accepts MPTCP sockets and plain
+// TCP ones, and whether both kinds inherit it varies with the kernel.
+func (k *epollKernel) listenNoDelay(lfd int32) bool {
+	err := k.setNoDelay(lfd)
+	proto, perr := unix.GetsockoptInt(int(lfd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	return err == nil && perr == nil && proto == unix.IPPROTO_TCP
 }
 
 func (k *epollKernel) noDelay(fd int32) (bool, error) {

@@ -1,60 +1,147 @@
 package loop
 
 import (
+	"bytes"
+	"context"
 	"net"
+	"runtime"
+	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockfsm/sockfsm"
 )
 
+// noDelayCounter counts the TCP_NODELAY system calls a loop makes on the
+// sockets it accepts.
+type noDelayCounter struct {
+	kernel
+	sets, asks int
+}
+
+func (k *noDelayCounter) setNoDelay(fd int32) error { k.sets++; return k.kernel.setNoDelay(fd) }
+
+func (k *noDelayCounter) noDelay(fd int32) (bool, error) { k.asks++; return k.kernel.noDelay(fd) }
+
 // TestAcceptedConnsHaveNoDelay: on the real kernel, every TCP connection
-// the loop accepts has TCP_NODELAY, as net's accepted connections have it;
-// and, Linux copying it from the listener, which addAcceptor set it on, no
-// connection after the first costs a system call for it.
+// the loop accepts has TCP_NODELAY, as net's accepted connections have it.
+// On a plain TCP listener, which Linux copies it from, it costs one
+// getsockopt for the first connection and no system call for the others;
+// on net's default listener (MPTCP where the kernel has it) it is set on
+// each.
 func TestAcceptedConnsHaveNoDelay(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	plain := net.ListenConfig{}
+	plain.SetMultipathTCP(false)
+	for _, tc := range []struct {
+		name  string
+		lc    net.ListenConfig
+		plain bool
+	}{
+		{"plain TCP", plain, true},
+		{"net's default", net.ListenConfig{}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := tc.lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			a, err := newAcceptor(ln)
+			if err != nil {
+				t.Fatal(err)
+			}
+			real, err := newEpollKernel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer real.shutdown()
+			defer real.close(a.fd)
+			k := &noDelayCounter{kernel: real}
+			l := &eventLoop{k: k}
+			l.addAcceptor(a)
+			const conns = 4
+			for i := range conns {
+				c, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				fd, sa, err := acceptBounded(k, a.fd)
+				if err != nil {
+					t.Fatalf("accept %d: %v", i, err)
+				}
+				defer k.close(fd)
+				if key, _, ok := ipKey(sa); !ok || key.String() != "127.0.0.1" {
+					t.Errorf("accept %d: peer %v, want 127.0.0.1", i, sa)
+				}
+				l.noDelay(a, fd)
+				if on, err := real.noDelay(fd); err != nil || !on {
+					t.Errorf("connection %d: TCP_NODELAY %v (%v), want set", i, on, err)
+				}
+			}
+			proto, _ := unix.GetsockoptInt(int(a.fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+			t.Logf("listener protocol %d: %d getsockopt, %d setsockopt for %d connections", proto, k.asks, k.sets, conns)
+			if tc.plain && (k.asks != 1 || k.sets != 0) {
+				t.Errorf("plain TCP listener: %d getsockopt and %d setsockopt for %d connections, want 1 and 0 (inherited from the listener)", k.asks, k.sets, conns)
+			}
+			if _, _, err := k.accept(a.fd); err != unix.EAGAIN {
+				t.Errorf("accept with an empty queue: %v, want EAGAIN", err)
+			}
+		})
 	}
-	defer ln.Close()
-	a, err := newAcceptor(ln)
-	if err != nil {
-		t.Fatal(err)
+}
+
+// acceptBounded accepts on the non-blocking listener lfd, retrying EAGAIN
+// for at most 5 s: Dial has returned, the connection is on its way to the
+// queue.
+func acceptBounded(k kernel, lfd int32) (int32, syscall.Sockaddr, error) {
+	for i := 0; ; i++ {
+		fd, sa, err := k.accept(lfd)
+		if err != unix.EAGAIN || i == 500 {
+			return fd, sa, err
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	k, err := newEpollKernel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.shutdown()
-	defer k.close(a.fd)
-	l := &eventLoop{k: k}
-	l.addAcceptor(a)
-	for i := range 3 {
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
+}
+
+// TestIdleLoopsPark: a loop with nothing to do parks in the runtime's
+// network poller, holding no P and making no system call, within a bounded
+// time of its last event; it does not keep polling epoll_wait (a busy
+// loop's way of waiting). Each loop's goroutine is found parked in
+// epollKernel.park, in the state the runtime gives a goroutine waiting for
+// the network.
+func TestIdleLoopsPark(t *testing.T) {
+	checkFDs(t)
+	const loops = 2
+	ts := startServer(t, "tcp", "127.0.0.1:0", loops, sockfsm.Config{}, always(sockfsm.Echo{}))
+	// Make each loop busy: a connection each, one echo each.
+	for range loops {
+		c := ts.dial(t)
+		if _, err := c.Write([]byte("x")); err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
-		// Dial returns once the handshake is done: the connection is in
-		// the accept queue.
-		fd, sa, err := k.accept(a.fd)
-		if err != nil {
-			t.Fatalf("accept %d: %v", i, err)
-		}
-		defer k.close(fd)
-		if key, _, ok := ipKey(sa); !ok || key.String() != "127.0.0.1" {
-			t.Errorf("accept %d: peer %v, want 127.0.0.1", i, sa)
-		}
-		l.noDelay(a, fd)
-		on, err := k.noDelay(fd)
-		if err != nil || !on {
-			t.Errorf("connection %d: TCP_NODELAY %v (%v), want set", i, on, err)
+		if got := readFull(t, c, 1); string(got) != "x" {
+			t.Fatalf("echo %q", got)
 		}
 	}
-	if a.nodelay != nodelayInherited {
-		t.Errorf("acceptor's TCP_NODELAY mode %d, want %d (inherited from the listener)", a.nodelay, nodelayInherited)
+	var parked int
+	var stacks []byte
+	for range 500 { // at most 5 s
+		time.Sleep(10 * time.Millisecond)
+		stacks = make([]byte, 1<<20)
+		stacks = stacks[:runtime.Stack(stacks, true)]
+		parked = 0
+		for _, g := range bytes.Split(stacks, []byte("\n\n")) {
+			if bytes.Contains(g, []byte("loop.(*eventLoop).run")) &&
+				bytes.Contains(g, []byte("[IO wait")) && bytes.Contains(g, []byte("loop.(*epollKernel).park")) {
+				parked++
+			}
+		}
+		if parked == loops {
+			return
+		}
 	}
-	if _, _, err := k.accept(a.fd); err != unix.EAGAIN {
-		t.Errorf("accept with an empty queue: %v, want EAGAIN", err)
-	}
+	t.Fatalf("%d of %d idle loops parked in the runtime's poller; goroutines:\n%s", parked, loops, stacks)
 }

@@ -653,20 +653,21 @@ type acceptor struct {
 	paused   bool      // at MaxConns
 	pausedAt time.Time // when it paused, for Config.OnMaxConnsWait
 	watched  bool      // in the epoll set
-	nodelay  uint8     // how its TCP connections get TCP_NODELAY: nodelayUnknown, ...
+	nodelay  uint8     // how its TCP connections get TCP_NODELAY; see noDelay
 }
 
-// acceptor.nodelay
+// acceptor.nodelay: below nodelayTries, how many accepted sockets were
+// seen without TCP_NODELAY; see noDelay.
 const (
-	nodelayUnknown   = iota // no connection accepted yet
-	nodelayInherited        // accepted sockets inherit it from the listener
-	nodelayEach             // it is set on each
+	nodelayTries     = 8
+	nodelayEach      = nodelayTries // it is set on each
+	nodelayInherited = 255          // accepted sockets inherit it
 )
 
 func (l *eventLoop) addAcceptor(a *acceptor) {
 	l.accs = append(l.accs, a)
-	if a.tcp {
-		l.k.setNoDelay(a.fd) // for its connections to inherit; see noDelay
+	if a.tcp && !l.k.listenNoDelay(a.fd) {
+		a.nodelay = nodelayEach // see noDelay
 	}
 	if l.stopped {
 		l.closeAcceptor(a, sockfsm.ErrServerClosed)
@@ -751,19 +752,21 @@ func (l *eventLoop) accept(a *acceptor) {
 }
 
 // noDelay turns Nagle's algorithm off on a TCP connection accepted on a,
-// as net does. Linux copies TCP_NODELAY from the listener to the sockets
-// it accepts, and addAcceptor set it there: the first connection tells
-// whether this kernel did, and if so the others cost no system call.
+// as net does. Linux copies TCP_NODELAY from a plain TCP listener, which
+// addAcceptor set it on, to the sockets it accepts afterwards: once one
+// accepted socket is seen with it, the others cost no system call. Until
+// then each is asked, and set; after nodelayTries that were not, or for a
+// listener whose children may not inherit it, each is set.
 func (l *eventLoop) noDelay(a *acceptor, fd int32) {
-	switch a.nodelay {
-	case nodelayInherited:
+	switch {
+	case a.nodelay == nodelayInherited:
 		return
-	case nodelayUnknown:
+	case a.nodelay < nodelayTries:
 		if on, err := l.k.noDelay(fd); err == nil && on {
 			a.nodelay = nodelayInherited
 			return
 		}
-		a.nodelay = nodelayEach
+		a.nodelay++
 	}
 	l.k.setNoDelay(fd)
 }

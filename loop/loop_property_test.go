@@ -93,6 +93,7 @@ func newHarness(t *rapid.T) *harness {
 	}
 	h := &harness{t: t, w: newWorld(), byFD: map[int32]*tconn{}}
 	h.w.noInherit = rapid.Bool().Draw(t, "noInheritNoDelay")
+	h.w.mptcp = rapid.Bool().Draw(t, "mptcpListener")
 	cfg.Logger = discardLogger
 	h.cfg = cfg
 	h.srv = &Server{Config: cfg, NewHandler: h.newHandler, Loops: rapid.IntRange(1, 3).Draw(t, "loops")}
@@ -316,7 +317,7 @@ func (h *harness) act() {
 		s := &fsock{fd: h.w.nextFD, rcvCap: rapid.IntRange(1, 256).Draw(t, "rcvCap"), sndCap: rapid.IntRange(1, 256).Draw(t, "sndCap")}
 		h.w.nextFD++
 		h.w.socks[s.fd] = s
-		h.w.backlog = append(h.w.backlog, s)
+		h.w.connect(s)
 		tc := &tconn{s: s, refuse: rapid.IntRange(0, 15).Draw(t, "refuse") == 0}
 		h.conns = append(h.conns, tc)
 		h.byFD[s.fd] = tc

@@ -49,6 +49,8 @@ var loopMutantCases = []struct {
 	{"wake-lost", "TestPushFromAnotherGoroutine", "never opened|test timed out"},
 	{"budget-ends-at-close", "TestBudgetEndsAtClose", "NumConns 1"},
 	{"nodelay-assumed-inherited", "TestLoopProperties", "Nagle's algorithm on"},
+	{"nodelay-mptcp-trusted", "TestLoopProperties", "Nagle's algorithm on"},
+	{"idle-never-parks", "TestIdleLoopsPark", "idle loops parked"},
 	{"woken-not-driven", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|and the loop sleeps|the server is not drained"},
 }
 
