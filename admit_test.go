@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // refusals records Config.OnRefuse's calls.
@@ -78,8 +79,8 @@ func dialFrom(t *testing.T, src, addr string) net.Conn {
 // echoOnce writes msg and reads its echo back on c.
 func echoOnce(t *testing.T, c net.Conn, msg string) {
 	t.Helper()
-	mustWrite(t, c, []byte(msg))
-	if got := string(readFull(t, c, len(msg))); got != msg {
+	conntest.MustWrite(t, c, []byte(msg))
+	if got := string(conntest.ReadFull(t, c, len(msg))); got != msg {
 		t.Fatalf("echo %q, want %q", got, msg)
 	}
 }
@@ -97,11 +98,11 @@ func wantClosedUnserved(t *testing.T, c net.Conn) {
 // without sending anything.
 func wantClosedSilent(t *testing.T, c net.Conn) {
 	t.Helper()
-	n, err := drain(c, nil)
+	n, err := conntest.Drain(c, nil)
 	if n != 0 {
 		t.Fatalf("a refused connection got %d bytes back: it was served", n)
 	}
-	if err != io.EOF && !isReset(err) {
+	if err != io.EOF && !conntest.IsReset(err) {
 		t.Fatalf("a refused connection's read ended with %v, want EOF or a reset", err)
 	}
 }
@@ -128,7 +129,7 @@ func TestMaxConnsPerIP(t *testing.T) {
 	}
 	over := dialFrom(t, "127.0.0.2", ts.addr)
 	wantClosedUnserved(t, over)
-	waitUntil(t, "the refusal reported", func() bool { return len(ref.all()) == 1 })
+	conntest.WaitUntil(t, "the refusal reported", func() bool { return len(ref.all()) == 1 })
 	f := ref.all()[0]
 	if !errors.Is(f.reason, sockfsm.ErrTooManyConnsFromIP) {
 		t.Errorf("refused with %v, want ErrTooManyConnsFromIP", f.reason)
@@ -148,9 +149,9 @@ func TestMaxConnsPerIP(t *testing.T) {
 	}
 
 	// Closing one releases its slot.
-	closeWrite(t, held[0])
-	readToEOF(t, held[0])
-	ts.closes.wait(t, key(held[0]))
+	conntest.CloseWrite(t, held[0])
+	conntest.ReadToEOF(t, held[0])
+	ts.closes.wait(t, conntest.Key(held[0]))
 	again := dialFrom(t, "127.0.0.2", ts.addr)
 	echoOnce(t, again, "again")
 
@@ -260,10 +261,10 @@ func TestListenerPrelude(t *testing.T) {
 	}()
 	silent := dial(t, "tcp", addr)
 	bad := dial(t, "tcp", addr)
-	mustWrite(t, bad, []byte("?"))
+	conntest.MustWrite(t, bad, []byte("?"))
 	wantClosedUnserved(t, bad)
 	good := dial(t, "tcp", addr)
-	mustWrite(t, good, []byte("!hello"))
+	conntest.MustWrite(t, good, []byte("!hello"))
 	var sc net.Conn
 	select {
 	case sc = <-accepted:
@@ -274,7 +275,7 @@ func TestListenerPrelude(t *testing.T) {
 		t.Fatalf("Accept returned %v, want the good client %v", sc.RemoteAddr(), good.LocalAddr())
 	}
 	sc.SetReadDeadline(time.Now().Add(clientDeadline))
-	if got := readFull(t, sc, 5); string(got) != "hello" {
+	if got := conntest.ReadFull(t, sc, 5); string(got) != "hello" {
 		t.Fatalf("read %q after the prelude, want %q", got, "hello")
 	}
 	sc.Close()
@@ -297,7 +298,7 @@ func TestListenerPrelude(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
 	defer cancel()
-	closeWrite(t, good)
+	conntest.CloseWrite(t, good)
 	if err := ln.Shutdown(ctx); err != nil {
 		t.Errorf("Shutdown: %v", err)
 	}
@@ -344,17 +345,17 @@ func TestPreludeOffTheAcceptLoop(t *testing.T) {
 	silent := dial(t, "tcp", ts.addr)
 	for i := range 3 {
 		c := dial(t, "tcp", ts.addr)
-		mustWrite(t, c, []byte("!"))
+		conntest.MustWrite(t, c, []byte("!"))
 		echoOnce(t, c, "served"+string(rune('0'+i)))
 	}
 	if n := len(ref.all()); n != 0 {
 		t.Fatalf("refusals before the silent peer's deadline: %v", ref.all())
 	}
 	bad := dial(t, "tcp", ts.addr)
-	mustWrite(t, bad, []byte("?"))
+	conntest.MustWrite(t, bad, []byte("?"))
 	wantClosedUnserved(t, bad)
 	wantClosedSilent(t, silent) // at PreludeTimeout
-	waitUntil(t, "both refusals reported", func() bool { return len(ref.all()) == 2 })
+	conntest.WaitUntil(t, "both refusals reported", func() bool { return len(ref.all()) == 2 })
 	if n := ref.count(sockfsm.ErrPrelude); n != 2 {
 		t.Errorf("%d refusals match ErrPrelude, want 2: %v", n, ref.all())
 	}
@@ -375,7 +376,7 @@ func TestShutdownCutsPrelude(t *testing.T) {
 	var ref refusals
 	srv := &sockfsm.Server{
 		Config:     sockfsm.Config{Prelude: bangPrelude, PreludeTimeout: time.Hour, OnRefuse: ref.hook},
-		NewHandler: always(sockfsm.Echo{}),
+		NewHandler: conntest.Always(sockfsm.Echo{}),
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -385,10 +386,10 @@ func TestShutdownCutsPrelude(t *testing.T) {
 	go func() { served <- srv.Serve(ln) }()
 	silent := dial(t, "tcp", ln.Addr().String())
 	busy := dial(t, "tcp", ln.Addr().String())
-	mustWrite(t, busy, []byte("!"))
+	conntest.MustWrite(t, busy, []byte("!"))
 	echoOnce(t, busy, "x")
-	closeWrite(t, busy)
-	readToEOF(t, busy)
+	conntest.CloseWrite(t, busy)
+	conntest.ReadToEOF(t, busy)
 
 	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
 	defer cancel()

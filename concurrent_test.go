@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // ---- helpers ------------------------------------------------------------------
@@ -219,7 +220,7 @@ func ccStart(t *testing.T, cfg sockfsm.Config, accept func(*net.TCPConn) net.Con
 // waitNoConns waits (bounded) for the server to have no connection left.
 func (s *ccServer) waitNoConns(t *testing.T) {
 	t.Helper()
-	waitUntil(t, "NumConns to reach 0", func() bool { return s.srv.NumConns() == 0 })
+	conntest.WaitUntil(t, "NumConns to reach 0", func() bool { return s.srv.NumConns() == 0 })
 }
 
 // ccPattern returns n bytes that differ from one offset to the next, seeded
@@ -347,7 +348,7 @@ func TestConcurrentWritersRaceClose(t *testing.T) {
 				if lines >= trigger && lines-bytes.Count(buf[:n], []byte("\n")) < trigger {
 					switch mode {
 					case "PeerHalfClose":
-						closeWrite(t, c)
+						conntest.CloseWrite(t, c)
 					case "PeerReset":
 						if err := c.SetLinger(0); err != nil {
 							t.Fatal(err)
@@ -361,7 +362,7 @@ func TestConcurrentWritersRaceClose(t *testing.T) {
 			}
 			if mode != "PeerReset" {
 				if readErr != io.EOF {
-					t.Fatalf("client read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", readErr, isReset(readErr), len(got))
+					t.Fatalf("client read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", readErr, conntest.IsReset(readErr), len(got))
 				}
 				c.Close() // our FIN: the server's linger ends
 			}
@@ -379,9 +380,9 @@ func TestConcurrentWritersRaceClose(t *testing.T) {
 			info := ccRecv(t, "OnClose", h.infos)
 			switch mode {
 			case "PeerHalfClose":
-				checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 0, BytesWritten: int64(len(got))})
+				conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 0, BytesWritten: int64(len(got))})
 			case "PeerReset":
-				checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: 0, BytesWritten: -1})
+				conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: 0, BytesWritten: -1})
 			case "Shutdown":
 				if err := ccRecv(t, "Shutdown to return", shut); err != nil {
 					t.Fatalf("Shutdown = %v, want nil", err)
@@ -389,7 +390,7 @@ func TestConcurrentWritersRaceClose(t *testing.T) {
 				if n := s.srv.NumConns(); n != 0 {
 					t.Fatalf("NumConns after Shutdown returned = %d, want 0", n)
 				}
-				checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+				conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 					BytesRead: 0, BytesWritten: int64(len(got))})
 			}
 			s.waitNoConns(t)
@@ -484,9 +485,9 @@ func TestConcurrentPushThenCloseManyConns(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				sc := server[key(clients[i])]
+				sc := server[conntest.Key(clients[i])]
 				if sc == nil {
-					t.Errorf("client %d: no server connection from %s", i, key(clients[i]))
+					t.Errorf("client %d: no server connection from %s", i, conntest.Key(clients[i]))
 					continue
 				}
 				p := ccPattern(i, size(i))
@@ -509,7 +510,7 @@ func TestConcurrentPushThenCloseManyConns(t *testing.T) {
 	for range conns {
 		r := ccRecv(t, "the clients to read to EOF", results)
 		if r.err != nil {
-			t.Errorf("client %d: read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", r.i, r.err, isReset(r.err), len(r.data))
+			t.Errorf("client %d: read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", r.i, r.err, conntest.IsReset(r.err), len(r.data))
 		} else if !bytes.Equal(r.data, ccPattern(r.i, size(r.i))) {
 			t.Errorf("client %d: received %d bytes, not the %d pushed", r.i, len(r.data), size(r.i))
 		}
@@ -522,12 +523,12 @@ func TestConcurrentPushThenCloseManyConns(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	for i, c := range clients {
-		is := infos[key(c)]
+		is := infos[conntest.Key(c)]
 		if len(is) != 1 {
 			t.Errorf("client %d: OnClose called %d times, want 1", i, len(is))
 			continue
 		}
-		checkInfo(t, is[0], wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		conntest.CheckInfo(t, is[0], conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 			BytesRead: 0, BytesWritten: int64(size(i))})
 		if t.Failed() {
 			t.Fatalf("client %d", i)
@@ -594,9 +595,9 @@ func TestConcurrentDoOrderAndGoroutine(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	got := readToEOF(t, c)
+	got := conntest.ReadToEOF(t, c)
 	c.Close()
-	checkInfo(t, ccRecv(t, "OnClose", h.infos), wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN,
+	conntest.CheckInfo(t, ccRecv(t, "OnClose", h.infos), conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN,
 		PeerFIN: true, BytesRead: 0, BytesWritten: int64(len(got))})
 
 	lines := strings.Split(strings.TrimSuffix(string(got), "\n"), "\n")
@@ -752,7 +753,7 @@ func TestConcurrentDoExactlyOnce(t *testing.T) {
 				if err := ccRecv(t, "Conn.Close", closing); err != nil {
 					t.Fatalf("Conn.Close = %v", err)
 				}
-				if _, err := drain(c, nil); err != io.EOF {
+				if _, err := conntest.Drain(c, nil); err != io.EOF {
 					t.Fatalf("client read: %v; want the server's FIN (io.EOF)", err)
 				}
 				c.Close()
@@ -767,10 +768,10 @@ func TestConcurrentDoExactlyOnce(t *testing.T) {
 			ccWait(t, "the Do callers to get ErrClosed", &wg)
 			s.waitNoConns(t) // the driver has returned: nothing more can run
 			if mode == "ConnClose" {
-				checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+				conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 					BytesRead: 0, BytesWritten: -1})
 			} else {
-				checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: 0, BytesWritten: -1})
+				conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: 0, BytesWritten: -1})
 			}
 			if len(atClose) != 1 || atClose[0].err != nil {
 				t.Fatalf("the server closed the socket %d times; Do called meanwhile: %v", len(atClose), atClose)
@@ -899,11 +900,11 @@ func TestConcurrentPauseResumeBackpressure(t *testing.T) {
 	if err := ccRecv(t, "the client to write everything", wrote); err != nil {
 		t.Fatalf("client write: %v after %d bytes", err, written.Load())
 	}
-	if b := readToEOF(t, c); len(b) != 0 {
+	if b := conntest.ReadToEOF(t, c); len(b) != 0 {
 		t.Fatalf("client received %d bytes", len(b))
 	}
 	info := ccRecv(t, "OnClose", h.infos)
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: size, BytesWritten: 0})
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: size, BytesWritten: 0})
 	if !bytes.Equal(got, payload) {
 		t.Fatalf("the handler received %d bytes, not the %d the client sent", len(got), size)
 	}
@@ -987,7 +988,7 @@ func TestConcurrentDrainHandler(t *testing.T) {
 	if err := c.SetReadBuffer(32 << 10); err != nil {
 		t.Fatal(err)
 	}
-	mustWrite(t, c, []byte("go"))
+	conntest.MustWrite(t, c, []byte("go"))
 
 	// Let the handler get as far as it can without the client reading:
 	// until its progress stops for a few looks in a row (bounded).
@@ -1008,13 +1009,13 @@ func TestConcurrentDrainHandler(t *testing.T) {
 	}
 	t.Logf("without the client reading, the handler got %d bytes out with %d drains", stalled, drainsStalled)
 
-	got := readToEOF(t, c)
+	got := conntest.ReadToEOF(t, c)
 	c.Close()
 	info := ccRecv(t, "OnClose", h.infos)
 	if !bytes.Equal(got, data) {
 		t.Fatalf("client received %d bytes, not the %d written", len(got), size)
 	}
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: 2, BytesWritten: size})
 	for _, p := range problems { // OnClose ran: the handler is done with them
 		t.Error(p)

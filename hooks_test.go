@@ -15,6 +15,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 	"github.com/sockfsm/sockfsm/transport"
 )
 
@@ -48,7 +49,7 @@ func TestOnAcceptOpensEveryConnection(t *testing.T) {
 			},
 			OnClose: func(c sockfsm.ConnInfo, info sockfsm.CloseInfo) { log.add(c.ID, "close "+info.Reason.String()) },
 		},
-		NewHandler: always(sockfsm.Echo{}),
+		NewHandler: conntest.Always(sockfsm.Echo{}),
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -59,9 +60,9 @@ func TestOnAcceptOpensEveryConnection(t *testing.T) {
 	const n = 5
 	for range n {
 		c := dial(t, "tcp", ln.Addr().String())
-		mustWrite(t, c, []byte("this is a test"))
-		closeWrite(t, c)
-		if got := readToEOF(t, c); string(got) != "this is a test" {
+		conntest.MustWrite(t, c, []byte("this is a test"))
+		conntest.CloseWrite(t, c)
+		if got := conntest.ReadToEOF(t, c); string(got) != "this is a test" {
 			t.Fatalf("echo = %q", got)
 		}
 		c.Close()
@@ -186,7 +187,7 @@ func TestOnAcceptError(t *testing.T) {
 		mu.Unlock()
 	}}
 	fatal := errors.New("listener broke")
-	srv := &sockfsm.Server{Config: cfg, NewHandler: always(sockfsm.Echo{})}
+	srv := &sockfsm.Server{Config: cfg, NewHandler: conntest.Always(sockfsm.Echo{})}
 	err := srv.Serve(&errListener{errs: []error{syscall.EMFILE, syscall.ECONNABORTED, fatal}})
 	if !errors.Is(err, fatal) {
 		t.Fatalf("Serve = %v, want %v", err, fatal)
@@ -231,12 +232,12 @@ func TestOnAcceptError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv = &sockfsm.Server{Config: cfg, NewHandler: always(sockfsm.Echo{})}
+	srv = &sockfsm.Server{Config: cfg, NewHandler: conntest.Always(sockfsm.Echo{})}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	c := dial(t, "tcp", ln.Addr().String()) // Serve is accepting once this is served
-	mustWrite(t, c, []byte("x"))
-	readFull(t, c, 1)
+	conntest.MustWrite(t, c, []byte("x"))
+	conntest.ReadFull(t, c, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil {

@@ -15,17 +15,14 @@ package sockfsm_test
 // instead of hanging it.
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -33,13 +30,14 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 	"github.com/sockfsm/sockfsm/internal/testutil"
 	"github.com/sockfsm/sockfsm/transport"
 )
 
 // clientDeadline bounds every client socket's I/O and every wait in these
 // tests. It is a bound, not a timing assertion.
-const clientDeadline = 10 * time.Second
+const clientDeadline = conntest.Deadline
 
 // ---- logging ----------------------------------------------------------------
 
@@ -73,7 +71,7 @@ func newStateRecorder() *stateRecorder { return &stateRecorder{edges: map[string
 func (r *stateRecorder) hook(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	k := addrKey(c.RemoteAddr)
+	k := conntest.AddrKey(c.RemoteAddr)
 	r.edges[k] = append(r.edges[k], edge{from, to, ev})
 	if from == fsm.Accepted {
 		r.open++
@@ -100,7 +98,7 @@ type closedConn struct {
 func (r *closeRecorder) add(c sockfsm.ConnInfo, info sockfsm.CloseInfo) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.list = append(r.list, closedConn{addrKey(c.RemoteAddr), c, info})
+	r.list = append(r.list, closedConn{conntest.AddrKey(c.RemoteAddr), c, info})
 }
 
 // peek returns the CloseInfo of the connection whose remote address is key,
@@ -121,7 +119,7 @@ func (r *closeRecorder) peek(key string) (sockfsm.CloseInfo, bool) {
 func (r *closeRecorder) wait(t *testing.T, key string) sockfsm.CloseInfo {
 	t.Helper()
 	var info sockfsm.CloseInfo
-	waitUntil(t, "the server to close the connection from "+key, func() bool {
+	conntest.WaitUntil(t, "the server to close the connection from "+key, func() bool {
 		var ok bool
 		info, ok = r.peek(key)
 		return ok
@@ -143,13 +141,6 @@ func (h capture) OnClose(c *sockfsm.Conn, info sockfsm.CloseInfo) {
 	h.rec.add(c.Info(), info)
 }
 
-func addrKey(a net.Addr) string {
-	if a == nil {
-		return ""
-	}
-	return a.String()
-}
-
 // ---- servers ------------------------------------------------------------------
 
 // testServer is a Server running on a loopback listener, with recorders.
@@ -163,11 +154,6 @@ type testServer struct {
 
 	served   chan struct{} // closed when Serve has returned
 	serveErr error
-}
-
-// always returns a NewHandler that gives every connection h.
-func always(h sockfsm.Handler) func(sockfsm.ConnInfo) sockfsm.Handler {
-	return func(sockfsm.ConnInfo) sockfsm.Handler { return h }
 }
 
 // startServer serves newHandler's handlers with cfg on a new listener on
@@ -277,156 +263,6 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 
 // ---- client side --------------------------------------------------------------
 
-func key(c net.Conn) string { return addrKey(c.LocalAddr()) }
-
-func mustWrite(t *testing.T, c net.Conn, p []byte) {
-	t.Helper()
-	if _, err := c.Write(p); err != nil {
-		t.Fatalf("client Write(%d bytes): %v", len(p), err)
-	}
-}
-
-func closeWrite(t *testing.T, c net.Conn) {
-	t.Helper()
-	cw, ok := c.(interface{ CloseWrite() error })
-	if !ok {
-		t.Fatalf("%T has no CloseWrite", c)
-	}
-	if err := cw.CloseWrite(); err != nil {
-		t.Fatalf("client CloseWrite: %v", err)
-	}
-}
-
-func readFull(t *testing.T, c net.Conn, n int) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	if m, err := io.ReadFull(c, b); err != nil {
-		t.Fatalf("client read %d of %d bytes: %v", m, n, err)
-	}
-	return b
-}
-
-// readToEOF reads until the server's FIN: a reset, or any other error, fails
-// the test.
-func readToEOF(t *testing.T, c net.Conn) []byte {
-	t.Helper()
-	b, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("client read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", err, isReset(err), len(b))
-	}
-	return b
-}
-
-// drain reads and discards until an error and returns it with the count of
-// bytes read. If want is not nil, the bytes read must be a prefix of it.
-func drain(c net.Conn, want []byte) (int, error) {
-	buf := make([]byte, 64<<10)
-	n := 0
-	for {
-		m, err := c.Read(buf)
-		if want != nil && (n+m > len(want) || !bytes.Equal(buf[:m], want[n:n+m])) {
-			return n, fmt.Errorf("bytes %d..%d are not the server's output", n, n+m)
-		}
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-}
-
-func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
-
-// wantReset reads and discards until an error, which must be the server's
-// RST.
-func wantReset(t *testing.T, c net.Conn, want []byte) {
-	t.Helper()
-	n, err := drain(c, want)
-	if !isReset(err) {
-		t.Fatalf("client read: %v after %d bytes; want ECONNRESET (the server's RST)", err, n)
-	}
-}
-
-// waitUntil polls cond until it holds, for at most clientDeadline.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(clientDeadline)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("gave up waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// pattern returns n bytes that are not periodic in any power of two, so that
-// a lost, repeated or reordered piece of it shows.
-func pattern(n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(i % 251)
-	}
-	return b
-}
-
-// bigHandler answers input that starts with "big" with resp, written up to
-// MaxPendingOutput (all of it, in the tests, which set MaxPendingOutput to
-// fit: one Write, so that queueing it takes little of WriteTimeout), and
-// echoes any other input.
-func bigHandler(resp []byte) sockfsm.Handler {
-	return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
-		if !bytes.HasPrefix(p, []byte("big")) {
-			c.Write(p)
-			return
-		}
-		for off := 0; off < len(resp); {
-			n, err := c.Write(resp[off:])
-			off += n
-			if err != nil {
-				return
-			}
-		}
-	})
-}
-
-// checkInfo compares the fields of got that want sets (Reason and Linger
-// always; the byte counts when not negative).
-type wantInfo struct {
-	Reason                  sockfsm.Reason
-	Linger                  sockfsm.LingerEnd
-	PeerFIN                 bool
-	Aborted                 bool
-	Err                     error // errors.Is(got.Err, Err); nil: got.Err must be nil
-	BytesRead, BytesWritten int64 // -1: not checked
-}
-
-func checkInfo(t *testing.T, got sockfsm.CloseInfo, want wantInfo) {
-	t.Helper()
-	if got.Reason != want.Reason {
-		t.Errorf("CloseInfo.Reason = %s, want %s (err %v)", got.Reason, want.Reason, got.Err)
-	}
-	if got.Linger != want.Linger {
-		t.Errorf("CloseInfo.Linger = %s, want %s", got.Linger, want.Linger)
-	}
-	if got.PeerFIN != want.PeerFIN {
-		t.Errorf("CloseInfo.PeerFIN = %v, want %v", got.PeerFIN, want.PeerFIN)
-	}
-	if got.Aborted() != want.Aborted {
-		t.Errorf("CloseInfo.Aborted() = %v, want %v", got.Aborted(), want.Aborted)
-	}
-	if want.Err == nil && got.Err != nil {
-		t.Errorf("CloseInfo.Err = %v, want nil", got.Err)
-	}
-	if want.Err != nil && !errors.Is(got.Err, want.Err) {
-		t.Errorf("CloseInfo.Err = %v, want an error matching %v", got.Err, want.Err)
-	}
-	if want.BytesRead >= 0 && got.BytesRead != want.BytesRead {
-		t.Errorf("CloseInfo.BytesRead = %d, want %d", got.BytesRead, want.BytesRead)
-	}
-	if want.BytesWritten >= 0 && got.BytesWritten != want.BytesWritten {
-		t.Errorf("CloseInfo.BytesWritten = %d, want %d", got.BytesWritten, want.BytesWritten)
-	}
-}
-
 func describe(edges []edge) string {
 	var s []string
 	for _, e := range edges {
@@ -461,8 +297,8 @@ func TestServeConnContextCancel(t *testing.T) {
 		<-done
 	})
 
-	mustWrite(t, c, []byte("ping"))
-	if got := readFull(t, c, 4); string(got) != "ping" {
+	conntest.MustWrite(t, c, []byte("ping"))
+	if got := conntest.ReadFull(t, c, 4); string(got) != "ping" {
 		t.Fatalf("echo = %q, want %q", got, "ping")
 	}
 	cancel()
@@ -476,9 +312,9 @@ func TestServeConnContextCancel(t *testing.T) {
 	if r.err != nil {
 		t.Fatalf("ServeConn error: %v", r.err)
 	}
-	checkInfo(t, r.info, wantInfo{Reason: sockfsm.ReasonShutdownDeadline, Aborted: true, Err: sockfsm.ErrShutdownDeadline,
+	conntest.CheckInfo(t, r.info, conntest.WantInfo{Reason: sockfsm.ReasonShutdownDeadline, Aborted: true, Err: sockfsm.ErrShutdownDeadline,
 		BytesRead: 4, BytesWritten: 4})
-	wantReset(t, c, []byte{})
+	conntest.WantReset(t, c, []byte{})
 }
 
 // TestUnixSocket: the tutorial flow over a Unix stream socket.
@@ -487,16 +323,16 @@ func TestUnixSocket(t *testing.T) {
 		t.Skip("Unix sockets are not available")
 	}
 	checkFDs(t)
-	ts := startServer(t, "unix", filepath.Join(t.TempDir(), "echo.sock"), sockfsm.Config{}, always(sockfsm.Echo{}))
+	ts := startServer(t, "unix", filepath.Join(t.TempDir(), "echo.sock"), sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 	c := ts.dial(t)
 	const msg = "this is a test"
-	mustWrite(t, c, []byte(msg))
-	closeWrite(t, c)
-	if got := readToEOF(t, c); string(got) != msg {
+	conntest.MustWrite(t, c, []byte(msg))
+	conntest.CloseWrite(t, c)
+	if got := conntest.ReadToEOF(t, c); string(got) != msg {
 		t.Fatalf("client received %q, want %q", got, msg)
 	}
 	info := ts.closes.wait(t, "")
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
 		BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
 }
 
@@ -535,22 +371,22 @@ func TestAbortCountsBytesWritten(t *testing.T) {
 		err  error
 	}
 	done := make(chan result, 1)
-	resp := pattern(16 << 20)
+	resp := conntest.Pattern(0, 16<<20)
 	cfg := sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: len(resp),
 		Logger: slog.New(slog.NewTextHandler(newTestWriter(t), nil))}
 	go func() {
-		info, err := sockfsm.ServeConn(ctx, ct, bigHandler(resp), cfg)
+		info, err := sockfsm.ServeConn(ctx, ct, conntest.BigHandler(resp), cfg)
 		done <- result{info, err}
 	}()
 	t.Cleanup(func() {
 		cancel()
 		<-done
 	})
-	mustWrite(t, c, []byte("big"))
+	conntest.MustWrite(t, c, []byte("big"))
 	// Once the client has a byte, the server's Write is under way; it then
 	// blocks, since the client reads no more and the response is larger
 	// than the socket buffers, until the cancel interrupts it.
-	if got := readFull(t, c, 1); got[0] != resp[0] {
+	if got := conntest.ReadFull(t, c, 1); got[0] != resp[0] {
 		t.Fatalf("client received %d, want %d", got[0], resp[0])
 	}
 	cancel()
@@ -561,7 +397,7 @@ func TestAbortCountsBytesWritten(t *testing.T) {
 	case <-time.After(clientDeadline):
 		t.Fatal("ServeConn did not return")
 	}
-	wantReset(t, c, resp[1:])
+	conntest.WantReset(t, c, resp[1:])
 	ct.mu.Lock()
 	written := ct.written
 	ct.mu.Unlock()

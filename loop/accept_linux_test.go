@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // fakeServer returns a server of one loop on a fake kernel in w, with an
@@ -17,7 +18,7 @@ import (
 func fakeServer(t *testing.T, w *world, cfg sockfsm.Config) (*Server, *eventLoop, *acceptor) {
 	t.Helper()
 	cfg.Logger = discardLogger
-	srv := &Server{Config: cfg, NewHandler: always(sockfsm.Echo{}), Loops: 1}
+	srv := &Server{Config: cfg, NewHandler: conntest.Always(sockfsm.Echo{}), Loops: 1}
 	st := &srv.impl
 	st.newKernel = w.newKernel
 	st.mu.Lock()

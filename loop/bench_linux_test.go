@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 var sinkConn *conn
@@ -107,7 +108,7 @@ func BenchmarkIdleConn(b *testing.B) {
 	opened := make(chan struct{}, n)
 	srv := &Server{
 		Config: sockfsm.Config{IdleTimeout: time.Hour},
-		NewHandler: always(openHandler(func(*sockfsm.Conn) {
+		NewHandler: conntest.Always(openHandler(func(*sockfsm.Conn) {
 			opened <- struct{}{}
 		})),
 		Loops: 1,
@@ -190,8 +191,8 @@ var drivers = []struct {
 	name string
 	new  func() server
 }{
-	{"loop", func() server { return &Server{NewHandler: always(sockfsm.Echo{}), Loops: 1} }},
-	{"goroutine", func() server { return &sockfsm.Server{NewHandler: always(sockfsm.Echo{})} }},
+	{"loop", func() server { return &Server{NewHandler: conntest.Always(sockfsm.Echo{}), Loops: 1} }},
+	{"goroutine", func() server { return &sockfsm.Server{NewHandler: conntest.Always(sockfsm.Echo{})} }},
 }
 
 // serveBench serves srv on 127.0.0.1 until the benchmark ends.

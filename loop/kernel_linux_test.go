@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // noDelayCounter counts the TCP_NODELAY system calls a loop makes on the
@@ -115,14 +116,14 @@ func acceptBounded(k kernel, lfd int32) (int32, syscall.Sockaddr, error) {
 func TestIdleLoopsPark(t *testing.T) {
 	checkFDs(t)
 	const loops = 2
-	ts := startServer(t, "tcp", "127.0.0.1:0", loops, sockfsm.Config{}, always(sockfsm.Echo{}))
+	ts := startServer(t, "tcp", "127.0.0.1:0", loops, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 	// Make each loop busy: a connection each, one echo each.
 	for range loops {
 		c := ts.dial(t)
 		if _, err := c.Write([]byte("x")); err != nil {
 			t.Fatal(err)
 		}
-		if got := readFull(t, c, 1); string(got) != "x" {
+		if got := conntest.ReadFull(t, c, 1); string(got) != "x" {
 			t.Fatalf("echo %q", got)
 		}
 	}

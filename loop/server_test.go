@@ -20,7 +20,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -28,11 +27,12 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 	"github.com/sockfsm/sockfsm/internal/testutil"
 )
 
 // clientDeadline bounds every client socket's I/O and every wait.
-const clientDeadline = 10 * time.Second
+const clientDeadline = conntest.Deadline
 
 // ---- what the server reports --------------------------------------------------
 
@@ -54,7 +54,7 @@ func newRecorder() *recorder {
 func (r *recorder) onState(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	k := addrKey(c.RemoteAddr)
+	k := conntest.AddrKey(c.RemoteAddr)
 	r.edges[k] = append(r.edges[k], ev)
 	r.states[k] = to
 	if from == fsm.Accepted {
@@ -69,7 +69,7 @@ func (r *recorder) onState(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event)
 func (r *recorder) onClose(c sockfsm.ConnInfo, info sockfsm.CloseInfo) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	k := addrKey(c.RemoteAddr)
+	k := conntest.AddrKey(c.RemoteAddr)
 	if _, ok := r.closed[k]; ok {
 		panic("OnClose called twice for " + k)
 	}
@@ -107,19 +107,12 @@ func (r *recorder) peek(k string) (sockfsm.CloseInfo, bool) {
 func (r *recorder) wait(t *testing.T, k string) sockfsm.CloseInfo {
 	t.Helper()
 	var info sockfsm.CloseInfo
-	waitUntil(t, "the server to close the connection from "+k, func() bool {
+	conntest.WaitUntil(t, "the server to close the connection from "+k, func() bool {
 		var ok bool
 		info, ok = r.peek(k)
 		return ok
 	})
 	return info
-}
-
-func addrKey(a net.Addr) string {
-	if a == nil {
-		return ""
-	}
-	return a.String()
 }
 
 // ---- servers ------------------------------------------------------------------
@@ -131,10 +124,6 @@ type testServer struct {
 	rec      *recorder
 	served   chan struct{}
 	serveErr error
-}
-
-func always(h sockfsm.Handler) func(sockfsm.ConnInfo) sockfsm.Handler {
-	return func(sockfsm.ConnInfo) sockfsm.Handler { return h }
 }
 
 // testLogger logs through t while the test runs (testutil.LogWriter).
@@ -201,108 +190,6 @@ func (ts *testServer) dial(t *testing.T) net.Conn {
 
 // ---- client side --------------------------------------------------------------
 
-func key(c net.Conn) string { return addrKey(c.LocalAddr()) }
-
-func mustWrite(t *testing.T, c net.Conn, p []byte) {
-	t.Helper()
-	if _, err := c.Write(p); err != nil {
-		t.Fatalf("client Write(%d bytes): %v", len(p), err)
-	}
-}
-
-func closeWrite(t *testing.T, c net.Conn) {
-	t.Helper()
-	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
-		t.Fatalf("client CloseWrite: %v", err)
-	}
-}
-
-func readFull(t *testing.T, c net.Conn, n int) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	if m, err := io.ReadFull(c, b); err != nil {
-		t.Fatalf("client read %d of %d bytes: %v", m, n, err)
-	}
-	return b
-}
-
-// readToEOF reads until the server's FIN; a reset fails the test.
-func readToEOF(t *testing.T, c net.Conn) []byte {
-	t.Helper()
-	b, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("client read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", err, isReset(err), len(b))
-	}
-	return b
-}
-
-func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
-
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(clientDeadline)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("gave up waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// pattern returns n bytes that show a lost, repeated or reordered piece.
-func pattern(n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(i % 251)
-	}
-	return b
-}
-
-// bigHandler answers input starting with "big" with resp (one Write: the
-// tests set MaxPendingOutput to fit) and echoes any other input.
-func bigHandler(resp []byte) sockfsm.Handler {
-	return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
-		if bytes.HasPrefix(p, []byte("big")) {
-			c.Write(resp)
-			return
-		}
-		c.Write(p)
-	})
-}
-
-type wantInfo struct {
-	Reason                  sockfsm.Reason
-	Linger                  sockfsm.LingerEnd
-	PeerFIN                 bool
-	Err                     error // errors.Is(got.Err, Err); nil: got.Err must be nil
-	BytesRead, BytesWritten int64 // -1: not checked
-}
-
-func checkInfo(t *testing.T, got sockfsm.CloseInfo, want wantInfo) {
-	t.Helper()
-	if got.Reason != want.Reason {
-		t.Errorf("CloseInfo.Reason = %s, want %s (err %v)", got.Reason, want.Reason, got.Err)
-	}
-	if got.Linger != want.Linger {
-		t.Errorf("CloseInfo.Linger = %s, want %s", got.Linger, want.Linger)
-	}
-	if got.PeerFIN != want.PeerFIN {
-		t.Errorf("CloseInfo.PeerFIN = %v, want %v", got.PeerFIN, want.PeerFIN)
-	}
-	if want.Err == nil && got.Err != nil {
-		t.Errorf("CloseInfo.Err = %v, want nil", got.Err)
-	}
-	if want.Err != nil && !errors.Is(got.Err, want.Err) {
-		t.Errorf("CloseInfo.Err = %v, want an error matching %v", got.Err, want.Err)
-	}
-	if want.BytesRead >= 0 && got.BytesRead != want.BytesRead {
-		t.Errorf("CloseInfo.BytesRead = %d, want %d", got.BytesRead, want.BytesRead)
-	}
-	if want.BytesWritten >= 0 && got.BytesWritten != want.BytesWritten {
-		t.Errorf("CloseInfo.BytesWritten = %d, want %d", got.BytesWritten, want.BytesWritten)
-	}
-}
-
 // ---- the tests ------------------------------------------------------------------
 //
 // The real-socket tests every driver passes (idle timeout, linger, write
@@ -328,17 +215,17 @@ func TestTutorialFlow(t *testing.T) {
 				tc.addr = filepath.Join(t.TempDir(), "s")
 			}
 			checkFDs(t)
-			ts := startServer(t, tc.network, tc.addr, 2, sockfsm.Config{}, always(sockfsm.Echo{}))
+			ts := startServer(t, tc.network, tc.addr, 2, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 			c := ts.dial(t)
 			const msg = "this is a test"
-			mustWrite(t, c, []byte(msg))
-			closeWrite(t, c)
-			if got := readToEOF(t, c); string(got) != msg {
+			conntest.MustWrite(t, c, []byte(msg))
+			conntest.CloseWrite(t, c)
+			if got := conntest.ReadToEOF(t, c); string(got) != msg {
 				t.Fatalf("client received %q, want %q", got, msg)
 			}
-			k := key(c) // "@" for every unnamed Unix peer, as net has it
+			k := conntest.Key(c) // "@" for every unnamed Unix peer, as net has it
 			info := ts.rec.wait(t, k)
-			checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true,
+			conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true,
 				BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
 			t.Logf("events: %s", ts.rec.events(k))
 		})
@@ -373,7 +260,7 @@ func TestConnInfo(t *testing.T) {
 func TestPushFromAnotherGoroutine(t *testing.T) {
 	checkFDs(t)
 	conns := make(chan *sockfsm.Conn, 1)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{}, always(openHandler(func(c *sockfsm.Conn) { conns <- c })))
+	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{}, conntest.Always(openHandler(func(c *sockfsm.Conn) { conns <- c })))
 	c := ts.dial(t)
 	var sc *sockfsm.Conn
 	select {
@@ -386,7 +273,7 @@ func TestPushFromAnotherGoroutine(t *testing.T) {
 		if _, err := sc.Write([]byte(msg)); err != nil {
 			t.Fatal(err)
 		}
-		if got := readFull(t, c, len(msg)); string(got) != msg {
+		if got := conntest.ReadFull(t, c, len(msg)); string(got) != msg {
 			t.Fatalf("pushed %q, client read %q", msg, got)
 		}
 	}
@@ -396,9 +283,9 @@ func TestPushFromAnotherGoroutine(t *testing.T) {
 	}
 	<-done
 	sc.Close()
-	readToEOF(t, c)
+	conntest.ReadToEOF(t, c)
 	c.Close()
-	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: 0, BytesWritten: 18})
 }
 
@@ -415,13 +302,13 @@ func TestManyConns(t *testing.T) {
 		t.Skip("1000 connections")
 	}
 	checkFDs(t)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 4, sockfsm.Config{}, always(sockfsm.Echo{}))
+	ts := startServer(t, "tcp", "127.0.0.1:0", 4, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 	const n = 1000
 	conns := make([]net.Conn, n)
 	for i := range conns {
 		conns[i] = ts.dial(t)
 	}
-	waitUntil(t, "every connection to be accepted", func() bool { return ts.srv.NumConns() == n })
+	conntest.WaitUntil(t, "every connection to be accepted", func() bool { return ts.srv.NumConns() == n })
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	sem := make(chan struct{}, 64)
@@ -448,7 +335,7 @@ func TestManyConns(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	waitUntil(t, "every connection to close", func() bool { return ts.srv.NumConns() == 0 })
+	conntest.WaitUntil(t, "every connection to close", func() bool { return ts.srv.NumConns() == 0 })
 	ts.rec.mu.Lock()
 	defer ts.rec.mu.Unlock()
 	if len(ts.rec.closed) != n {
@@ -470,7 +357,7 @@ func TestTLSListenerRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	ln := tls.NewListener(inner, &tls.Config{})
-	srv := &Server{NewHandler: always(sockfsm.Echo{})}
+	srv := &Server{NewHandler: conntest.Always(sockfsm.Echo{})}
 	err = srv.Serve(ln)
 	if !errors.Is(err, ErrUnsupportedListener) || !strings.HasPrefix(err.Error(), "sockfsm: ") {
 		t.Fatalf("Serve(tls listener) = %v, want an error matching ErrUnsupportedListener", err)
@@ -487,10 +374,10 @@ func TestTLSListenerRefused(t *testing.T) {
 // Config.Prelude, which the loop cannot run.
 func TestBadConfig(t *testing.T) {
 	for _, srv := range []*Server{
-		{Config: sockfsm.Config{WriteTimeout: -1}, NewHandler: always(sockfsm.Echo{})},
+		{Config: sockfsm.Config{WriteTimeout: -1}, NewHandler: conntest.Always(sockfsm.Echo{})},
 		{},
-		{NewHandler: always(sockfsm.Echo{}), Loops: -1},
-		{NewHandler: always(sockfsm.Echo{}), Config: sockfsm.Config{Prelude: func(c net.Conn) (net.Conn, error) { return c, nil }}},
+		{NewHandler: conntest.Always(sockfsm.Echo{}), Loops: -1},
+		{NewHandler: conntest.Always(sockfsm.Echo{}), Config: sockfsm.Config{Prelude: func(c net.Conn) (net.Conn, error) { return c, nil }}},
 	} {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -507,25 +394,25 @@ func TestBadConfig(t *testing.T) {
 // loop it shares with others: the loop goes on serving.
 func TestHandlerPanic(t *testing.T) {
 	checkFDs(t)
-	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{}, always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{}, conntest.Always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
 		if bytes.Contains(p, []byte("boom")) {
 			panic("kaboom")
 		}
 		c.Write(p)
 	})))
 	other := ts.dial(t)
-	mustWrite(t, other, []byte("before"))
-	readFull(t, other, 6)
+	conntest.MustWrite(t, other, []byte("before"))
+	conntest.ReadFull(t, other, 6)
 	c := ts.dial(t)
-	mustWrite(t, c, []byte("boom"))
-	info := ts.rec.wait(t, key(c))
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerPanic, Err: sockfsm.ErrHandlerPanic, BytesRead: 4, BytesWritten: 0})
-	mustWrite(t, other, []byte("after"))
-	if got := readFull(t, other, 5); string(got) != "after" {
+	conntest.MustWrite(t, c, []byte("boom"))
+	info := ts.rec.wait(t, conntest.Key(c))
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonHandlerPanic, Aborted: true, Err: sockfsm.ErrHandlerPanic, BytesRead: 4, BytesWritten: 0})
+	conntest.MustWrite(t, other, []byte("after"))
+	if got := conntest.ReadFull(t, other, 5); string(got) != "after" {
 		t.Fatalf("the other connection's echo after the panic = %q", got)
 	}
-	closeWrite(t, other)
-	readToEOF(t, other)
+	conntest.CloseWrite(t, other)
+	conntest.ReadToEOF(t, other)
 }
 
 // TestMaxConnsPerIP: beyond MaxConnsPerIP open connections from one
@@ -535,7 +422,7 @@ func TestMaxConnsPerIP(t *testing.T) {
 	checkFDs(t)
 	refused := make(chan error, 4)
 	cfg := sockfsm.Config{MaxConnsPerIP: 1, OnRefuse: func(_ net.Addr, reason error) { refused <- reason }}
-	ts := startServer(t, "tcp", "0.0.0.0:0", 2, cfg, always(sockfsm.Echo{}))
+	ts := startServer(t, "tcp", "0.0.0.0:0", 2, cfg, conntest.Always(sockfsm.Echo{}))
 	_, port, _ := net.SplitHostPort(ts.addr)
 	dialFrom := func(src string) net.Conn {
 		t.Helper()
@@ -550,8 +437,8 @@ func TestMaxConnsPerIP(t *testing.T) {
 	}
 	echo := func(c net.Conn) {
 		t.Helper()
-		mustWrite(t, c, []byte("hi"))
-		if got := readFull(t, c, 2); string(got) != "hi" {
+		conntest.MustWrite(t, c, []byte("hi"))
+		if got := conntest.ReadFull(t, c, 2); string(got) != "hi" {
 			t.Fatalf("echo = %q", got)
 		}
 	}
@@ -570,9 +457,9 @@ func TestMaxConnsPerIP(t *testing.T) {
 		t.Fatal("OnRefuse was not called")
 	}
 	echo(dialFrom("127.0.0.2")) // another address
-	closeWrite(t, c1)
-	readToEOF(t, c1)
-	ts.rec.wait(t, key(c1))
+	conntest.CloseWrite(t, c1)
+	conntest.ReadToEOF(t, c1)
+	ts.rec.wait(t, conntest.Key(c1))
 	echo(dialFrom("127.0.0.1")) // its slot is free again
 }
 
@@ -600,11 +487,11 @@ func TestMaxConnsPerIPReleasedWhenNewHandlerFails(t *testing.T) {
 		c1.Close()
 	}
 	c2 := ts.dial(t)
-	mustWrite(t, c2, []byte("hi"))
-	if got := readFull(t, c2, 2); string(got) != "hi" {
+	conntest.MustWrite(t, c2, []byte("hi"))
+	if got := conntest.ReadFull(t, c2, 2); string(got) != "hi" {
 		t.Fatalf("echo = %q: the address's slot was not given back", got)
 	}
-	closeWrite(t, c2)
-	readToEOF(t, c2)
+	conntest.CloseWrite(t, c2)
+	conntest.ReadToEOF(t, c2)
 	c2.Close()
 }

@@ -24,6 +24,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // countingKernel is the epoll kernel, counting the loop's turns and the
@@ -124,7 +125,7 @@ func expectQuiet(t *testing.T, k *countingKernel, what string) {
 // the loop sleeps.
 func TestNoSpinFloodWithoutReading(t *testing.T) {
 	checkFDs(t)
-	ts, kernels := countedServer(t, 1, sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: 1 << 20}, always(sockfsm.Echo{}))
+	ts, kernels := countedServer(t, 1, sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: 1 << 20}, conntest.Always(sockfsm.Echo{}))
 	c := ts.dial(t)
 	chunk := bytes.Repeat([]byte("f"), 64<<10)
 	// Send until the sends block: both directions are full.
@@ -137,27 +138,27 @@ func TestNoSpinFloodWithoutReading(t *testing.T) {
 			break
 		}
 	}
-	if !ts.rec.saw(key(c), fsm.Output) {
+	if !ts.rec.saw(conntest.Key(c), fsm.Output) {
 		t.Fatal("the server never echoed")
 	}
 	expectQuiet(t, kernels()[0], "a peer that floods and does not read")
 	c.(*net.TCPConn).SetLinger(0)
 	c.Close()
-	ts.rec.wait(t, key(c))
+	ts.rec.wait(t, conntest.Key(c))
 }
 
 // TestNoSpinTrickle: a peer sending a byte at a time costs the loop a few
 // turns per byte, not more.
 func TestNoSpinTrickle(t *testing.T) {
 	checkFDs(t)
-	ts, kernels := countedServer(t, 1, sockfsm.Config{}, always(sockfsm.Echo{}))
+	ts, kernels := countedServer(t, 1, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 	c := ts.dial(t)
 	k := kernels()[0]
 	before := k.waits.Load()
 	const n = 50
 	for range n {
-		mustWrite(t, c, []byte("t"))
-		readFull(t, c, 1)
+		conntest.MustWrite(t, c, []byte("t"))
+		conntest.ReadFull(t, c, 1)
 		time.Sleep(2 * time.Millisecond)
 	}
 	if turns := k.waits.Load() - before; turns > 3*n+maxQuietTurns {
@@ -171,15 +172,15 @@ func TestNoSpinTrickle(t *testing.T) {
 // loop sleeps.
 func TestNoSpinResetMidWrite(t *testing.T) {
 	checkFDs(t)
-	resp := pattern(8 << 20)
-	ts, kernels := countedServer(t, 1, sockfsm.Config{MaxPendingOutput: len(resp), WriteTimeout: time.Minute}, always(bigHandler(resp)))
+	resp := conntest.Pattern(0, 8<<20)
+	ts, kernels := countedServer(t, 1, sockfsm.Config{MaxPendingOutput: len(resp), WriteTimeout: time.Minute}, conntest.Always(conntest.BigHandler(resp)))
 	c := ts.dial(t)
-	mustWrite(t, c, []byte("big"))
-	readFull(t, c, 100<<10)
+	conntest.MustWrite(t, c, []byte("big"))
+	conntest.ReadFull(t, c, 100<<10)
 	c.(*net.TCPConn).SetLinger(0)
 	c.Close()
-	info := ts.rec.wait(t, key(c))
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerReset, Err: sockfsm.ErrPeerReset, BytesRead: 3, BytesWritten: -1})
+	info := ts.rec.wait(t, conntest.Key(c))
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: 3, BytesWritten: -1})
 	expectQuiet(t, kernels()[0], "after a reset in the middle of a write")
 }
 
@@ -188,10 +189,10 @@ func TestNoSpinResetMidWrite(t *testing.T) {
 // closes; the loop sleeps.
 func TestNoSpinHalfCloseAtOnce(t *testing.T) {
 	checkFDs(t)
-	ts, kernels := countedServer(t, 1, sockfsm.Config{}, always(sockfsm.Echo{}))
+	ts, kernels := countedServer(t, 1, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 	c := ts.dial(t)
-	closeWrite(t, c)
-	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 0, BytesWritten: 0})
+	conntest.CloseWrite(t, c)
+	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 0, BytesWritten: 0})
 	expectQuiet(t, kernels()[0], "after a peer half-closed at once")
 	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 		t.Errorf("client read = %d, %v; want EOF", n, err)
@@ -204,21 +205,21 @@ func TestNoSpinHalfCloseAtOnce(t *testing.T) {
 // that Linux reports writable forever, the loop sleeps.
 func TestNoSpinLingering(t *testing.T) {
 	checkFDs(t)
-	resp := pattern(4 << 20)
+	resp := conntest.Pattern(0, 4<<20)
 	ts, kernels := countedServer(t, 1, sockfsm.Config{MaxPendingOutput: len(resp), LingerTimeout: time.Minute, LingerTime: time.Minute},
-		always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+		conntest.Always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
 			c.Write(resp)
 			c.Close()
 		})))
 	c := ts.dial(t)
-	mustWrite(t, c, []byte("go"))
-	if got := readToEOF(t, c); !bytes.Equal(got, resp) {
+	conntest.MustWrite(t, c, []byte("go"))
+	if got := conntest.ReadToEOF(t, c); !bytes.Equal(got, resp) {
 		t.Fatalf("client read %d bytes, want the %d of the response", len(got), len(resp))
 	}
-	waitUntil(t, "the server to linger", func() bool { return ts.rec.saw(key(c), fsm.FINSent) })
+	conntest.WaitUntil(t, "the server to linger", func() bool { return ts.rec.saw(conntest.Key(c), fsm.FINSent) })
 	expectQuiet(t, kernels()[0], "lingering after our FIN")
-	closeWrite(t, c)
-	checkInfo(t, ts.rec.wait(t, key(c)), wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+	conntest.CloseWrite(t, c)
+	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: 2, BytesWritten: int64(len(resp))})
 }
 
@@ -226,12 +227,12 @@ func TestNoSpinLingering(t *testing.T) {
 // every loop, round-robin.
 func TestConnectionsSpreadAcrossLoops(t *testing.T) {
 	checkFDs(t)
-	ts, kernels := countedServer(t, 4, sockfsm.Config{}, always(sockfsm.Echo{}))
+	ts, kernels := countedServer(t, 4, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 	const n = 40
 	for range n {
 		c := ts.dial(t)
-		mustWrite(t, c, []byte("x"))
-		readFull(t, c, 1)
+		conntest.MustWrite(t, c, []byte("x"))
+		conntest.ReadFull(t, c, 1)
 	}
 	for i, k := range kernels() {
 		// Each loop registers its connections; the accepting one its

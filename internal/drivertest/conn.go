@@ -18,6 +18,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // tutorialEvents is the lifecycle of the Winsock tutorial's connection: the
@@ -37,12 +38,12 @@ func testTutorialFlow(t *testing.T, f Factory) {
 				t.Skip("IPv6 is not available")
 			}
 			check(t)
-			s := startOn(t, f, net.JoinHostPort(tc.host, "0"), sockfsm.Config{}, always(sockfsm.Echo{}))
+			s := startOn(t, f, net.JoinHostPort(tc.host, "0"), sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 			const msg = "this is a test"
 			c := exchange(t, s.addr, []byte(msg))
 
 			info := s.closed(t, c)
-			checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
+			conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
 				BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
 			if info.Discarded != 0 {
 				t.Errorf("CloseInfo.Discarded = %d, want 0", info.Discarded)
@@ -71,24 +72,24 @@ func testIdleTimeout(t *testing.T, f Factory) {
 	cfg := sockfsm.Config{IdleTimeout: 100 * time.Millisecond}
 	t.Run("Silent", func(t *testing.T) {
 		check(t)
-		s := start(t, f, cfg, always(sockfsm.Echo{}))
+		s := start(t, f, cfg, conntest.Always(sockfsm.Echo{}))
 		c := dial(t, s.addr)
-		if got := readToEOF(t, c); len(got) != 0 {
+		if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 			t.Fatalf("client received %q, want nothing", got)
 		}
 		c.Close()
-		checkInfo(t, s.closed(t, c), wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
+		conntest.CheckInfo(t, s.closed(t, c), conntest.WantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
 	})
 	t.Run("AfterEcho", func(t *testing.T) {
 		check(t)
-		s := start(t, f, cfg, always(sockfsm.Echo{}))
+		s := start(t, f, cfg, conntest.Always(sockfsm.Echo{}))
 		c := dial(t, s.addr)
 		echo(t, c, "ping")
-		if got := readToEOF(t, c); len(got) != 0 {
+		if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 			t.Fatalf("client received %q after the echo, want nothing", got)
 		}
 		c.Close()
-		checkInfo(t, s.closed(t, c), wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		conntest.CheckInfo(t, s.closed(t, c), conntest.WantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 			BytesRead: 4, BytesWritten: 4})
 	})
 }
@@ -114,7 +115,7 @@ func testIdleTimeoutAfterIgnoredInput(t *testing.T, f Factory) {
 	handed := map[string]int{} // bytes handed to OnData, per connection
 	s := start(t, f, sockfsm.Config{IdleTimeout: idle, LingerTimeout: clientDeadline},
 		func(info sockfsm.ConnInfo) sockfsm.Handler {
-			k := addrKey(info.RemoteAddr)
+			k := conntest.AddrKey(info.RemoteAddr)
 			return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
 				mu.Lock()
 				handed[k] += len(p)
@@ -137,7 +138,7 @@ func testIdleTimeoutAfterIgnoredInput(t *testing.T, f Factory) {
 			}
 			last = time.Now()
 		}
-		if got := readToEOF(t, c); len(got) != 0 {
+		if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 			t.Fatalf("client received %q, want nothing", got)
 		}
 		c.Close()
@@ -147,7 +148,7 @@ func testIdleTimeoutAfterIgnoredInput(t *testing.T, f Factory) {
 			continue
 		}
 		mu.Lock()
-		n := handed[key(c)]
+		n := handed[conntest.Key(c)]
 		mu.Unlock()
 		if info.Reason != sockfsm.ReasonIdleTimeout || info.Aborted() || info.Err != nil {
 			t.Errorf("CloseInfo %+v; want ReasonIdleTimeout, graceful", info)
@@ -167,7 +168,7 @@ func testIdleTimeoutAfterIgnoredInput(t *testing.T, f Factory) {
 // response in flight: the client reads the whole response and then EOF,
 // never ECONNRESET, and its writes after the server's FIN succeed.
 func testLingerNoReset(t *testing.T, f Factory) {
-	resp := pattern(0, 100<<10)
+	resp := conntest.Pattern(0, 100<<10)
 	s := start(t, f, sockfsm.Config{LingerTimeout: 5 * time.Second, LingerTime: 10 * time.Second},
 		func(sockfsm.ConnInfo) sockfsm.Handler {
 			answered := false
@@ -182,7 +183,7 @@ func testLingerNoReset(t *testing.T, f Factory) {
 		})
 	c := dial(t, s.addr)
 	request := []byte("request")
-	mustWrite(t, c, request)
+	conntest.MustWrite(t, c, request)
 
 	// The server has answered and is half-closing: keep sending, without
 	// reading, so that input is pending at the server while the response
@@ -197,7 +198,7 @@ func testLingerNoReset(t *testing.T, f Factory) {
 		time.Sleep(time.Millisecond) // pacing, so that an RST would be back before the next write
 	}
 
-	if got := readToEOF(t, c); !bytes.Equal(got, resp) {
+	if got := conntest.ReadToEOF(t, c); !bytes.Equal(got, resp) {
 		t.Fatalf("client received %d bytes, want the %d-byte response", len(got), len(resp))
 	}
 	// After the server's FIN for certain: writing still succeeds.
@@ -207,14 +208,14 @@ func testLingerNoReset(t *testing.T, f Factory) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	closeWrite(t, c)
-	if got := readToEOF(t, c); len(got) != 0 {
+	conntest.CloseWrite(t, c)
+	if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 		t.Fatalf("client received %d more bytes after EOF", len(got))
 	}
 
 	info := s.closed(t, c)
 	sent := int64(len(request) + (chunks+5)*len(chunk))
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: sent, BytesWritten: int64(len(resp))})
 	// Everything after the request was discarded (and possibly the end of
 	// the request, if it arrived in pieces).
@@ -234,9 +235,9 @@ func testLingerBounds(t *testing.T, f Factory) {
 	halfClosed := func(t *testing.T, cfg sockfsm.Config) (*server, *net.TCPConn) {
 		t.Helper()
 		cfg.IdleTimeout = 100 * time.Millisecond
-		s := start(t, f, cfg, always(sockfsm.Echo{}))
+		s := start(t, f, cfg, conntest.Always(sockfsm.Echo{}))
 		c := dial(t, s.addr)
-		if got := readToEOF(t, c); len(got) != 0 {
+		if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 			t.Fatalf("client received %q, want nothing", got)
 		}
 		return s, c
@@ -246,7 +247,7 @@ func testLingerBounds(t *testing.T, f Factory) {
 		check(t)
 		s, c := halfClosed(t, sockfsm.Config{LingerTimeout: 100 * time.Millisecond, LingerTime: time.Second})
 		info := s.closed(t, c)
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTimeout, BytesRead: 0, BytesWritten: 0})
+		conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTimeout, BytesRead: 0, BytesWritten: 0})
 		// Nothing was left unread: the close is graceful, EOF again.
 		if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 			t.Fatalf("client read = %d, %v; want 0, io.EOF", n, err)
@@ -269,7 +270,7 @@ func testLingerBounds(t *testing.T, f Factory) {
 			time.Sleep(20 * time.Millisecond)
 		}
 		info := s.closed(t, c)
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTime, BytesRead: -1, BytesWritten: 0})
+		conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndTime, BytesRead: -1, BytesWritten: 0})
 		if info.Discarded == 0 || info.Discarded != info.BytesRead {
 			t.Errorf("CloseInfo.Discarded = %d, BytesRead = %d; want all of the trickle discarded", info.Discarded, info.BytesRead)
 		}
@@ -290,7 +291,7 @@ func testLingerBounds(t *testing.T, f Factory) {
 			}
 		}
 		info := s.closed(t, c)
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndBytes, BytesRead: -1, BytesWritten: 0})
+		conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonIdleTimeout, Linger: sockfsm.LingerEndBytes, BytesRead: -1, BytesWritten: 0})
 		if info.Discarded < limit || info.Discarded != info.BytesRead {
 			t.Errorf("CloseInfo.Discarded = %d, BytesRead = %d; want at least %d, all discarded", info.Discarded, info.BytesRead, limit)
 		}
@@ -302,30 +303,30 @@ func testLingerBounds(t *testing.T, f Factory) {
 // after WriteTimeout: the server reports the write timeout, the client
 // gets a reset, and other clients are served meanwhile.
 func testWriteTimeout(t *testing.T, f Factory) {
-	resp := pattern(0, 16<<20) // far more than the loopback socket buffers hold
-	s := start(t, f, sockfsm.Config{WriteTimeout: 200 * time.Millisecond, MaxPendingOutput: len(resp)}, always(bigHandler(resp)))
+	resp := conntest.Pattern(0, 16<<20) // far more than the loopback socket buffers hold
+	s := start(t, f, sockfsm.Config{WriteTimeout: 200 * time.Millisecond, MaxPendingOutput: len(resp)}, conntest.Always(conntest.BigHandler(resp)))
 	other := dial(t, s.addr)
 	c := dial(t, s.addr)
-	mustWrite(t, c, []byte("big"))
+	conntest.MustWrite(t, c, []byte("big"))
 	s.waitEvent(t, c, fsm.Output)
 
 	// Another client is served while that one is stuck.
 	echo(t, other, "hello")
-	closeWrite(t, other)
-	if got := readToEOF(t, other); len(got) != 0 {
+	conntest.CloseWrite(t, other)
+	if got := conntest.ReadToEOF(t, other); len(got) != 0 {
 		t.Fatalf("other client received %q after its echo", got)
 	}
 
 	info := s.closed(t, c)
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonWriteTimeout, Linger: sockfsm.LingerEndNone, Aborted: true,
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonWriteTimeout, Linger: sockfsm.LingerEndNone, Aborted: true,
 		Err: sockfsm.ErrWriteTimeout, BytesRead: 3, BytesWritten: -1})
 	if info.BytesWritten >= int64(len(resp)) {
 		t.Errorf("CloseInfo.BytesWritten = %d: the whole response was sent to a client that never read", info.BytesWritten)
 	}
 	t.Logf("sent %d bytes before the write timeout", info.BytesWritten)
-	wantReset(t, c, resp)
+	conntest.WantReset(t, c, resp)
 
-	checkInfo(t, s.closed(t, other), wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 5, BytesWritten: 5})
+	conntest.CheckInfo(t, s.closed(t, other), conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 5, BytesWritten: 5})
 }
 
 // testWriteTimeoutExcludesHandlerTime: the write deadline of a flush starts
@@ -337,19 +338,19 @@ func testWriteTimeout(t *testing.T, f Factory) {
 // here.
 func testWriteTimeoutExcludesHandlerTime(t *testing.T, f Factory) {
 	s := start(t, f, sockfsm.Config{WriteTimeout: 200 * time.Millisecond},
-		always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+		conntest.Always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
 			c.Write([]byte("answer"))
 			time.Sleep(300 * time.Millisecond) // computing something
 		})))
 	c := dial(t, s.addr)
-	mustWrite(t, c, []byte("question"))
+	conntest.MustWrite(t, c, []byte("question"))
 	b := make([]byte, 6)
 	if n, err := io.ReadFull(c, b); err != nil {
-		t.Fatalf("a client that reads at once got %q, %v (reset: %v); want %q", b[:n], err, isReset(err), "answer")
+		t.Fatalf("a client that reads at once got %q, %v (reset: %v); want %q", b[:n], err, conntest.IsReset(err), "answer")
 	}
-	closeWrite(t, c)
-	readToEOF(t, c)
-	checkInfo(t, s.closed(t, c), wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 8, BytesWritten: 6})
+	conntest.CloseWrite(t, c)
+	conntest.ReadToEOF(t, c)
+	conntest.CheckInfo(t, s.closed(t, c), conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 8, BytesWritten: 6})
 }
 
 // halfCloser calls CloseWrite on its first input, after answering it, and
@@ -395,14 +396,14 @@ func testWriteAfterCloseWrite(t *testing.T, f Factory) {
 			return h
 		})
 	c := dial(t, s.addr)
-	mustWrite(t, c, []byte("one"))
-	if got := readToEOF(t, c); string(got) != halfAnswer {
+	conntest.MustWrite(t, c, []byte("one"))
+	if got := conntest.ReadToEOF(t, c); string(got) != halfAnswer {
 		t.Fatalf("client received %q, want %q and EOF", got, halfAnswer)
 	}
-	mustWrite(t, c, []byte("two"))
-	mustWrite(t, c, []byte("three"))
-	closeWrite(t, c)
-	if got := readToEOF(t, c); len(got) != 0 {
+	conntest.MustWrite(t, c, []byte("two"))
+	conntest.MustWrite(t, c, []byte("three"))
+	conntest.CloseWrite(t, c)
+	if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 		t.Fatalf("client received %q after EOF", got)
 	}
 
@@ -424,7 +425,7 @@ func testWriteAfterCloseWrite(t *testing.T, f Factory) {
 			t.Errorf("state in OnData after CloseWrite = %s, want %s", st, fsm.HalfClosed)
 		}
 	}
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: int64(len("one") + len("twothree")), BytesWritten: int64(len(halfAnswer))})
 	if info.Discarded != 0 {
 		t.Errorf("CloseInfo.Discarded = %d, want 0: a half-close hands input to the handler", info.Discarded)
@@ -453,7 +454,7 @@ func testMaxPendingOutputBoundary(t *testing.T, f Factory) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			check(t)
-			resp := pattern(0, limit+1)
+			resp := conntest.Pattern(0, limit+1)
 			results := make(chan []write, 1)
 			s := start(t, f, sockfsm.Config{MaxPendingOutput: limit}, func(sockfsm.ConnInfo) sockfsm.Handler {
 				done := false
@@ -473,9 +474,9 @@ func testMaxPendingOutputBoundary(t *testing.T, f Factory) {
 				})
 			})
 			c := dial(t, s.addr)
-			mustWrite(t, c, []byte("go"))
-			closeWrite(t, c)
-			got := readToEOF(t, c)
+			conntest.MustWrite(t, c, []byte("go"))
+			conntest.CloseWrite(t, c)
+			got := conntest.ReadToEOF(t, c)
 			ws := recv(t, "the handler's writes", results)
 			if len(ws) != len(tc.want) {
 				t.Fatalf("writes %v, want %v", ws, tc.want)
@@ -500,26 +501,26 @@ func testMaxPendingOutputBoundary(t *testing.T, f Factory) {
 // serving.
 func testHandlerPanic(t *testing.T, f Factory) {
 	const value = "kaboom: the handler's panic value"
-	s := start(t, f, sockfsm.Config{}, always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+	s := start(t, f, sockfsm.Config{}, conntest.Always(sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
 		if bytes.Contains(p, []byte("boom")) {
 			panic(value)
 		}
 		c.Write(p)
 	})))
 	c := dial(t, s.addr)
-	mustWrite(t, c, []byte("boom"))
-	n, err := drain(c, []byte{})
-	if !isReset(err) && err != io.EOF {
+	conntest.MustWrite(t, c, []byte("boom"))
+	n, err := conntest.Drain(c, []byte{})
+	if !conntest.IsReset(err) && err != io.EOF {
 		t.Errorf("client read after the panic: %v after %d bytes; want a reset or EOF", err, n)
 	}
 	info := s.closed(t, c)
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonHandlerPanic, Aborted: true, Err: sockfsm.ErrHandlerPanic, BytesRead: 4, BytesWritten: 0})
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonHandlerPanic, Aborted: true, Err: sockfsm.ErrHandlerPanic, BytesRead: 4, BytesWritten: 0})
 	var pe *sockfsm.PanicError
 	if !errors.As(info.Err, &pe) || pe.Value != value {
 		t.Errorf("CloseInfo.Err = %#v, want a *PanicError with value %q", info.Err, value)
 	}
 
-	waitUntil(t, "the panic to be logged", func() bool { return strings.Contains(s.logs.String(), value) })
+	conntest.WaitUntil(t, "the panic to be logged", func() bool { return strings.Contains(s.logs.String(), value) })
 	if logs := s.logs.String(); !strings.Contains(logs, "goroutine") && !strings.Contains(logs, "panic(") {
 		t.Errorf("the log has the panic's value but no stack:\n%s", logs)
 	}

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // emfileEnv makes the test binary, run again, be the server of testEMFILE.
@@ -54,7 +55,7 @@ func emfileChild(f Factory) int {
 	if err != nil {
 		return fail("listen: %v", err)
 	}
-	srv := f(sockfsm.Config{Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))}, always(sockfsm.Echo{}))
+	srv := f(sockfsm.Config{Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))}, conntest.Always(sockfsm.Echo{}))
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 
@@ -372,8 +373,8 @@ func testEMFILE(t *testing.T, f Factory) {
 
 	// Recovery: free the descriptors; the waiting connections are served.
 	for _, c := range held {
-		closeWrite(t, c)
-		if b := readToEOF(t, c); len(b) != 0 {
+		conntest.CloseWrite(t, c)
+		if b := conntest.ReadToEOF(t, c); len(b) != 0 {
 			t.Fatalf("held connection: read %q after its echo; want EOF", b)
 		}
 		c.Close()
@@ -389,8 +390,8 @@ func testEMFILE(t *testing.T, f Factory) {
 				t.Fatalf("waiting connection %d was not served after descriptors were freed", i+1)
 			}
 		}
-		closeWrite(t, w.c)
-		if b := readToEOF(t, w.c); len(b) != 0 {
+		conntest.CloseWrite(t, w.c)
+		if b := conntest.ReadToEOF(t, w.c); len(b) != 0 {
 			t.Fatalf("waiting connection %d: read %q after its echo; want EOF", i+1, b)
 		}
 		w.c.Close()

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // testPeerReset: a client that aborts (SO_LINGER 0, so its kernel sends
@@ -38,9 +39,9 @@ func testPeerReset(t *testing.T, f Factory) {
 	}{
 		{"Receiving", func(t *testing.T, c *net.TCPConn) {
 			// The whole echo comes back: the server is waiting for more.
-			msg := pattern(1, 1000)
-			mustWrite(t, c, msg)
-			if got := readFull(t, c, len(msg)); !bytes.Equal(got, msg) {
+			msg := conntest.Pattern(1, 1000)
+			conntest.MustWrite(t, c, msg)
+			if got := conntest.ReadFull(t, c, len(msg)); !bytes.Equal(got, msg) {
 				t.Fatalf("the echo is not what was sent")
 			}
 		}},
@@ -64,12 +65,12 @@ func testPeerReset(t *testing.T, f Factory) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			check(t)
-			s := start(t, f, sockfsm.Config{WriteTimeout: clientDeadline, IdleTimeout: clientDeadline}, always(sockfsm.Echo{}))
+			s := start(t, f, sockfsm.Config{WriteTimeout: clientDeadline, IdleTimeout: clientDeadline}, conntest.Always(sockfsm.Echo{}))
 
 			// A bystander is mid-exchange while the other client resets.
 			bystander := dial(t, s.addr)
-			msg := pattern(7, 3000)
-			mustWrite(t, bystander, msg[:1000])
+			msg := conntest.Pattern(7, 3000)
+			conntest.MustWrite(t, bystander, msg[:1000])
 
 			c := dial(t, s.addr)
 			tc.provoke(t, c)
@@ -83,7 +84,7 @@ func testPeerReset(t *testing.T, f Factory) {
 
 			info := s.closed(t, c)
 			t.Logf("CloseInfo: reason %v, err %v, read %d, written %d", info.Reason, info.Err, info.BytesRead, info.BytesWritten)
-			checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: -1, BytesWritten: -1})
+			conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: -1, BytesWritten: -1})
 			if !errors.Is(info.Err, syscall.ECONNRESET) {
 				t.Errorf("CloseInfo.Err = %v, want it to match ECONNRESET too", info.Err)
 			}
@@ -92,12 +93,12 @@ func testPeerReset(t *testing.T, f Factory) {
 			}
 
 			// The bystander finishes its exchange.
-			mustWrite(t, bystander, msg[1000:])
-			closeWrite(t, bystander)
-			if got := readToEOF(t, bystander); !bytes.Equal(got, msg) {
+			conntest.MustWrite(t, bystander, msg[1000:])
+			conntest.CloseWrite(t, bystander)
+			if got := conntest.ReadToEOF(t, bystander); !bytes.Equal(got, msg) {
 				t.Fatalf("bystander's echo: %d bytes (equal: %v); want %d bytes then EOF", len(got), bytes.Equal(got, msg), len(msg))
 			}
-			checkInfo(t, s.closed(t, bystander), wantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true,
+			conntest.CheckInfo(t, s.closed(t, bystander), conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true,
 				BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
 
 			// And a new client is served.
@@ -201,7 +202,7 @@ func testSlowloris(t *testing.T, f Factory) {
 	t.Run("MaxLifetime", func(t *testing.T) {
 		check(t)
 		s := start(t, f, sockfsm.Config{IdleTimeout: idle, MaxLifetime: lifetime, WriteTimeout: clientDeadline,
-			LingerTimeout: clientDeadline, LingerTime: clientDeadline}, always(sockfsm.Echo{}))
+			LingerTimeout: clientDeadline, LingerTime: clientDeadline}, conntest.Always(sockfsm.Echo{}))
 		for attempt := 1; ; attempt++ {
 			// 200 bytes at 50 ms is 10 s: far past MaxLifetime, bounded.
 			r := trickle(t, s, interval, 200)
@@ -236,7 +237,7 @@ func testSlowloris(t *testing.T, f Factory) {
 	t.Run("IdleTimeoutAlone", func(t *testing.T) {
 		check(t)
 		s := start(t, f, sockfsm.Config{IdleTimeout: idle, WriteTimeout: clientDeadline,
-			LingerTimeout: clientDeadline, LingerTime: clientDeadline}, always(sockfsm.Echo{}))
+			LingerTimeout: clientDeadline, LingerTime: clientDeadline}, conntest.Always(sockfsm.Echo{}))
 		for attempt := 1; ; attempt++ {
 			r := trickle(t, s, interval, 20)
 			t.Logf("attempt %d: sent %d bytes, %d echoed; CloseInfo: reason %v, duration %v", attempt, r.sent, r.echoed, r.info.Reason, r.info.Duration)
@@ -262,7 +263,7 @@ func testSlowloris(t *testing.T, f Factory) {
 		WriteTimeout: clientDeadline, LingerTimeout: clientDeadline, LingerTime: clientDeadline}
 	t.Run("MinRate", func(t *testing.T) {
 		check(t)
-		s := start(t, f, rateCfg, always(sink))
+		s := start(t, f, rateCfg, conntest.Always(sink))
 		for attempt := 1; ; attempt++ {
 			r := trickle(t, s, interval, 200)
 			t.Logf("attempt %d: sent %d bytes; CloseInfo: reason %v, linger %v, read %d, duration %v", attempt, r.sent, r.info.Reason, r.info.Linger, r.info.BytesRead, r.info.Duration)
@@ -288,16 +289,16 @@ func testSlowloris(t *testing.T, f Factory) {
 	// server cannot make a window fall short.
 	t.Run("MinRateHonest", func(t *testing.T) {
 		check(t)
-		s := start(t, f, rateCfg, always(sink))
+		s := start(t, f, rateCfg, conntest.Always(sink))
 		c := dial(t, s.addr)
 		const writes = 50
 		chunk := bytes.Repeat([]byte{'h'}, 64)
 		for range writes {
-			mustWrite(t, c, chunk)
+			conntest.MustWrite(t, c, chunk)
 			time.Sleep(20 * time.Millisecond)
 		}
-		closeWrite(t, c)
-		if got := readToEOF(t, c); len(got) != 0 {
+		conntest.CloseWrite(t, c)
+		if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 			t.Fatalf("read %q; want EOF", got)
 		}
 		c.Close()
@@ -321,16 +322,16 @@ func testFlood(t *testing.T, f Factory) {
 		readBuf  = sockfsm.DefaultReadBufferSize
 		maxBound = 16 << 20 // a loose bound: the kernel buffers of both sockets are a few MiB
 	)
-	s := start(t, f, sockfsm.Config{WriteTimeout: 500 * time.Millisecond, ReadBufferSize: readBuf}, always(sockfsm.Echo{}))
+	s := start(t, f, sockfsm.Config{WriteTimeout: 500 * time.Millisecond, ReadBufferSize: readBuf}, conntest.Always(sockfsm.Echo{}))
 	c := dial(t, s.addr)
 
 	// The write blocks once the buffers are full, until the server's
 	// abort makes it fail; clientDeadline bounds it.
-	n, err := c.Write(pattern(3, flood))
+	n, err := c.Write(conntest.Pattern(3, flood))
 	info := s.closed(t, c)
 	t.Logf("client: wrote %d of %d bytes, then %v", n, flood, err)
 	t.Logf("server: read %d bytes, wrote %d, reason %v (%v)", info.BytesRead, info.BytesWritten, info.Reason, info.Err)
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonWriteTimeout, Aborted: true, Err: sockfsm.ErrWriteTimeout, BytesRead: -1, BytesWritten: -1})
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonWriteTimeout, Aborted: true, Err: sockfsm.ErrWriteTimeout, BytesRead: -1, BytesWritten: -1})
 	if err == nil || n >= flood {
 		t.Errorf("the client wrote %d of %d bytes with error %v: flow control did not stop it", n, flood, err)
 	} else if !isWriteReset(err) && !errors.Is(err, os.ErrDeadlineExceeded) {

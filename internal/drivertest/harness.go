@@ -21,13 +21,14 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 	"github.com/sockfsm/sockfsm/internal/testutil"
 )
 
 const (
 	// clientDeadline bounds every client socket's I/O and every wait. It
 	// is a bound, not a timing assertion.
-	clientDeadline = 10 * time.Second
+	clientDeadline = conntest.Deadline
 	// testBound bounds a whole test, its cleanups included: past it the
 	// watchdog prints every goroutine's stack and stops the process, so
 	// that a driver that hangs (a Shutdown that never returns, say) fails
@@ -150,7 +151,7 @@ func (r *recorder) update(f func()) {
 }
 
 func (r *recorder) onStateChange(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.Event) {
-	k := addrKey(c.RemoteAddr)
+	k := conntest.AddrKey(c.RemoteAddr)
 	r.update(func() {
 		r.edges[k] = append(r.edges[k], edge{from, to, ev})
 		if from == fsm.Accepted {
@@ -164,22 +165,12 @@ func (r *recorder) onStateChange(c sockfsm.ConnInfo, from, to fsm.State, ev fsm.
 }
 
 func (r *recorder) onClose(c sockfsm.ConnInfo, info sockfsm.CloseInfo) {
-	k := addrKey(c.RemoteAddr)
+	k := conntest.AddrKey(c.RemoteAddr)
 	r.update(func() {
 		r.closes[k] = info
 		r.closeCalls[k]++
 	})
 }
-
-func addrKey(a net.Addr) string {
-	if a == nil {
-		return ""
-	}
-	return a.String()
-}
-
-// key is the recorders' key of client c's connection.
-func key(c net.Conn) string { return addrKey(c.LocalAddr()) }
 
 // ---- servers ---------------------------------------------------------------------
 
@@ -193,11 +184,6 @@ type server struct {
 
 	served   chan struct{} // closed when Serve has returned
 	serveErr error
-}
-
-// always returns a NewHandler that gives every connection h.
-func always(h sockfsm.Handler) func(sockfsm.ConnInfo) sockfsm.Handler {
-	return func(sockfsm.ConnInfo) sockfsm.Handler { return h }
 }
 
 // start serves newHandler's handlers with cfg on a new listener on
@@ -333,7 +319,7 @@ func (s *server) waitFor(t *testing.T, what string, cond func() bool) {
 // returns how it ended.
 func (s *server) closed(t *testing.T, c net.Conn) sockfsm.CloseInfo {
 	t.Helper()
-	k := key(c)
+	k := conntest.Key(c)
 	var info sockfsm.CloseInfo
 	s.waitFor(t, "the server to close the connection from "+k, func() bool {
 		var ok bool
@@ -348,7 +334,7 @@ func (s *server) closed(t *testing.T, c net.Conn) sockfsm.CloseInfo {
 func (s *server) peekClosed(c net.Conn) (sockfsm.CloseInfo, bool) {
 	s.rec.mu.Lock()
 	defer s.rec.mu.Unlock()
-	info, ok := s.rec.closes[key(c)]
+	info, ok := s.rec.closes[conntest.Key(c)]
 	return info, ok
 }
 
@@ -356,7 +342,7 @@ func (s *server) peekClosed(c net.Conn) (sockfsm.CloseInfo, bool) {
 func (s *server) edgesOf(c net.Conn) []edge {
 	s.rec.mu.Lock()
 	defer s.rec.mu.Unlock()
-	return append([]edge(nil), s.rec.edges[key(c)]...)
+	return append([]edge(nil), s.rec.edges[conntest.Key(c)]...)
 }
 
 // state returns the state client c's connection is in (Accepted if it has
@@ -368,7 +354,7 @@ func (s *server) state(c net.Conn) fsm.State {
 }
 
 func (s *server) stateLocked(c net.Conn) fsm.State {
-	es := s.rec.edges[key(c)]
+	es := s.rec.edges[conntest.Key(c)]
 	if len(es) == 0 {
 		return fsm.Accepted
 	}
@@ -378,7 +364,7 @@ func (s *server) stateLocked(c net.Conn) fsm.State {
 // sawEventLocked reports whether client c's connection has taken an edge
 // labelled ev.
 func (s *server) sawEventLocked(c net.Conn, ev fsm.Event) bool {
-	for _, e := range s.rec.edges[key(c)] {
+	for _, e := range s.rec.edges[conntest.Key(c)] {
 		if e.Ev == ev {
 			return true
 		}
@@ -390,7 +376,7 @@ func (s *server) sawEventLocked(c net.Conn, ev fsm.Event) bool {
 // labelled ev.
 func (s *server) waitEvent(t *testing.T, c net.Conn, ev fsm.Event) {
 	t.Helper()
-	s.waitFor(t, fmt.Sprintf("the connection from %s to take %s", key(c), ev), func() bool { return s.sawEventLocked(c, ev) })
+	s.waitFor(t, fmt.Sprintf("the connection from %s to take %s", conntest.Key(c), ev), func() bool { return s.sawEventLocked(c, ev) })
 }
 
 func (s *server) maxOpenConns() int {
@@ -433,46 +419,6 @@ func describe(edges []edge) string {
 	return strings.Join(s, ", ")
 }
 
-// wantInfo is what checkInfo compares: Reason, Linger, PeerFIN and
-// Aborted() always; Err when set (errors.Is), else it must be nil; the
-// byte counts when not negative.
-type wantInfo struct {
-	Reason                  sockfsm.Reason
-	Linger                  sockfsm.LingerEnd
-	PeerFIN                 bool
-	Aborted                 bool
-	Err                     error
-	BytesRead, BytesWritten int64
-}
-
-func checkInfo(t *testing.T, got sockfsm.CloseInfo, want wantInfo) {
-	t.Helper()
-	if got.Reason != want.Reason {
-		t.Errorf("CloseInfo.Reason = %s, want %s (err %v)", got.Reason, want.Reason, got.Err)
-	}
-	if got.Linger != want.Linger {
-		t.Errorf("CloseInfo.Linger = %s, want %s", got.Linger, want.Linger)
-	}
-	if got.PeerFIN != want.PeerFIN {
-		t.Errorf("CloseInfo.PeerFIN = %v, want %v", got.PeerFIN, want.PeerFIN)
-	}
-	if got.Aborted() != want.Aborted {
-		t.Errorf("CloseInfo.Aborted() = %v, want %v", got.Aborted(), want.Aborted)
-	}
-	if want.Err == nil && got.Err != nil {
-		t.Errorf("CloseInfo.Err = %v, want nil", got.Err)
-	}
-	if want.Err != nil && !errors.Is(got.Err, want.Err) {
-		t.Errorf("CloseInfo.Err = %v, want an error matching %v", got.Err, want.Err)
-	}
-	if want.BytesRead >= 0 && got.BytesRead != want.BytesRead {
-		t.Errorf("CloseInfo.BytesRead = %d, want %d", got.BytesRead, want.BytesRead)
-	}
-	if want.BytesWritten >= 0 && got.BytesWritten != want.BytesWritten {
-		t.Errorf("CloseInfo.BytesWritten = %d, want %d", got.BytesWritten, want.BytesWritten)
-	}
-}
-
 // ---- clients -------------------------------------------------------------------------
 
 // dial connects a client to addr with a deadline on every operation; the
@@ -490,47 +436,13 @@ func dial(t *testing.T, addr string) *net.TCPConn {
 	return c.(*net.TCPConn)
 }
 
-func mustWrite(t *testing.T, c net.Conn, p []byte) {
-	t.Helper()
-	if _, err := c.Write(p); err != nil {
-		t.Fatalf("client Write(%d bytes): %v", len(p), err)
-	}
-}
-
-func closeWrite(t *testing.T, c *net.TCPConn) {
-	t.Helper()
-	if err := c.CloseWrite(); err != nil {
-		t.Fatalf("client CloseWrite: %v", err)
-	}
-}
-
-func readFull(t *testing.T, c net.Conn, n int) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	if m, err := io.ReadFull(c, b); err != nil {
-		t.Fatalf("client read %d of %d bytes: %v (reset: %v)", m, n, err, isReset(err))
-	}
-	return b
-}
-
 // echo sends msg on c and reads its echo.
 func echo(t *testing.T, c net.Conn, msg string) {
 	t.Helper()
-	mustWrite(t, c, []byte(msg))
-	if got := readFull(t, c, len(msg)); string(got) != msg {
+	conntest.MustWrite(t, c, []byte(msg))
+	if got := conntest.ReadFull(t, c, len(msg)); string(got) != msg {
 		t.Fatalf("echo = %q, want %q", got, msg)
 	}
-}
-
-// readToEOF reads until the server's FIN: a reset, or any other error,
-// fails the test.
-func readToEOF(t *testing.T, c net.Conn) []byte {
-	t.Helper()
-	b, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("client read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", err, isReset(err), len(b))
-	}
-	return b
 }
 
 // exchange runs the tutorial's client on a new connection: send msg,
@@ -539,48 +451,18 @@ func readToEOF(t *testing.T, c net.Conn) []byte {
 func exchange(t *testing.T, addr string, msg []byte) *net.TCPConn {
 	t.Helper()
 	c := dial(t, addr)
-	mustWrite(t, c, msg)
-	closeWrite(t, c)
-	if got := readToEOF(t, c); !bytes.Equal(got, msg) {
+	conntest.MustWrite(t, c, msg)
+	conntest.CloseWrite(t, c)
+	if got := conntest.ReadToEOF(t, c); !bytes.Equal(got, msg) {
 		t.Fatalf("echo of %d bytes: got %d bytes, not the same", len(msg), len(got))
 	}
 	return c
 }
 
-// drain reads and discards until an error and returns it with the count of
-// bytes read. If want is not nil, the bytes read must be a prefix of it.
-func drain(c net.Conn, want []byte) (int, error) {
-	buf := make([]byte, 64<<10)
-	n := 0
-	for {
-		m, err := c.Read(buf)
-		if want != nil && (n+m > len(want) || !bytes.Equal(buf[:m], want[n:n+m])) {
-			return n, fmt.Errorf("bytes %d..%d are not the server's output", n, n+m)
-		}
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-}
-
-// isReset reports whether a read's error is the server's RST.
-func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
-
 // isWriteReset reports whether a write's error is the peer's reset
 // (ECONNRESET, or EPIPE once the reset was reported).
 func isWriteReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
-}
-
-// wantReset reads and discards until an error, which must be the server's
-// RST; what was read must be a prefix of want.
-func wantReset(t *testing.T, c net.Conn, want []byte) {
-	t.Helper()
-	n, err := drain(c, want)
-	if !isReset(err) {
-		t.Fatalf("client read: %v after %d bytes; want ECONNRESET (the server's RST)", err, n)
-	}
 }
 
 // expectGone checks that the server has closed the connection entirely, not
@@ -589,9 +471,9 @@ func wantReset(t *testing.T, c net.Conn, want []byte) {
 // data with RST. Call it once the server has reported the close.
 func expectGone(t *testing.T, c net.Conn) {
 	t.Helper()
-	n, err := drain(c, nil)
+	n, err := conntest.Drain(c, nil)
 	switch {
-	case isReset(err):
+	case conntest.IsReset(err):
 		return
 	case err != io.EOF:
 		t.Fatalf("client read: %v after %d bytes; want io.EOF or ECONNRESET", err, n)
@@ -619,18 +501,6 @@ func expectRefused(t *testing.T, addr, after string) {
 	}
 }
 
-// waitUntil polls cond until it holds, for at most clientDeadline.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(clientDeadline)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("gave up waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
 // recv waits (bounded) for a value on ch.
 func recv[T any](t *testing.T, what string, ch <-chan T) T {
 	t.Helper()
@@ -642,28 +512,4 @@ func recv[T any](t *testing.T, what string, ch <-chan T) T {
 		var zero T
 		return zero
 	}
-}
-
-// pattern returns n bytes that are not periodic in any power of two, so that
-// a lost, repeated or reordered piece of it shows; seed makes two streams
-// differ.
-func pattern(seed byte, n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = seed + byte(i%251)
-	}
-	return b
-}
-
-// bigHandler answers input that starts with "big" with resp, all queued in
-// one Write (MaxPendingOutput must hold it, so that queueing it takes
-// little of WriteTimeout), and echoes any other input.
-func bigHandler(resp []byte) sockfsm.Handler {
-	return sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
-		if bytes.HasPrefix(p, []byte("big")) {
-			c.Write(resp)
-			return
-		}
-		c.Write(p)
-	})
 }

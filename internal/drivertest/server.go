@@ -14,6 +14,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/fsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
 // testShutdownIdle: Shutdown half-closes every idle connection at once,
@@ -23,7 +24,7 @@ import (
 // not a reset. Once the clients close, Shutdown returns nil, Serve returns
 // ErrServerClosed and the listener is closed.
 func testShutdownIdle(t *testing.T, f Factory) {
-	s := start(t, f, sockfsm.Config{IdleTimeout: time.Minute}, always(sockfsm.Echo{}))
+	s := start(t, f, sockfsm.Config{IdleTimeout: time.Minute}, conntest.Always(sockfsm.Echo{}))
 	silent := dial(t, s.addr)
 	var talked []*net.TCPConn
 	for range 3 {
@@ -39,7 +40,7 @@ func testShutdownIdle(t *testing.T, f Factory) {
 	go func() { shut <- s.Shutdown(ctx) }()
 
 	for i, c := range append([]*net.TCPConn{silent}, talked...) {
-		if b := readToEOF(t, c); len(b) != 0 {
+		if b := conntest.ReadToEOF(t, c); len(b) != 0 {
 			t.Fatalf("idle client %d received %q at shutdown", i, b)
 		}
 		c.Close()
@@ -55,9 +56,9 @@ func testShutdownIdle(t *testing.T, f Factory) {
 	}
 	expectRefused(t, s.addr, "Shutdown")
 
-	checkInfo(t, s.closed(t, silent), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
+	conntest.CheckInfo(t, s.closed(t, silent), conntest.WantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
 	for _, c := range talked {
-		checkInfo(t, s.closed(t, c), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		conntest.CheckInfo(t, s.closed(t, c), conntest.WantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 			BytesRead: 5, BytesWritten: 5})
 	}
 }
@@ -68,8 +69,8 @@ func testShutdownIdle(t *testing.T, f Factory) {
 // ErrServerClosed, and the listener is closed.
 func testShutdownBusy(t *testing.T, f Factory) {
 	const size = 8 << 20 // more than the loopback socket buffers hold: the server stays busy until the client reads
-	resp := pattern(0, size)
-	s := start(t, f, sockfsm.Config{WriteTimeout: clientDeadline, MaxPendingOutput: size}, always(bigHandler(resp)))
+	resp := conntest.Pattern(0, size)
+	s := start(t, f, sockfsm.Config{WriteTimeout: clientDeadline, MaxPendingOutput: size}, conntest.Always(conntest.BigHandler(resp)))
 
 	var idle []*net.TCPConn
 	for range 3 {
@@ -78,9 +79,9 @@ func testShutdownBusy(t *testing.T, f Factory) {
 		idle = append(idle, c)
 	}
 	busy := dial(t, s.addr)
-	mustWrite(t, busy, []byte("big"))
+	conntest.MustWrite(t, busy, []byte("big"))
 	const piece = 64 << 10
-	got := readFull(t, busy, piece)
+	got := conntest.ReadFull(t, busy, piece)
 	t.Logf("busy connection at Shutdown: %s", s.state(busy))
 
 	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
@@ -92,20 +93,20 @@ func testShutdownBusy(t *testing.T, f Factory) {
 	// only a fraction of its response (so the server cannot have finished
 	// sending it).
 	for i, c := range idle {
-		if b := readToEOF(t, c); len(b) != 0 {
+		if b := conntest.ReadToEOF(t, c); len(b) != 0 {
 			t.Fatalf("idle client %d received %q at shutdown", i, b)
 		}
 		c.Close()
 	}
 	// The busy client, reading slowly, gets all of it, then EOF.
 	for len(got) < size {
-		got = append(got, readFull(t, busy, min(piece, size-len(got)))...)
+		got = append(got, conntest.ReadFull(t, busy, min(piece, size-len(got)))...)
 		time.Sleep(time.Millisecond)
 	}
 	if !bytes.Equal(got, resp) {
 		t.Fatal("the busy client's response is corrupt")
 	}
-	if b := readToEOF(t, busy); len(b) != 0 {
+	if b := conntest.ReadToEOF(t, busy); len(b) != 0 {
 		t.Fatalf("busy client received %d bytes more than the response", len(b))
 	}
 	busy.Close()
@@ -122,13 +123,13 @@ func testShutdownBusy(t *testing.T, f Factory) {
 	expectRefused(t, s.addr, "Shutdown")
 
 	for i, c := range idle {
-		checkInfo(t, s.closed(t, c), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+		conntest.CheckInfo(t, s.closed(t, c), conntest.WantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 			BytesRead: 5, BytesWritten: 5})
 		if t.Failed() {
 			t.Fatalf("idle client %d", i)
 		}
 	}
-	checkInfo(t, s.closed(t, busy), wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
+	conntest.CheckInfo(t, s.closed(t, busy), conntest.WantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: 3, BytesWritten: size})
 }
 
@@ -137,10 +138,10 @@ func testShutdownBusy(t *testing.T, f Factory) {
 // aborted, and Shutdown returns the context's error only once every
 // connection is closed: the client gets what was sent, then the RST.
 func testShutdownDeadline(t *testing.T, f Factory) {
-	resp := pattern(0, 16<<20)
-	s := start(t, f, sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: len(resp)}, always(bigHandler(resp)))
+	resp := conntest.Pattern(0, 16<<20)
+	s := start(t, f, sockfsm.Config{WriteTimeout: time.Minute, MaxPendingOutput: len(resp)}, conntest.Always(conntest.BigHandler(resp)))
 	c := dial(t, s.addr)
-	mustWrite(t, c, []byte("big"))
+	conntest.MustWrite(t, c, []byte("big"))
 	s.waitEvent(t, c, fsm.Output)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
@@ -159,9 +160,9 @@ func testShutdownDeadline(t *testing.T, f Factory) {
 	if !ok {
 		t.Fatal("Shutdown returned before the connection was closed")
 	}
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdownDeadline, Aborted: true, Err: sockfsm.ErrShutdownDeadline,
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonShutdownDeadline, Aborted: true, Err: sockfsm.ErrShutdownDeadline,
 		BytesRead: 3, BytesWritten: -1})
-	wantReset(t, c, resp)
+	conntest.WantReset(t, c, resp)
 	if err := s.serveResult(t); !errors.Is(err, sockfsm.ErrServerClosed) {
 		t.Errorf("Serve = %v, want ErrServerClosed", err)
 	}
@@ -203,7 +204,7 @@ func testShutdownWaitsForAccept(t *testing.T, f Factory) {
 	}
 	free()
 	// The connection, accepted before Shutdown, is closed gracefully.
-	if got := readToEOF(t, c); len(got) != 0 {
+	if got := conntest.ReadToEOF(t, c); len(got) != 0 {
 		t.Fatalf("client received %q", got)
 	}
 	c.Close()
@@ -214,7 +215,7 @@ func testShutdownWaitsForAccept(t *testing.T, f Factory) {
 	if !ok {
 		t.Fatal("Shutdown returned before the connection it had accepted was closed")
 	}
-	checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonShutdown, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true})
 }
 
 // testClose: Close stops accepting and aborts every connection at once, an
@@ -224,19 +225,19 @@ func testShutdownWaitsForAccept(t *testing.T, f Factory) {
 // returns nil only when both are closed (their CloseInfo is in, NumConns
 // is 0), Serve returns ErrServerClosed, and a new client is refused.
 func testClose(t *testing.T, f Factory) {
-	resp := pattern(0, 16<<20) // far more than the loopback socket buffers hold
+	resp := conntest.Pattern(0, 16<<20) // far more than the loopback socket buffers hold
 	s := start(t, f, sockfsm.Config{
 		IdleTimeout: time.Minute, WriteTimeout: time.Minute, LingerTimeout: time.Minute, MaxPendingOutput: len(resp),
-	}, always(bigHandler(resp)))
+	}, conntest.Always(conntest.BigHandler(resp)))
 
 	idle := dial(t, s.addr)
 	echo(t, idle, "ping")
 
 	blocked := dial(t, s.addr)
-	mustWrite(t, blocked, []byte("big"))
+	conntest.MustWrite(t, blocked, []byte("big"))
 	// The server is writing the response (the client has its first byte)
 	// and cannot finish: the client reads no more.
-	readFull(t, blocked, 1)
+	conntest.ReadFull(t, blocked, 1)
 	s.waitFor(t, "the two connections to be Receiving and Sending", func() bool {
 		return s.stateLocked(idle) == fsm.Receiving && s.stateLocked(blocked) == fsm.Sending
 	})
@@ -264,7 +265,7 @@ func testClose(t *testing.T, f Factory) {
 			t.Errorf("%s connection: Close returned before it was closed", c.name)
 			continue
 		}
-		checkInfo(t, info, wantInfo{Reason: sockfsm.ReasonShutdownDeadline, Aborted: true, Err: sockfsm.ErrShutdownDeadline,
+		conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonShutdownDeadline, Aborted: true, Err: sockfsm.ErrShutdownDeadline,
 			BytesRead: c.read, BytesWritten: c.written})
 		if c.written < 0 && info.BytesWritten >= int64(len(resp)) {
 			t.Errorf("%s connection: BytesWritten = %d: the write was not interrupted", c.name, info.BytesWritten)
@@ -277,10 +278,10 @@ func testClose(t *testing.T, f Factory) {
 
 	// Both clients get the server's RST: the idle one at once, the
 	// blocked one after what was already in its socket buffer.
-	if n, err := idle.Read(make([]byte, 1)); !isReset(err) {
+	if n, err := idle.Read(make([]byte, 1)); !conntest.IsReset(err) {
 		t.Errorf("idle client read: %d, %v; want ECONNRESET", n, err)
 	}
-	if n, err := drain(blocked, resp[1:]); !isReset(err) {
+	if n, err := conntest.Drain(blocked, resp[1:]); !conntest.IsReset(err) {
 		t.Errorf("blocked client read: %v after %d bytes; want ECONNRESET", err, n)
 	}
 }
@@ -324,7 +325,7 @@ func testServeAfterShutdown(t *testing.T, f Factory) {
 	for _, st := range stops {
 		t.Run(st.name+"WhileServing", func(t *testing.T) {
 			check(t)
-			s := start(t, f, sockfsm.Config{}, always(sockfsm.Echo{}))
+			s := start(t, f, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 			exchange(t, s.addr, []byte("this is a test"))
 			err, ok := returns(t, st.name, func() error { return st.stop(s.Server) })
 			if !ok {
@@ -343,7 +344,7 @@ func testServeAfterShutdown(t *testing.T, f Factory) {
 		})
 		t.Run(st.name+"BeforeServe", func(t *testing.T) {
 			check(t)
-			srv := f(sockfsm.Config{}, always(sockfsm.Echo{}))
+			srv := f(sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 			err, ok := returns(t, st.name, func() error { return st.stop(srv) })
 			if !ok {
 				t.FailNow()
@@ -363,13 +364,13 @@ func testServeAfterShutdown(t *testing.T, f Factory) {
 // further client's connection waits in the kernel's backlog, unserved,
 // until one of the open ones closes.
 func testMaxConns(t *testing.T, f Factory) {
-	s := start(t, f, sockfsm.Config{MaxConns: 2}, always(sockfsm.Echo{}))
+	s := start(t, f, sockfsm.Config{MaxConns: 2}, conntest.Always(sockfsm.Echo{}))
 	c1, c2 := dial(t, s.addr), dial(t, s.addr)
 	echo(t, c1, "one")
 	echo(t, c2, "two")
 
 	c3 := dial(t, s.addr) // accepted by the kernel, not by the server
-	mustWrite(t, c3, []byte("three"))
+	conntest.MustWrite(t, c3, []byte("three"))
 	// A bound on a check that nothing happens, not a timing assertion.
 	c3.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 	if n, err := c3.Read(make([]byte, 8)); !errors.Is(err, os.ErrDeadlineExceeded) {
@@ -380,16 +381,16 @@ func testMaxConns(t *testing.T, f Factory) {
 		t.Errorf("NumConns = %d, want 2", n)
 	}
 
-	closeWrite(t, c1)
-	if got := readToEOF(t, c1); len(got) != 0 {
+	conntest.CloseWrite(t, c1)
+	if got := conntest.ReadToEOF(t, c1); len(got) != 0 {
 		t.Fatalf("first client received %q after its echo", got)
 	}
-	if got := readFull(t, c3, 5); string(got) != "three" {
+	if got := conntest.ReadFull(t, c3, 5); string(got) != "three" {
 		t.Fatalf("third client's echo = %q, want %q", got, "three")
 	}
 	for _, c := range []*net.TCPConn{c2, c3} {
-		closeWrite(t, c)
-		readToEOF(t, c)
+		conntest.CloseWrite(t, c)
+		conntest.ReadToEOF(t, c)
 		s.closed(t, c)
 	}
 	if n := s.maxOpenConns(); n > 2 {
@@ -428,15 +429,15 @@ func testMaxConnsSlotReleased(t *testing.T, f Factory) {
 			// error, and the read would then see EOF.
 			c, err := net.DialTimeout("tcp", s.addr, clientDeadline)
 			switch {
-			case isReset(err):
+			case conntest.IsReset(err):
 				// The server dropped it before the dialer saw it established.
 			case err != nil:
 				t.Fatalf("Dial: %v", err)
 			default:
 				c.SetDeadline(time.Now().Add(clientDeadline))
-				_, err = drain(c, []byte{})
+				_, err = conntest.Drain(c, []byte{})
 				c.Close()
-				if !isReset(err) {
+				if !conntest.IsReset(err) {
 					t.Fatalf("client of the failed NewHandler: read error %v, want ECONNRESET (aborted)", err)
 				}
 			}
