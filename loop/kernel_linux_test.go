@@ -146,3 +146,51 @@ func TestIdleLoopsPark(t *testing.T) {
 	}
 	t.Fatalf("%d of %d idle loops parked in the runtime's poller; goroutines:\n%s", parked, loops, stacks)
 }
+
+// TestMPTCPClient: net.Listen makes MPTCP listeners (since Go 1.24), so an
+// MPTCP client gets an MPTCP socket on the loop, not a plain TCP one. The
+// tutorial's exchange keeps every promise on it: the echo, then our FIN
+// after the client's, no reset; and an abort reaches the client as a
+// reset. Skipped where the kernel has no MPTCP.
+func TestMPTCPClient(t *testing.T) {
+	checkFDs(t)
+	aborts := sockfsm.HandlerFunc(func(c *sockfsm.Conn, p []byte) {
+		if string(p) == "abort" {
+			c.Abort(nil)
+			return
+		}
+		c.Write(p)
+	})
+	ts := startServer(t, "tcp", "127.0.0.1:0", 2, sockfsm.Config{}, conntest.Always(aborts))
+	var d net.Dialer
+	d.SetMultipathTCP(true)
+	dial := func() *net.TCPConn {
+		c, err := d.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(clientDeadline))
+		tc := c.(*net.TCPConn)
+		if mp, err := tc.MultipathTCP(); err != nil || !mp {
+			t.Skipf("the connection is not MPTCP (%v, %v): no MPTCP here", mp, err)
+		}
+		return tc
+	}
+
+	c := dial()
+	const msg = "this is a test"
+	conntest.MustWrite(t, c, []byte(msg))
+	conntest.CloseWrite(t, c)
+	if got := conntest.ReadToEOF(t, c); string(got) != msg {
+		t.Fatalf("client received %q, want %q", got, msg)
+	}
+	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true,
+		BytesRead: int64(len(msg)), BytesWritten: int64(len(msg))})
+
+	c = dial()
+	conntest.MustWrite(t, c, []byte("abort"))
+	conntest.WantReset(t, c, nil)
+	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonHandlerAbort, Aborted: true,
+		Err: sockfsm.ErrAborted, BytesRead: 5, BytesWritten: 0})
+}
