@@ -12,16 +12,16 @@
 // # Loops and accepting
 //
 // Server runs Loops event loops (runtime.GOMAXPROCS(0) by default), each a
-// goroutine with an epoll instance, an eventfd for wake-ups, a timer heap
-// and one read buffer of Config.ReadBufferSize shared by its connections.
+// goroutine with an epoll instance, an eventfd for wake-ups, a timerfd
+// for its tick while it is busy, a timer heap and one read buffer of Config.ReadBufferSize shared by its connections.
 // Serve is given one listener, so one loop accepts on it: the listener's
 // descriptor is duplicated into that loop's epoll set (level-triggered) and
 // accept4 hands each new connection out, round-robin, to a loop (itself or
 // another, through that loop's mailbox and eventfd). SO_REUSEPORT, with a
 // listener per loop, would spread the accepts in the kernel instead, but
-// it must be set before bind, on sockets Serve does not create; and a
-// single accepting loop costs the loop it runs on no more than the kernel's
-// work per accept. At Config.MaxConns open connections the accepting loop
+// it must be set before bind, on sockets Serve does not create; and,
+// measured with two loops on two CPUs, it cost no less than the one
+// acceptor (docs/performance.md). At Config.MaxConns open connections the accepting loop
 // stops watching the listener until one closes; on EMFILE, ENFILE and the
 // other temporary accept errors it stops for a back-off of 5 ms doubling to
 // 1 s, as sockfsm.Server does.
@@ -60,23 +60,27 @@
 // not once per read. Time is read from the monotonic clock.
 //
 // A loop first takes what is ready with a non-blocking epoll_wait. When
-// nothing is, how it waits depends on its load. A busy loop (its last
-// wait found events) yields once to the runtime (runtime.Gosched), then
-// blocks in epoll_wait itself for at most 1 ms: under load the next event
-// comes sooner than that, and waking from epoll_wait is the cheapest way
-// to get it. A loop that found nothing in that time is idle, and parks in
-// the runtime's network poller on its epoll descriptor, which is readable
+// nothing is, how it waits depends on its load. A busy loop yields once to
+// the runtime (runtime.Gosched), then blocks in epoll_wait itself, without
+// a timeout unless its first timer is due within 10 ms: under load the
+// next event comes soon, and waking from epoll_wait is the cheapest way to
+// get it, while a timeout would arm and cancel a kernel timer at every
+// sleep. What bounds the sleep is a tick: a timerfd in the epoll set,
+// every 10 ms while the loop is busy. A loop that has had nothing but
+// ticks for a whole period is idle: its tick stops, and it parks in the
+// runtime's network poller on its epoll descriptor, which is readable
 // when events are ready, with its first timer as the read deadline; it
 // then holds no P, and to the scheduler it is an ordinary parked
-// goroutine. The bound matters: a goroutine blocked in a system call keeps
-// its P until sysmon takes it back, and with a P per loop, or one CPU, the
-// process's other goroutines wait meanwhile. While a loop is busy,
-// goroutines that are runnable run at each of its waits (the Gosched),
-// and those waiting for the network or a timer are found by the runtime's
-// sysmon, which polls the network when nobody has for 10 ms, as it does
-// for any goroutine that keeps its P; an idle loop holds no P at all.
-// (Parking every time, as this package did first, cost more context
-// switches and system calls per connection under load than gnet; see
+// goroutine. The distinction matters: a goroutine blocked in a system
+// call keeps its P until sysmon takes it back, and with a P per loop, or
+// one CPU, the process's other goroutines wait meanwhile. While a loop is
+// busy, goroutines that are runnable run at each of its waits (the
+// Gosched), and those waiting for the network or a timer are found by the
+// runtime's sysmon, which polls the network when nobody has for 10 ms, as
+// it does for any goroutine that keeps its P; an idle loop holds no P at
+// all. (Parking every time, as this package did first, cost more context
+// switches and system calls per connection under load than gnet, and a
+// timeout on every busy wait 8 µs of a connection's 60; see
 // docs/performance.md.)
 //
 // # Handlers run on the loop

@@ -53,7 +53,8 @@ type kernel interface {
 	shutdown()
 }
 
-// epollKernel is the real kernel: an epoll instance and an eventfd.
+// epollKernel is the real kernel: an epoll instance, an eventfd for posts
+// and a timerfd for the busy loop's tick.
 //
 // How a loop waits is a trade between its own cost and the rest of the
 // process. A goroutine blocked in epoll_wait keeps its P until the
@@ -64,33 +65,46 @@ type kernel interface {
 // network poller frees its P, but each park and wake-up costs a trip
 // through the scheduler, a second epoll_wait, and, when the P goes idle,
 // sysmon's sleep and wake-up: measured on a loaded loop, more than three
-// times gnet's context switches per connection (docs/performance.md).
+// times gnet's context switches per connection. And an epoll_wait with a
+// timeout arms and cancels a kernel timer each time it sleeps, which on
+// the virtual machine measured costs more than the rest of the wait: 8 µs
+// of a connection's 60 (docs/performance.md).
 //
-// So wait does both, as the load asks. It first takes what is ready with
-// a non-blocking epoll_wait. A loop that found events in its last wait is
-// busy, and more are likely soon: it yields once (runtime.Gosched, so
-// that runnable goroutines go first) and then blocks in epoll_wait itself
-// for at most busyWait. A loop that found nothing for that long is idle:
-// it parks in the runtime's poller on the epoll descriptor (readable when
-// it has events), with the loop's next timer as the read deadline, and
-// holds no P while it sleeps. So a busy loop lets runnable goroutines go
-// first at each wait, leaves those waiting for the network to sysmon's
-// poll (at least every 10 ms, as for any goroutine that keeps its P), and
-// an idle loop costs the process nothing.
+// So wait does both, as the load asks, and sleeps without a timeout when
+// it can. It first takes what is ready with a non-blocking epoll_wait. A
+// busy loop then yields once (runtime.Gosched, so that runnable
+// goroutines go first) and blocks in epoll_wait itself, with no timeout
+// unless its next timer is due before the next tick: a timerfd in the
+// epoll set ticks every tickPeriod while the loop is busy, which bounds
+// the sleep without arming a timer per sleep, and tells wait when the
+// loop has had nothing but ticks for a whole period. The loop is idle
+// then: the tick stops, and the loop parks in the runtime's poller on the
+// epoll descriptor (readable when it has events), with its next timer as
+// the read deadline, holding no P while it sleeps; its next events make
+// it busy again. So a busy loop lets runnable goroutines go first at each
+// wait and leaves those waiting for the network to sysmon's poll (at
+// least every 10 ms, as for any goroutine that keeps its P), and an idle
+// loop costs the process nothing.
 type epollKernel struct {
-	epfd, evfd int
-	ep         *os.File        // epfd, registered in the runtime's poller
-	rc         syscall.RawConn // ep's
-	poll       func(uintptr) bool
+	epfd, evfd, tfd int
+	ep              *os.File        // epfd, registered in the runtime's poller
+	rc              syscall.RawConn // ep's
+	poll            func(uintptr) bool
 
-	dl   time.Time // ep's read deadline
-	busy bool      // the last wait found events: block in epoll_wait first
+	dl     time.Time // ep's read deadline
+	busy   bool      // the tick runs: wait blocks in epoll_wait
+	active bool      // busy, and events other than ticks came in this tick period
+	idle   bool      // busy, and a whole tick period passed with nothing but the tick
 
 	// What poll leaves for wait.
 	events []unix.EpollEvent
 	n      int
 	err    error
 }
+
+// tickPeriod is the busy loop's tick: a loop that has had nothing to do
+// for a tick period (one to two periods) parks.
+const tickPeriod = 10 * time.Millisecond
 
 func newEpollKernel() (kernel, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
@@ -101,17 +115,26 @@ func newEpollKernel() (kernel, error) {
 		unix.Close(epfd)
 		return nil, os.NewSyscallError("fcntl", err)
 	}
-	evfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
-	if err != nil {
-		unix.Close(epfd)
-		return nil, os.NewSyscallError("eventfd", err)
-	}
-	k := &epollKernel{epfd: epfd, evfd: evfd, ep: os.NewFile(uintptr(epfd), "epoll")}
+	k := &epollKernel{epfd: epfd, evfd: -1, tfd: -1, ep: os.NewFile(uintptr(epfd), "epoll")}
 	k.poll = k.pollOnce
-	rc, err := k.ep.SyscallConn()
+	k.evfd, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		err = os.NewSyscallError("eventfd", err)
+	}
 	if err == nil {
-		k.rc = rc
-		err = k.ctl(unix.EPOLL_CTL_ADD, int32(evfd), unix.EPOLLIN)
+		k.tfd, err = unix.TimerfdCreate(unix.CLOCK_MONOTONIC, unix.TFD_NONBLOCK|unix.TFD_CLOEXEC)
+		if err != nil {
+			err = os.NewSyscallError("timerfd_create", err)
+		}
+	}
+	if err == nil {
+		k.rc, err = k.ep.SyscallConn()
+	}
+	if err == nil {
+		err = k.ctl(unix.EPOLL_CTL_ADD, int32(k.evfd), unix.EPOLLIN)
+	}
+	if err == nil {
+		err = k.ctl(unix.EPOLL_CTL_ADD, int32(k.tfd), unix.EPOLLIN)
 	}
 	if err != nil {
 		k.shutdown()
@@ -125,47 +148,93 @@ func (k *epollKernel) ctl(op int, fd int32, events uint32) error {
 	return unix.EpollCtl(k.epfd, op, int(fd), &ev)
 }
 
-// busyWait is how long a busy loop blocks in epoll_wait before it parks
-// in the runtime's poller; epoll_wait counts in milliseconds.
-const busyWait = 1 // ms
-
 // wait takes the events ready now, then, if block and there are none,
-// waits for some until the time until (zero: no limit): in epoll_wait for
-// at most busyWait if the loop is busy, then parked in the runtime's
-// poller (see epollKernel).
+// waits for some until the time until (zero: no limit): in epoll_wait if
+// the loop is busy, parked in the runtime's poller if it is idle (see
+// epollKernel). The tick's events are the kernel's own: wait never
+// returns them.
 func (k *epollKernel) wait(events []unix.EpollEvent, block bool, until time.Time) (int, error) {
 	if block && !k.busy {
-		// Idle: park, whose first poll takes what is ready now.
-		n, err := k.park(events, until)
-		k.busy = n > 0
-		return n, err
+		return k.park(events, until)
 	}
 	n, err := k.epollWait(events, 0)
 	if n > 0 || err != nil || !block {
-		k.busy = k.busy || n > 0
+		if n > 0 && !k.busy {
+			k.setBusy(true)
+		}
 		return n, err
 	}
-	runtime.Gosched()
-	msec := busyWait
-	if !until.IsZero() {
-		// After the Gosched, which may have taken a while; rounded up: a
-		// timer is never taken early.
-		msec = min(msec, int((time.Until(until)+time.Millisecond-1)/time.Millisecond))
-		if msec <= 0 {
-			return 0, nil
+	if !k.idle {
+		runtime.Gosched()
+		msec := -1
+		if !until.IsZero() {
+			// After the Gosched, which may have taken a while. A timer due
+			// before the next tick is waited for; rounded up: a timer is
+			// never taken early.
+			d := time.Until(until)
+			if d <= 0 {
+				return 0, nil
+			}
+			if d < tickPeriod {
+				msec = int((d + time.Millisecond - 1) / time.Millisecond)
+			}
+		}
+		n, err = k.epollWait(events, msec)
+		if n > 0 || err != nil || !k.idle {
+			return n, err // a tick with work in its period: the loop turns
 		}
 	}
-	n, err = k.epollWait(events, msec)
-	if n > 0 || err != nil {
-		return n, err
-	}
-	k.busy = false
+	k.setBusy(false)
 	if !until.IsZero() && !time.Now().Before(until) {
 		return 0, nil
 	}
-	n, err = k.park(events, until)
-	k.busy = n > 0
-	return n, err
+	return k.park(events, until)
+}
+
+// setBusy starts or stops the tick.
+func (k *epollKernel) setBusy(busy bool) {
+	k.busy, k.active, k.idle = busy, false, false
+	var spec unix.ItimerSpec // zero: stopped
+	if busy {
+		spec.Interval = unix.NsecToTimespec(int64(tickPeriod))
+		spec.Value = spec.Interval
+	}
+	unix.TimerfdSettime(k.tfd, 0, &spec, nil)
+	if !busy {
+		k.clearTick()
+	}
+}
+
+// clearTick consumes the tick's expirations.
+func (k *epollKernel) clearTick() {
+	var b [8]byte
+	unix.Read(k.tfd, b[:])
+}
+
+// filter takes the tick's event out of events[:n] and returns how many are
+// left. A tick ends a tick period: one that saw no other event makes the
+// loop idle.
+func (k *epollKernel) filter(events []unix.EpollEvent, n int) int {
+	tick := false
+	for i := 0; i < n; i++ {
+		if events[i].Fd == int32(k.tfd) {
+			tick = true
+			n--
+			events[i] = events[n]
+			i--
+		}
+	}
+	if n > 0 {
+		k.active, k.idle = true, false
+	}
+	if tick {
+		k.clearTick()
+		if k.busy {
+			k.idle = !k.active
+			k.active = false
+		}
+	}
+	return n
 }
 
 // epollWait is one epoll_wait; EINTR is no error, and no event.
@@ -174,7 +243,7 @@ func (k *epollKernel) epollWait(events []unix.EpollEvent, msec int) (int, error)
 	if err == unix.EINTR {
 		return 0, nil
 	}
-	return max(n, 0), err
+	return k.filter(events, max(n, 0)), err
 }
 
 // park waits in the runtime's poller for the epoll descriptor to become
@@ -196,6 +265,9 @@ func (k *epollKernel) park(events []unix.EpollEvent, until time.Time) (int, erro
 		}
 		return 0, err
 	}
+	if k.n > 0 {
+		k.setBusy(true)
+	}
 	return k.n, k.err
 }
 
@@ -204,10 +276,14 @@ func (k *epollKernel) park(events []unix.EpollEvent, until time.Time) (int, erro
 // readable, if there are none.
 func (k *epollKernel) pollOnce(fd uintptr) bool {
 	n, err := unix.EpollWait(int(fd), k.events, 0)
-	if err == unix.EINTR || (err == nil && n == 0) {
+	if err == unix.EINTR {
 		return false
 	}
-	k.n, k.err = max(n, 0), err
+	n = k.filter(k.events, max(n, 0))
+	if err == nil && n == 0 {
+		return false
+	}
+	k.n, k.err = n, err
 	return true
 }
 
@@ -283,6 +359,10 @@ func (k *epollKernel) abort(fd int32) error {
 func (k *epollKernel) now() time.Time { return time.Now() }
 
 func (k *epollKernel) shutdown() {
-	unix.Close(k.evfd)
+	for _, fd := range []int{k.evfd, k.tfd} {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
 	k.ep.Close() // and epfd
 }
