@@ -12,19 +12,20 @@
 // # Loops and accepting
 //
 // Server runs Loops event loops (runtime.GOMAXPROCS(0) by default), each a
-// goroutine with an epoll instance, an eventfd for wake-ups, a timerfd
-// for its tick while it is busy, a timer heap and one read buffer of Config.ReadBufferSize shared by its connections.
-// Serve is given one listener, so one loop accepts on it: the listener's
-// descriptor is duplicated into that loop's epoll set (level-triggered) and
-// accept4 hands each new connection out, round-robin, to a loop (itself or
-// another, through that loop's mailbox and eventfd). SO_REUSEPORT, with a
-// listener per loop, would spread the accepts in the kernel instead, but
-// it must be set before bind, on sockets Serve does not create; and,
-// measured with two loops on two CPUs, it cost no less than the one
-// acceptor (docs/performance.md). At Config.MaxConns open connections the accepting loop
-// stops watching the listener until one closes; on EMFILE, ENFILE and the
-// other temporary accept errors it stops for a back-off of 5 ms doubling to
-// 1 s, as sockfsm.Server does.
+// goroutine with an epoll instance, an eventfd for wake-ups, a timerfd for
+// its tick while it is busy, a timer heap and one read buffer of
+// Config.ReadBufferSize shared by its connections. Serve is given one
+// listener, so one loop accepts on it: the listener's descriptor is
+// duplicated into that loop's epoll set (level-triggered) and accept4 hands
+// each new connection out, round-robin, to a loop (itself or another,
+// through that loop's mailbox and eventfd). SO_REUSEPORT, with a listener
+// per loop, would spread the accepts in the kernel instead, but it must be
+// set before bind, on sockets Serve does not create; and, measured with two
+// loops on two CPUs, it cost no less than the one acceptor
+// (docs/performance.md). At Config.MaxConns open connections the accepting
+// loop stops watching the listener until one closes; on EMFILE, ENFILE and
+// the other temporary accept errors it stops for a back-off of 5 ms
+// doubling to 1 s, as sockfsm.Server does.
 //
 // # Readiness
 //
@@ -80,8 +81,8 @@
 // it does for any goroutine that keeps its P; an idle loop holds no P at
 // all. (Parking every time, as this package did first, cost more context
 // switches and system calls per connection under load than gnet, and a
-// timeout on every busy wait 8 µs of a connection's 60; see
-// docs/performance.md.)
+// timeout on every busy wait about 8 µs of a churned connection's 62;
+// see docs/performance.md.)
 //
 // # Handlers run on the loop
 //

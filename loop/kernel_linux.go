@@ -12,7 +12,8 @@ import (
 )
 
 // kernel is everything a loop asks of the operating system: the poller
-// (epoll and an eventfd), the socket operations and the clock. The loop
+// (epoll, an eventfd and, in the real one, a timerfd), the socket
+// operations and the clock. The loop
 // sees nothing else of the system, so that its logic can be tested with a
 // fake kernel (fake_linux_test.go), as x/net/quic tests its loop through
 // test hooks. Errors are syscall errnos (unix.Errno), returned bare.
@@ -66,9 +67,9 @@ type kernel interface {
 // through the scheduler, a second epoll_wait, and, when the P goes idle,
 // sysmon's sleep and wake-up: measured on a loaded loop, more than three
 // times gnet's context switches per connection. And an epoll_wait with a
-// timeout arms and cancels a kernel timer each time it sleeps, which on
-// the virtual machine measured costs more than the rest of the wait: 8 µs
-// of a connection's 60 (docs/performance.md).
+// timeout arms and cancels a kernel timer each time it sleeps: on the
+// virtual machine measured, about 8 µs of a churned connection's 62
+// (docs/performance.md, the third step).
 //
 // So wait does both, as the load asks, and sleeps without a timeout when
 // it can. It first takes what is ready with a non-blocking epoll_wait. A
@@ -94,7 +95,9 @@ type epollKernel struct {
 	dl     time.Time // ep's read deadline
 	busy   bool      // the tick runs: wait blocks in epoll_wait
 	active bool      // busy, and events other than ticks came in this tick period
-	idle   bool      // busy, and a whole tick period passed with nothing but the tick
+	// idle: busy, and a whole tick period passed with no epoll event but
+	// the tick (work in the run queue does not count).
+	idle bool
 
 	// What poll leaves for wait.
 	events []unix.EpollEvent
@@ -168,16 +171,12 @@ func (k *epollKernel) wait(events []unix.EpollEvent, block bool, until time.Time
 		runtime.Gosched()
 		msec := -1
 		if !until.IsZero() {
-			// After the Gosched, which may have taken a while. A timer due
-			// before the next tick is waited for; rounded up: a timer is
-			// never taken early.
+			// After the Gosched, which may have taken a while.
 			d := time.Until(until)
 			if d <= 0 {
 				return 0, nil
 			}
-			if d < tickPeriod {
-				msec = int((d + time.Millisecond - 1) / time.Millisecond)
-			}
+			msec = busyTimeout(d)
 		}
 		n, err = k.epollWait(events, msec)
 		if n > 0 || err != nil || !k.idle {
@@ -191,16 +190,27 @@ func (k *epollKernel) wait(events []unix.EpollEvent, block bool, until time.Time
 	return k.park(events, until)
 }
 
-// setBusy starts or stops the tick.
+// busyTimeout is the epoll_wait timeout of a busy loop whose first timer
+// is due in d (positive): none (-1) if the tick comes first, else d in
+// milliseconds, rounded up: a timer is never taken early.
+func busyTimeout(d time.Duration) int {
+	if d >= tickPeriod {
+		return -1
+	}
+	return int((d + time.Millisecond - 1) / time.Millisecond)
+}
+
+// setBusy starts or stops the tick. A tick that cannot be started leaves
+// the loop idle: it parks, which needs no tick.
 func (k *epollKernel) setBusy(busy bool) {
-	k.busy, k.active, k.idle = busy, false, false
 	var spec unix.ItimerSpec // zero: stopped
 	if busy {
 		spec.Interval = unix.NsecToTimespec(int64(tickPeriod))
 		spec.Value = spec.Interval
 	}
-	unix.TimerfdSettime(k.tfd, 0, &spec, nil)
-	if !busy {
+	err := unix.TimerfdSettime(k.tfd, 0, &spec, nil)
+	k.busy, k.active, k.idle = busy && err == nil, false, false
+	if !k.busy {
 		k.clearTick()
 	}
 }

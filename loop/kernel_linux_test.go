@@ -194,3 +194,24 @@ func TestMPTCPClient(t *testing.T) {
 	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonHandlerAbort, Aborted: true,
 		Err: sockfsm.ErrAborted, BytesRead: 5, BytesWritten: 0})
 }
+
+// TestBusyTimeout: a busy loop sleeps without a timeout when its tick
+// comes before its first timer, and otherwise wakes for the timer, never
+// before it: the epoll_wait timeout is rounded up to the millisecond.
+func TestBusyTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		d    time.Duration
+		want int
+	}{
+		{time.Nanosecond, 1},
+		{time.Millisecond, 1},
+		{time.Millisecond + time.Nanosecond, 2},
+		{tickPeriod - time.Nanosecond, int(tickPeriod / time.Millisecond)},
+		{tickPeriod, -1},
+		{time.Hour, -1},
+	} {
+		if got := busyTimeout(tc.d); got != tc.want {
+			t.Errorf("busyTimeout(%v) = %d, want %d", tc.d, got, tc.want)
+		}
+	}
+}

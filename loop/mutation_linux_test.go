@@ -51,6 +51,7 @@ var loopMutantCases = []struct {
 	{"nodelay-assumed-inherited", "TestLoopProperties", "Nagle's algorithm on"},
 	{"nodelay-mptcp-trusted", "TestLoopProperties", "Nagle's algorithm on"},
 	{"idle-never-parks", "TestIdleLoopsPark", "idle loops parked"},
+	{"busy-wait-ignores-timer", "TestBusyTimeout", "busyTimeout.*want"},
 	{"woken-not-driven", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|and the loop sleeps|the server is not drained"},
 }
 
