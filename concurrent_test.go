@@ -114,19 +114,6 @@ func ccGoID() uint64 {
 	return id
 }
 
-// ccRecv receives from ch, bounded by clientDeadline.
-func ccRecv[T any](t *testing.T, what string, ch <-chan T) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(clientDeadline):
-		t.Fatalf("gave up waiting for %s", what)
-		var zero T
-		return zero
-	}
-}
-
 // ccWait waits for wg, bounded by clientDeadline.
 func ccWait(t *testing.T, what string, wg *sync.WaitGroup) {
 	t.Helper()
@@ -135,7 +122,7 @@ func ccWait(t *testing.T, what string, wg *sync.WaitGroup) {
 		wg.Wait()
 		close(done)
 	}()
-	ccRecv(t, what, done)
+	conntest.Recv(t, what, done)
 }
 
 // ccListener passes every connection it accepts through accept (which may
@@ -301,7 +288,7 @@ func TestConcurrentWritersRaceClose(t *testing.T) {
 			cfg := sockfsm.Config{MaxPendingOutput: 64 << 20, LingerTimeout: clientDeadline, LingerTime: 2 * clientDeadline}
 			s := ccStart(t, cfg, nil, func(sockfsm.ConnInfo) sockfsm.Handler { return h })
 			c := dial(t, "tcp", s.addr).(*net.TCPConn)
-			conn := ccRecv(t, "OnOpen", h.opened)
+			conn := conntest.Recv(t, "OnOpen", h.opened)
 
 			accepted := make([]int, writers)
 			refused := make([]bool, writers)
@@ -377,14 +364,14 @@ func TestConcurrentWritersRaceClose(t *testing.T) {
 			seqs := ccRecords(t, got, "g", writers, mode == "PeerReset")
 			ccCheckSeqs(t, seqs, accepted, mode == "PeerReset")
 
-			info := ccRecv(t, "OnClose", h.infos)
+			info := conntest.Recv(t, "OnClose", h.infos)
 			switch mode {
 			case "PeerHalfClose":
 				conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 0, BytesWritten: int64(len(got))})
 			case "PeerReset":
 				conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: 0, BytesWritten: -1})
 			case "Shutdown":
-				if err := ccRecv(t, "Shutdown to return", shut); err != nil {
+				if err := conntest.Recv(t, "Shutdown to return", shut); err != nil {
 					t.Fatalf("Shutdown = %v, want nil", err)
 				}
 				if n := s.srv.NumConns(); n != 0 {
@@ -457,7 +444,7 @@ func TestConcurrentPushThenCloseManyConns(t *testing.T) {
 	}
 	server := map[string]*sockfsm.Conn{}
 	for range conns {
-		o := ccRecv(t, "the server to open every connection", openCh)
+		o := conntest.Recv(t, "the server to open every connection", openCh)
 		server[o.key] = o.c
 	}
 
@@ -508,7 +495,7 @@ func TestConcurrentPushThenCloseManyConns(t *testing.T) {
 	ccWait(t, "the pushers", &wg)
 
 	for range conns {
-		r := ccRecv(t, "the clients to read to EOF", results)
+		r := conntest.Recv(t, "the clients to read to EOF", results)
 		if r.err != nil {
 			t.Errorf("client %d: read: %v (reset: %v) after %d bytes; want the server's FIN (io.EOF)", r.i, r.err, conntest.IsReset(r.err), len(r.data))
 		} else if !bytes.Equal(r.data, ccPattern(r.i, size(r.i))) {
@@ -517,7 +504,7 @@ func TestConcurrentPushThenCloseManyConns(t *testing.T) {
 		clients[r.i].Close() // our FIN: the server's linger ends
 	}
 	for range conns {
-		ccRecv(t, "OnClose of every connection", closedCh)
+		conntest.Recv(t, "OnClose of every connection", closedCh)
 	}
 	s.waitNoConns(t)
 	mu.Lock()
@@ -550,7 +537,7 @@ func TestConcurrentDoOrderAndGoroutine(t *testing.T) {
 	s := ccStart(t, sockfsm.Config{LingerTimeout: clientDeadline, LingerTime: 2 * clientDeadline}, nil,
 		func(sockfsm.ConnInfo) sockfsm.Handler { return h })
 	c := dial(t, "tcp", s.addr)
-	conn := ccRecv(t, "OnOpen", h.opened)
+	conn := conntest.Recv(t, "OnOpen", h.opened)
 	connG := h.gid.Load()
 	if connG == 0 || connG == ccGoID() {
 		t.Fatalf("OnOpen ran on goroutine %d; the test runs on %d", connG, ccGoID())
@@ -585,7 +572,7 @@ func TestConcurrentDoOrderAndGoroutine(t *testing.T) {
 	if err := conn.Do(func(c *sockfsm.Conn) { c.Write([]byte("y\n")); close(done) }); err != nil {
 		t.Fatal(err)
 	}
-	ccRecv(t, "the Do function to run", done)
+	conntest.Recv(t, "the Do function to run", done)
 	write("z\n")
 	if err := conn.Do(func(c *sockfsm.Conn) {
 		if err := c.Close(); err != nil {
@@ -597,7 +584,7 @@ func TestConcurrentDoOrderAndGoroutine(t *testing.T) {
 
 	got := conntest.ReadToEOF(t, c)
 	c.Close()
-	conntest.CheckInfo(t, ccRecv(t, "OnClose", h.infos), conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN,
+	conntest.CheckInfo(t, conntest.Recv(t, "OnClose", h.infos), conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN,
 		PeerFIN: true, BytesRead: 0, BytesWritten: int64(len(got))})
 
 	lines := strings.Split(strings.TrimSuffix(string(got), "\n"), "\n")
@@ -711,7 +698,7 @@ func TestConcurrentDoExactlyOnce(t *testing.T) {
 				func(c *net.TCPConn) net.Conn { return &ccHookConn{c, hook} },
 				func(sockfsm.ConnInfo) sockfsm.Handler { return h })
 			c := dial(t, "tcp", s.addr).(*net.TCPConn)
-			conn := ccRecv(t, "OnOpen", h.opened)
+			conn := conntest.Recv(t, "OnOpen", h.opened)
 			hooked.Store(conn)
 
 			calls := make([][]*ccDoCall, callers)
@@ -750,7 +737,7 @@ func TestConcurrentDoExactlyOnce(t *testing.T) {
 			case "ConnClose":
 				closing := make(chan error, 1)
 				go func() { closing <- conn.Close() }()
-				if err := ccRecv(t, "Conn.Close", closing); err != nil {
+				if err := conntest.Recv(t, "Conn.Close", closing); err != nil {
 					t.Fatalf("Conn.Close = %v", err)
 				}
 				if _, err := conntest.Drain(c, nil); err != io.EOF {
@@ -764,7 +751,7 @@ func TestConcurrentDoExactlyOnce(t *testing.T) {
 				c.Close()
 			}
 
-			info := ccRecv(t, "OnClose", h.infos)
+			info := conntest.Recv(t, "OnClose", h.infos)
 			ccWait(t, "the Do callers to get ErrClosed", &wg)
 			s.waitNoConns(t) // the driver has returned: nothing more can run
 			if mode == "ConnClose" {
@@ -854,7 +841,7 @@ func TestConcurrentPauseResumeBackpressure(t *testing.T) {
 	if err := c.SetWriteBuffer(32 << 10); err != nil {
 		t.Fatal(err)
 	}
-	conn := ccRecv(t, "OnOpen", h.opened)
+	conn := conntest.Recv(t, "OnOpen", h.opened)
 
 	var written atomic.Int64
 	wrote := make(chan error, 1)
@@ -871,7 +858,7 @@ func TestConcurrentPauseResumeBackpressure(t *testing.T) {
 		wrote <- c.CloseWrite()
 	}()
 
-	ccRecv(t, "the handler to pause", paused)
+	conntest.Recv(t, "the handler to pause", paused)
 	atPause := count.Load()
 	// Look a few times over a while: nothing is read, nothing closes, and
 	// the peer is held back.
@@ -881,7 +868,7 @@ func TestConcurrentPauseResumeBackpressure(t *testing.T) {
 			t.Fatalf("look %d: the handler received %d bytes while reading was paused (%d at the pause)", i, n, atPause)
 		}
 		if h.closed.Load() {
-			t.Fatalf("look %d: the connection closed while reading was paused: %+v", i, ccRecv(t, "OnClose", h.infos))
+			t.Fatalf("look %d: the connection closed while reading was paused: %+v", i, conntest.Recv(t, "OnClose", h.infos))
 		}
 	}
 	select {
@@ -896,14 +883,14 @@ func TestConcurrentPauseResumeBackpressure(t *testing.T) {
 
 	resumed := make(chan struct{})
 	go func() { conn.ResumeRead(); close(resumed) }()
-	ccRecv(t, "ResumeRead", resumed)
-	if err := ccRecv(t, "the client to write everything", wrote); err != nil {
+	conntest.Recv(t, "ResumeRead", resumed)
+	if err := conntest.Recv(t, "the client to write everything", wrote); err != nil {
 		t.Fatalf("client write: %v after %d bytes", err, written.Load())
 	}
 	if b := conntest.ReadToEOF(t, c); len(b) != 0 {
 		t.Fatalf("client received %d bytes", len(b))
 	}
-	info := ccRecv(t, "OnClose", h.infos)
+	info := conntest.Recv(t, "OnClose", h.infos)
 	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: size, BytesWritten: 0})
 	if !bytes.Equal(got, payload) {
 		t.Fatalf("the handler received %d bytes, not the %d the client sent", len(got), size)
@@ -1011,7 +998,7 @@ func TestConcurrentDrainHandler(t *testing.T) {
 
 	got := conntest.ReadToEOF(t, c)
 	c.Close()
-	info := ccRecv(t, "OnClose", h.infos)
+	info := conntest.Recv(t, "OnClose", h.infos)
 	if !bytes.Equal(got, data) {
 		t.Fatalf("client received %d bytes, not the %d written", len(got), size)
 	}

@@ -739,12 +739,12 @@ func (l *eventLoop) accept(a *acceptor) {
 			return
 		}
 		a.backoff = 0
-		if a.tcp {
-			l.noDelay(a, fd)
-		}
 		if !l.admitIP(fd, sa) {
 			s.unreserve()
 			continue
+		}
+		if a.tcp {
+			l.noDelay(a, fd) // not for a connection refused at once
 		}
 		l.newConn(fd, sa, a)
 	}

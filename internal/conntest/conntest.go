@@ -125,6 +125,19 @@ func WaitUntil(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// Recv receives a value from ch, waiting at most Deadline.
+func Recv[T any](t *testing.T, what string, ch <-chan T) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(Deadline):
+		t.Fatalf("gave up waiting for %s", what)
+		var zero T
+		return zero
+	}
+}
+
 // Pattern returns n bytes that are not periodic in any power of two, so
 // that a lost, repeated or reordered piece of it shows; seed makes two
 // streams differ.

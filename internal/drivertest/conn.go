@@ -408,7 +408,7 @@ func testWriteAfterCloseWrite(t *testing.T, f Factory) {
 	}
 
 	info := s.closed(t, c) // Config.OnClose came after every OnData: h is final
-	h := recv(t, "the handler", handlers)
+	h := conntest.Recv(t, "the handler", handlers)
 	if h.writeN != 0 || !errors.Is(h.writeErr, sockfsm.ErrShutdown) {
 		t.Errorf("Write after CloseWrite = %d, %v; want 0, ErrShutdown", h.writeN, h.writeErr)
 	}
@@ -477,7 +477,7 @@ func testMaxPendingOutputBoundary(t *testing.T, f Factory) {
 			conntest.MustWrite(t, c, []byte("go"))
 			conntest.CloseWrite(t, c)
 			got := conntest.ReadToEOF(t, c)
-			ws := recv(t, "the handler's writes", results)
+			ws := conntest.Recv(t, "the handler's writes", results)
 			if len(ws) != len(tc.want) {
 				t.Fatalf("writes %v, want %v", ws, tc.want)
 			}

@@ -500,16 +500,3 @@ func expectRefused(t *testing.T, addr, after string) {
 		t.Errorf("Dial after %s: %v, want ECONNREFUSED", after, err)
 	}
 }
-
-// recv waits (bounded) for a value on ch.
-func recv[T any](t *testing.T, what string, ch <-chan T) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(clientDeadline):
-		t.Fatalf("gave up waiting for %s", what)
-		var zero T
-		return zero
-	}
-}

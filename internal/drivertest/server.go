@@ -45,7 +45,7 @@ func testShutdownIdle(t *testing.T, f Factory) {
 		}
 		c.Close()
 	}
-	if err := recv(t, "Shutdown to return", shut); err != nil {
+	if err := conntest.Recv(t, "Shutdown to return", shut); err != nil {
 		t.Fatalf("Shutdown = %v, want nil", err)
 	}
 	if n := s.NumConns(); n != 0 {
@@ -111,7 +111,7 @@ func testShutdownBusy(t *testing.T, f Factory) {
 	}
 	busy.Close()
 
-	if err := recv(t, "Shutdown to return", shut); err != nil {
+	if err := conntest.Recv(t, "Shutdown to return", shut); err != nil {
 		t.Fatalf("Shutdown = %v, want nil", err)
 	}
 	if n := s.NumConns(); n != 0 {
@@ -189,7 +189,7 @@ func testShutdownWaitsForAccept(t *testing.T, f Factory) {
 	free := func() { freed.Do(func() { close(release) }) }
 	t.Cleanup(free) // before the server's shutdown
 	c := dial(t, s.addr)
-	recv(t, "NewHandler to be called", entered)
+	conntest.Recv(t, "NewHandler to be called", entered)
 
 	ctx, cancel := context.WithTimeout(context.Background(), clientDeadline)
 	defer cancel()
@@ -208,7 +208,7 @@ func testShutdownWaitsForAccept(t *testing.T, f Factory) {
 		t.Fatalf("client received %q", got)
 	}
 	c.Close()
-	if err := recv(t, "Shutdown to return", shut); err != nil {
+	if err := conntest.Recv(t, "Shutdown to return", shut); err != nil {
 		t.Errorf("Shutdown = %v, want nil", err)
 	}
 	info, ok := s.peekClosed(c)
@@ -247,7 +247,7 @@ func testClose(t *testing.T, f Factory) {
 
 	closed := make(chan error, 1)
 	go func() { closed <- s.Close() }()
-	if err := recv(t, "Close to return", closed); err != nil {
+	if err := conntest.Recv(t, "Close to return", closed); err != nil {
 		t.Errorf("Close = %v, want nil", err)
 	}
 	// Checked as soon as Close has returned: nothing is left open.
@@ -306,7 +306,7 @@ func testServeAfterShutdown(t *testing.T, f Factory) {
 		ln := listen(t)
 		served := make(chan error, 1)
 		go func() { served <- srv.Serve(ln) }()
-		if err := recv(t, "Serve to return", served); !errors.Is(err, sockfsm.ErrServerClosed) {
+		if err := conntest.Recv(t, "Serve to return", served); !errors.Is(err, sockfsm.ErrServerClosed) {
 			t.Errorf("Serve after the server was stopped = %v, want ErrServerClosed", err)
 		}
 		expectRefused(t, ln.Addr().String(), "Serve returned")
