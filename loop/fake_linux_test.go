@@ -68,6 +68,7 @@ type fsock struct {
 	nospace               bool // a write found the socket full: the next room makes an edge
 	eintr                 bool // the next read or write fails with EINTR
 	writesAfterFIN        int
+	unreadAtClose         int         // input left in the socket at its close: Linux answers it with RST
 	nodelay               bool        // TCP_NODELAY is set
 	owner                 *fakeKernel // the epoll it is registered in
 }
@@ -401,6 +402,9 @@ func (k *fakeKernel) close(fd int32) error {
 	s := k.sock("close", fd)
 	if s == nil {
 		return unix.EBADF
+	}
+	if !s.closed {
+		s.unreadAtClose = len(s.inq)
 	}
 	s.closed = true
 	s.closes++

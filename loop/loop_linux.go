@@ -37,9 +37,11 @@ const (
 )
 
 // The interest sets: connections are edge-triggered; EPOLLOUT is added once
-// a write finds the socket full (see the package doc).
+// a write finds the socket full (see the package doc). EPOLLPRI is there
+// for what it says of urgent data (see fCleanFIN), not for an edge of its
+// own: urgent data comes with EPOLLIN too.
 const (
-	interestRead  = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
+	interestRead  = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLPRI | unix.EPOLLET
 	interestWrite = interestRead | unix.EPOLLOUT
 )
 
@@ -47,7 +49,7 @@ const (
 const (
 	// fReadable: an edge said input, the peer's FIN or an error is there;
 	// cleared by EAGAIN, or by a short read when no FIN is queued.
-	fReadable uint8 = 1 << iota
+	fReadable uint16 = 1 << iota
 	// fWritable: the last write did not find the socket full.
 	fWritable
 	// fPeerFIN: EPOLLRDHUP, EPOLLHUP or EPOLLERR came: read until zero or
@@ -64,6 +66,18 @@ const (
 	fClosed
 	// fGone: the server counted the connection's end.
 	fGone
+	// fCleanFIN: an edge said EPOLLRDHUP without EPOLLHUP, EPOLLERR or
+	// EPOLLPRI: the peer's FIN was taken in order, with no error, before
+	// our own, and no urgent mark is ahead of the reads (Linux:
+	// RCV_SHUTDOWN and SOCK_DONE set by tcp_fin; tcp_poll reports
+	// EPOLLPRI while urgent data is unread). Every byte the peer sent is
+	// in the receive queue, a read ends early only when that is empty,
+	// and once it is empty a read returns zero, whatever comes after (a
+	// reset included).
+	fCleanFIN
+	// fEOF: a short read emptied the socket after fCleanFIN: the next
+	// read would return zero, and is not made (see read).
+	fEOF
 )
 
 // conn is one connection of a loop: its engine (by value: one allocation
@@ -83,7 +97,7 @@ type conn struct {
 	dl    int64 // the engine's deadline on the loop's clock; 0: none
 	fd    int32
 	ti    int32 // the timer heap's index of the connection's entry, plus one; 0: none
-	flags uint8
+	flags uint16
 	woken bool // in l.mail.woken; guarded by l.mu
 }
 
@@ -247,6 +261,11 @@ func (l *eventLoop) ready(c *conn, ev uint32) {
 	}
 	if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		c.flags |= fPeerFIN
+		// Urgent data (EPOLLPRI) ends a read at its mark, short or not:
+		// then a short read does not say the socket is empty.
+		if ev&(unix.EPOLLHUP|unix.EPOLLERR|unix.EPOLLPRI) == 0 {
+			c.flags |= fCleanFIN
+		}
 	}
 	if ev&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		c.flags |= fWritable
@@ -318,7 +337,17 @@ func (l *eventLoop) drive(c *conn, handle bool) {
 
 // read performs one read for OpRead and reports it. It returns false if
 // the socket had nothing (EAGAIN): the connection waits for an edge.
+//
+// A read that would return zero is not made: after the peer's clean FIN
+// (fCleanFIN), a short read emptied the receive queue, and Linux returns
+// zero from then on. Its EOF is reported at once. It saves a system call
+// on the connection whose request came with its FIN (the tutorial's
+// client, and every half-closing one).
 func (l *eventLoop) read(c *conn, now time.Time) bool {
+	if c.flags&fEOF != 0 {
+		c.e.ReadDone(now, nil, sockfsm.ResultEOF, io.EOF)
+		return true
+	}
 	n, err := l.k.read(c.fd, l.buf)
 	switch {
 	case err == unix.EAGAIN:
@@ -333,8 +362,13 @@ func (l *eventLoop) read(c *conn, now time.Time) bool {
 	default:
 		// A short read emptied the socket: the next input comes with an
 		// edge of its own. Not so the FIN behind it, whose edge came.
-		if n < len(l.buf) && c.flags&fPeerFIN == 0 {
-			c.flags &^= fReadable
+		if n < len(l.buf) {
+			switch {
+			case c.flags&fCleanFIN != 0:
+				c.flags |= fEOF
+			case c.flags&fPeerFIN == 0:
+				c.flags &^= fReadable
+			}
 		}
 		c.e.ReadDone(now, l.buf[:n:n], sockfsm.ResultOK, nil) // capped: the buffer is the loop's
 	}

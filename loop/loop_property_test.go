@@ -529,6 +529,12 @@ func (h *harness) check() {
 		} else if !bytes.Equal(s.wire, tc.expect) {
 			t.Errorf("fd %d (closed, %s): the wire holds %d bytes, the handler wrote %d: lost or reordered", s.fd, info.Reason, len(s.wire), len(tc.expect))
 		}
+		// A close with input unread makes Linux send RST, and the peer
+		// loses what it had not read: a graceful close reads to the
+		// peer's FIN first, unless its linger reached a bound.
+		if !info.Aborted() && (info.Linger == sockfsm.LingerEndNone || info.Linger == sockfsm.LingerEndPeerFIN) && s.unreadAtClose > 0 {
+			t.Errorf("fd %d (closed, %s, linger %s): closed with %d bytes unread: the kernel resets it", s.fd, info.Reason, info.Linger, s.unreadAtClose)
+		}
 		if info.BytesWritten != int64(len(s.wire)) || info.BytesRead != s.readIn {
 			t.Errorf("fd %d: CloseInfo counts %d read, %d written; the socket %d, %d", s.fd, info.BytesRead, info.BytesWritten, s.readIn, len(s.wire))
 		}

@@ -67,6 +67,7 @@ var suite = []struct {
 	run  func(t *testing.T, f Factory)
 }{
 	{"TutorialFlow", testTutorialFlow},
+	{"UrgentData", testUrgentData},
 	{"IdleTimeout", testIdleTimeout},
 	{"IdleTimeoutAfterIgnoredInput", testIdleTimeoutAfterIgnoredInput},
 	{"LingerNoReset", testLingerNoReset},

@@ -1,0 +1,72 @@
+package drivertest
+
+import (
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sockfsm/sockfsm"
+	"github.com/sockfsm/sockfsm/internal/conntest"
+)
+
+// openGate is an echo handler whose OnOpen waits until the test has sent
+// everything, so that the server's first read finds the whole stream, its
+// urgent mark and the peer's FIN already there.
+type openGate struct {
+	sockfsm.Echo
+	sent <-chan struct{}
+}
+
+func (h openGate) OnOpen(*sockfsm.Conn) {
+	select {
+	case <-h.sent:
+	case <-time.After(conntest.Deadline):
+	}
+}
+
+// testUrgentData: a peer sends urgent data (TCP's out-of-band byte, as
+// telnet's interrupt does) in the middle of its request, then its FIN.
+// Linux ends a read at the urgent mark, so a short read there does not
+// mean the input is all read: the server must read on to the peer's EOF.
+// The client gets the echo of the in-band bytes, exactly, and the server's
+// FIN, never a reset (which closing with the rest unread would send).
+func testUrgentData(t *testing.T, f Factory) {
+	sent := make(chan struct{})
+	s := start(t, f, sockfsm.Config{}, func(sockfsm.ConnInfo) sockfsm.Handler { return openGate{sent: sent} })
+	c := dial(t, s.addr)
+	conntest.MustWrite(t, c, []byte("this is "))
+	oob(t, c, '!')
+	conntest.MustWrite(t, c, []byte("a test"))
+	conntest.CloseWrite(t, c)
+	// Let the segments land before the server's first read; if they
+	// have not, the test is weaker, not wrong.
+	time.Sleep(20 * time.Millisecond)
+	close(sent)
+	const want = "this is a test" // the urgent byte is not in the stream
+	if got := conntest.ReadToEOF(t, c); string(got) != want {
+		t.Fatalf("echo = %q, want %q then EOF", got, want)
+	}
+	info := s.closed(t, c)
+	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
+		BytesRead: int64(len(want)), BytesWritten: int64(len(want))})
+}
+
+// oob sends b as urgent data (MSG_OOB) on c.
+func oob(t *testing.T, c *net.TCPConn, b byte) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Write(func(fd uintptr) bool {
+		serr = syscall.Sendto(int(fd), []byte{b}, syscall.MSG_OOB, nil)
+		return serr != syscall.EAGAIN
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if serr != nil {
+		t.Fatalf("send MSG_OOB: %v", serr)
+	}
+}
