@@ -30,11 +30,12 @@
 // # Readiness
 //
 // Connections are registered edge-triggered (EPOLLET), once, for EPOLLIN,
-// EPOLLRDHUP and EPOLLPRI; EPOLLOUT is added only after a write found the socket
-// full, and dropped again once our FIN is out (Linux reports a socket whose
-// sending side is shut down writable forever). The loop keeps what it
-// learnt from the edges (readable, writable, the peer's FIN seen) in the
-// connection, reads until a short read or EAGAIN and writes until EAGAIN,
+// EPOLLRDHUP and EPOLLPRI; EPOLLOUT is added only after a write found the
+// socket full, and dropped again once our FIN is out (Linux reports a
+// socket whose sending side is shut down writable forever). The loop
+// keeps what it learnt from the edges (readable, writable, the peer's FIN
+// seen) in the connection, reads until a short read or EAGAIN and writes
+// until EAGAIN,
 // so no readiness stays armed on a connection that cannot progress: a loop
 // with nothing to do sleeps in epoll_wait until an edge, its next timer or
 // a wake-up. A connection gets a budget of steps per turn; one that still
@@ -42,14 +43,16 @@
 // the loop from the others.
 //
 // TCP as the lifecycle wants it: a zero read (announced by EPOLLRDHUP) is
-// the peer's FIN, after which the connection keeps sending. That read is
-// not made when its answer is known: after an edge with EPOLLRDHUP and
-// neither EPOLLHUP, EPOLLERR nor EPOLLPRI, the peer's FIN is in and
-// nothing (no reset, no unread urgent mark, at which Linux ends a read
-// early) stops a short read from meaning the socket is empty; Linux then
-// returns zero to every read, and the loop reports the EOF without one.
-// This saves a system call on every connection whose request comes with
-// its FIN, as the tutorial's client sends it. Our FIN is
+// the peer's FIN, after which the connection keeps sending. On a TCP
+// connection that read is not made when its answer is known: after an
+// edge with EPOLLRDHUP and neither EPOLLHUP, EPOLLERR nor EPOLLPRI, the
+// peer's FIN is in and nothing (no reset, no unread urgent mark, at which
+// Linux ends a read early) stops a short read from meaning the socket is
+// empty; Linux then returns zero to every read, and the loop reports the
+// EOF without one. This saves a system call on every connection whose
+// request comes with its FIN, as the tutorial's client sends it. (Not on
+// Unix sockets, where a read also ends early at a message that carries
+// descriptors.) Our FIN is
 // shutdown(SHUT_WR); an abort is SO_LINGER {1, 0} then close, which sends
 // RST; ECONNRESET, EPIPE, ECONNABORTED and ENOTCONN are reported to the
 // engine as the peer's reset (sockfsm.Classify), other errors as I/O
@@ -67,8 +70,9 @@
 // then), so a busy connection touches the heap about once per IdleTimeout,
 // not once per read. Time is read from the monotonic clock.
 //
-// How a loop waits for events depends on its load. A busy loop yields once
-// to the runtime (runtime.Gosched), then waits in epoll_wait itself, without
+// A loop first takes what is ready with a non-blocking epoll_wait. When
+// nothing is, how it waits depends on its load. A busy loop yields once to
+// the runtime (runtime.Gosched), then blocks in epoll_wait itself, without
 // a timeout unless its first timer is due within 10 ms: under load the
 // next event comes soon, and waking from epoll_wait is the cheapest way to
 // get it, while a timeout would arm and cancel a kernel timer at every

@@ -332,7 +332,10 @@ func (k *fakeKernel) read(fd int32, p []byte) (int, error) {
 		return -1, unix.EINTR
 	}
 	switch {
-	case s.rst && !s.rstSeen:
+	case s.rst && !s.rstSeen && !s.peerFIN:
+		// After the peer's FIN Linux reads zero, reset or not
+		// (SOCK_DONE comes before the error in tcp_recvmsg): the reset
+		// shows at the next write.
 		s.rstSeen = true
 		return -1, unix.ECONNRESET
 	case len(s.inq) > 0:

@@ -160,18 +160,15 @@ func (k *epollKernel) wait(events []unix.EpollEvent, block bool, until time.Time
 	if block && !k.busy {
 		return k.park(events, until)
 	}
-	if !block || k.idle {
-		n, err := k.epollWait(events, 0)
-		if n > 0 || err != nil || !block {
-			if n > 0 && !k.busy {
-				k.setBusy(true)
-			}
-			return n, err
+	n, err := k.epollWait(events, 0)
+	if n > 0 || err != nil || !block {
+		if n > 0 && !k.busy {
+			k.setBusy(true)
 		}
-	} else {
+		return n, err
+	}
+	if !k.idle {
 		runtime.Gosched()
-		var n int
-		var err error
 		msec := -1
 		if !until.IsZero() {
 			// After the Gosched, which may have taken a while.

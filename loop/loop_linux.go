@@ -38,8 +38,9 @@ const (
 
 // The interest sets: connections are edge-triggered; EPOLLOUT is added once
 // a write finds the socket full (see the package doc). EPOLLPRI is there
-// for what it says of urgent data (see fCleanFIN), not for an edge of its
-// own: urgent data comes with EPOLLIN too.
+// for what it says of urgent data (see fCleanFIN); an edge with EPOLLPRI
+// alone (only the urgent byte is unread, which a read skips) changes
+// nothing.
 const (
 	interestRead  = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLPRI | unix.EPOLLET
 	interestWrite = interestRead | unix.EPOLLOUT
@@ -53,7 +54,8 @@ const (
 	// fWritable: the last write did not find the socket full.
 	fWritable
 	// fPeerFIN: EPOLLRDHUP, EPOLLHUP or EPOLLERR came: read until zero or
-	// an error, however short the reads.
+	// an error, however short the reads (a zero that is known, fEOF, is
+	// not read).
 	fPeerFIN
 	// fOutArmed: EPOLLOUT is in the interest set.
 	fOutArmed
@@ -66,14 +68,21 @@ const (
 	fClosed
 	// fGone: the server counted the connection's end.
 	fGone
-	// fCleanFIN: an edge said EPOLLRDHUP without EPOLLHUP, EPOLLERR or
-	// EPOLLPRI: the peer's FIN was taken in order, with no error, before
-	// our own, and no urgent mark is ahead of the reads (Linux:
-	// RCV_SHUTDOWN and SOCK_DONE set by tcp_fin; tcp_poll reports
-	// EPOLLPRI while urgent data is unread). Every byte the peer sent is
-	// in the receive queue, a read ends early only when that is empty,
-	// and once it is empty a read returns zero, whatever comes after (a
-	// reset included).
+	// fCleanFIN: on a TCP connection, an edge said EPOLLRDHUP without
+	// EPOLLHUP, EPOLLERR or EPOLLPRI: the peer's FIN was taken in order,
+	// with no error, before our own, and no urgent mark is ahead of the
+	// reads (Linux: tcp_fin sets RCV_SHUTDOWN and SOCK_DONE; tcp_poll
+	// reports EPOLLPRI while urgent data is unread). Every byte the peer
+	// sent is in the receive queue, tcp_recvmsg ends a read early only
+	// when that is empty, and once it is empty a read returns zero,
+	// whatever comes after (a reset included: SOCK_DONE is checked
+	// first). MPTCP's reads check a reset first: there the EOF is what a
+	// read made a moment earlier would have returned. One case escapes:
+	// an urgent pointer the kernel has seen but whose byte has not come
+	// (TCP_URG_NOTYET), which a misbehaving sender can leave inside data
+	// already queued; tcp_poll does not report it, and only that sender's
+	// own connection is cut short. Unix sockets never get the flag: a
+	// read there also ends early at a message that carries descriptors.
 	fCleanFIN
 	// fEOF: a short read emptied the socket after fCleanFIN: the next
 	// read would return zero, and is not made (see read).
@@ -263,8 +272,8 @@ func (l *eventLoop) ready(c *conn, ev uint32) {
 		c.flags |= fPeerFIN
 		// Urgent data (EPOLLPRI) ends a read at its mark, short or not:
 		// then a short read does not say the socket is empty.
-		if ev&(unix.EPOLLHUP|unix.EPOLLERR|unix.EPOLLPRI) == 0 {
-			c.flags |= fCleanFIN
+		if ev&(unix.EPOLLHUP|unix.EPOLLERR|unix.EPOLLPRI) == 0 && c.raddr.IP != nil {
+			c.flags |= fCleanFIN // a TCP connection's: see fCleanFIN
 		}
 	}
 	if ev&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {

@@ -53,6 +53,8 @@ var loopMutantCases = []struct {
 	{"idle-never-parks", "TestIdleLoopsPark", "idle loops parked"},
 	{"busy-wait-ignores-timer", "TestBusyTimeout", "busyTimeout.*want"},
 	{"eof-at-urgent-mark", "TestDrivers", "echo = .*want|reset"},
+	{"no-epollpri", "TestDrivers", "echo = .*want|reset"},
+	{"eof-on-unix", "TestUnixDescriptorsMidRequest", "echo = .*want|reset"},
 	{"eof-on-any-short-read", "TestLoopProperties", "bytes unread: the kernel resets it"},
 	{"woken-not-driven", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|and the loop sleeps|the server is not drained"},
 }

@@ -2,9 +2,12 @@ package drivertest
 
 import (
 	"net"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/internal/conntest"
@@ -33,16 +36,19 @@ func (h openGate) OnOpen(*sockfsm.Conn) {
 // FIN, never a reset (which closing with the rest unread would send).
 func testUrgentData(t *testing.T, f Factory) {
 	sent := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(sent) }) }
+	t.Cleanup(release) // a failure before the release must not hold the server
 	s := start(t, f, sockfsm.Config{}, func(sockfsm.ConnInfo) sockfsm.Handler { return openGate{sent: sent} })
 	c := dial(t, s.addr)
 	conntest.MustWrite(t, c, []byte("this is "))
 	oob(t, c, '!')
 	conntest.MustWrite(t, c, []byte("a test"))
 	conntest.CloseWrite(t, c)
-	// Let the segments land before the server's first read; if they
-	// have not, the test is weaker, not wrong.
-	time.Sleep(20 * time.Millisecond)
-	close(sent)
+	// Our FIN acknowledged: everything before it is in the server's
+	// socket before its first read.
+	conntest.WaitUntil(t, "the client's FIN to be acknowledged", func() bool { return tcpState(t, c) == tcpFinWait2 })
+	release()
 	const want = "this is a test" // the urgent byte is not in the stream
 	if got := conntest.ReadToEOF(t, c); string(got) != want {
 		t.Fatalf("echo = %q, want %q then EOF", got, want)
@@ -50,6 +56,29 @@ func testUrgentData(t *testing.T, f Factory) {
 	info := s.closed(t, c)
 	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, Linger: sockfsm.LingerEndNone, PeerFIN: true,
 		BytesRead: int64(len(want)), BytesWritten: int64(len(want))})
+}
+
+// tcpFinWait2 is Linux's TCP_FIN_WAIT2: our FIN was sent and acknowledged.
+const tcpFinWait2 = 5
+
+// tcpState returns the state of c's socket (TCP_INFO).
+func tcpState(t *testing.T, c *net.TCPConn) uint8 {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	var ierr error
+	if err := rc.Control(func(fd uintptr) {
+		info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if ierr != nil {
+		t.Fatalf("TCP_INFO: %v", ierr)
+	}
+	return info.State
 }
 
 // oob sends b as urgent data (MSG_OOB) on c.
