@@ -6,6 +6,9 @@
 #                 the server has the flag)
 #   sockfsm-loop  cmd/server -driver loop: run only when `server -h` lists
 #                 -driver (the event-loop driver, issue 11)
+#   sockfsm-loop-tcp  the same with GODEBUG=multipathtcp=0: a plain TCP
+#                 listener, as gnet's is, where cmd/server's (net.Listen's
+#                 since Go 1.24) is MPTCP; run only when SERVERS names it
 #   plain         bench/plainecho: goroutine per connection, the same
 #                 graceful close and timeouts as sockfsm
 #   minimal       bench/minimal: goroutine per connection, no deadlines,
@@ -130,10 +133,13 @@ fi
 ALL=(sockfsm)
 $driver && ALL+=(sockfsm-loop)
 ALL+=(plain minimal gnet)
+# KNOWN: ALL and the servers run only when SERVERS names them.
+KNOWN=("${ALL[@]}")
+$driver && KNOWN+=(sockfsm-loop-tcp)
 if [[ -n ${SERVERS:-} ]]; then
 	read -ra SERVERS <<<"$SERVERS"
 	for name in "${SERVERS[@]}"; do
-		[[ " ${ALL[*]} " == *" $name "* ]] || die "SERVERS: $name is not one of: ${ALL[*]}"
+		[[ " ${KNOWN[*]} " == *" $name "* ]] || die "SERVERS: $name is not one of: ${KNOWN[*]}"
 	done
 else
 	SERVERS=("${ALL[@]}")
@@ -154,6 +160,7 @@ start_server() {
 		launch "$1" "$2" "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info "${drv[@]}"
 		;;
 	sockfsm-loop) launch "$1" "$2" "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info -driver loop ;;
+	sockfsm-loop-tcp) launch "$1" "$2" env GODEBUG=multipathtcp=0 "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info -driver loop ;;
 	plain) launch "$1" "$2" "$OUT/bin/plainecho" -addr 127.0.0.1:0 ;;
 	minimal) launch "$1" "$2" "$OUT/bin/minimal" -addr 127.0.0.1:0 ;;
 	gnet) launch "$1" "$2" "$OUT/bin/gnetecho" -addr 127.0.0.1:0 -loops "$GNET_LOOPS" ;;
@@ -260,8 +267,8 @@ report() {
 	esac
 	say ""
 	say "$label"
-	say "$(printf '  %-13s %11s %9s %8s %9s %8s  %s' server median /minimal paired /gnet paired verdict)"
-	for name in "${ALL[@]}"; do
+	say "$(printf '  %-16s %11s %9s %8s %9s %8s  %s' server median /minimal paired /gnet paired verdict)"
+	for name in "${KNOWN[@]}"; do
 		served "$name" || continue
 		a=$(med "$OUT/$name.$file")
 		local vm pm vg pg verdict=""
@@ -276,7 +283,7 @@ report() {
 			*) verdict=$(at_most "$a" "" "$target") ;;
 			esac
 		fi
-		say "$(printf '  %-13s %11s %9s %8s %9s %8s  %s' "$name" "$a" "$vm" "$pm" "$vg" "$pg" "$verdict")"
+		say "$(printf '  %-16s %11s %9s %8s %9s %8s  %s' "$name" "$a" "$vm" "$pm" "$vg" "$pg" "$verdict")"
 		v=${name//-/_}
 		line+=" ${key}_$v=$a ${key}_${v}_vs_minimal=$vm ${key}_${v}_paired_minimal=$pm ${key}_${v}_vs_gnet=$vg ${key}_${v}_paired_gnet=$pg"
 	done
@@ -295,10 +302,10 @@ if ran idle; then
 	report idle_shutdown_ms "idle: ms from SIGTERM to the last connection closed" idle.shut 10000
 	say ""
 	say "idle: connections reset by the shutdown, all rounds (target: 0)"
-	for name in "${ALL[@]}"; do
+	for name in "${KNOWN[@]}"; do
 		served "$name" || continue
 		n=$(awk '{ s += $1 } END { print s + 0 }' "$OUT/$name.idle.rst")
-		say "$(printf '  %-13s %11s  %s' "$name" "$n" "$([[ $name == sockfsm* ]] && at_most "$n" "" 0)")"
+		say "$(printf '  %-16s %11s  %s' "$name" "$n" "$([[ $name == sockfsm* ]] && at_most "$n" "" 0)")"
 		line+=" idle_resets_${name//-/_}=$n"
 	done
 fi
