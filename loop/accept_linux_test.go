@@ -13,8 +13,8 @@ import (
 	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
-// fakeServer returns a server of one loop on a fake kernel in w, with an
-// acceptor on the fake listener, not yet settled.
+// fakeServer returns a server of one serving loop on a fake kernel in w,
+// with an acceptor on the fake listener, not yet settled.
 func fakeServer(t *testing.T, w *world, cfg sockfsm.Config) (*Server, *eventLoop, *acceptor) {
 	t.Helper()
 	cfg.Logger = discardLogger
@@ -29,7 +29,10 @@ func fakeServer(t *testing.T, w *world, cfg sockfsm.Config) (*Server, *eventLoop
 	st.nacceptors++
 	st.mu.Unlock()
 	a := &acceptor{fd: listenFD, tcp: true, laddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}, done: make(chan error, 1)}
-	l := st.loops[0]
+	// The acceptor goes to the one serving loop, which then accepts and
+	// serves, as any loop can: one loop to turn. (Serve gives it to the
+	// accepting loop, st.loops[0], which stays idle here.)
+	l := st.serving[0]
 	l.postAcceptor(a)
 	return srv, l, a
 }

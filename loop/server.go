@@ -23,8 +23,9 @@ type Server struct {
 	// NewHandler returns the handler of a new connection. It is called on
 	// the accepting loop and must not block.
 	NewHandler func(sockfsm.ConnInfo) sockfsm.Handler
-	// Loops is the number of event loops; 0 means runtime.GOMAXPROCS(0).
-	// Ignored where there is no event loop (see the package doc).
+	// Loops is the number of event loops that serve connections; 0 means
+	// runtime.GOMAXPROCS(0). One more loop accepts them (see the package
+	// doc). Ignored where there is no event loop.
 	Loops int
 
 	impl serverState // per platform

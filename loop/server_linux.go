@@ -24,7 +24,8 @@ type serverState struct {
 
 	mu         sync.Mutex
 	inited     bool
-	loops      []*eventLoop // made by the first Serve; never changed after
+	loops      []*eventLoop // made by the first Serve; never changed after: loops[0] accepts, the others serve
+	serving    []*eventLoop // loops[1:]: the loops new connections go to
 	listeners  map[*acceptor]net.Listener
 	nacceptors int  // acceptors not yet closed by their loop
 	closing    bool // Shutdown or Close was called
@@ -68,7 +69,9 @@ func (st *serverState) initLocked(s *Server) {
 	st.drained = make(chan struct{})
 }
 
-// makeLoops makes the event loops, once; the caller starts them.
+// makeLoops makes the event loops, once: n that serve connections
+// (runtime.GOMAXPROCS(0) if n is 0) and, first, one that accepts. The
+// caller starts them.
 func (st *serverState) makeLoops(n int) error {
 	if st.loops != nil {
 		return nil
@@ -76,6 +79,7 @@ func (st *serverState) makeLoops(n int) error {
 	if n == 0 {
 		n = runtime.GOMAXPROCS(0)
 	}
+	n++ // the accepting loop
 	newKernel := st.newKernel
 	if newKernel == nil {
 		newKernel = newEpollKernel
@@ -95,7 +99,7 @@ func (st *serverState) makeLoops(n int) error {
 		}
 		loops[i] = newEventLoop(st, k, bufSize)
 	}
-	st.loops = loops
+	st.loops, st.serving = loops, loops[1:]
 	return nil
 }
 
@@ -142,7 +146,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	st.nacceptors++
 	st.listeners[a] = ln
-	st.loops[len(st.listeners)%len(st.loops)].postAcceptor(a)
+	st.loops[0].postAcceptor(a)
 	st.mu.Unlock()
 
 	err = <-a.done
@@ -205,9 +209,10 @@ func (st *serverState) unreserve() {
 // belowMax reports whether a slot is free.
 func (st *serverState) belowMax() bool { return st.maxConns == 0 || st.slots.Load() < st.maxConns }
 
-// pick chooses the loop of a new connection: round-robin.
+// pick chooses the loop of a new connection: the serving loops,
+// round-robin.
 func (st *serverState) pick() *eventLoop {
-	return st.loops[int(st.rr.Add(1)-1)%len(st.loops)]
+	return st.serving[int(st.rr.Add(1)-1)%len(st.serving)]
 }
 
 // connGone counts a connection that ended.

@@ -47,7 +47,9 @@ func (k *countingKernel) ctl(op int, fd int32, events uint32) error {
 	return k.kernel.ctl(op, fd, events)
 }
 
-// countedServer starts a server whose loops count their turns.
+// countedServer starts a server whose loops count their turns. kernels
+// returns the loops' kernels in the server's order: the accepting loop's
+// first, then the serving loops'.
 func countedServer(t *testing.T, loops int, cfg sockfsm.Config, h func(sockfsm.ConnInfo) sockfsm.Handler) (*testServer, func() []*countingKernel) {
 	t.Helper()
 	var mu sync.Mutex
@@ -91,9 +93,9 @@ func countedServer(t *testing.T, loops int, cfg sockfsm.Config, h func(sockfsm.C
 			mu.Lock()
 			got := ks
 			mu.Unlock()
-			if len(got) >= loops || time.Now().After(end) {
-				if len(got) < loops {
-					t.Fatalf("%d of %d loops started within %v", len(got), loops, clientDeadline)
+			if len(got) >= loops+1 || time.Now().After(end) {
+				if len(got) < loops+1 {
+					t.Fatalf("%d of %d loops started within %v", len(got), loops+1, clientDeadline)
 				}
 				return got
 			}
@@ -141,7 +143,7 @@ func TestNoSpinFloodWithoutReading(t *testing.T) {
 	if !ts.rec.saw(conntest.Key(c), fsm.Output) {
 		t.Fatal("the server never echoed")
 	}
-	expectQuiet(t, kernels()[0], "a peer that floods and does not read")
+	expectQuiet(t, kernels()[1], "a peer that floods and does not read")
 	c.(*net.TCPConn).SetLinger(0)
 	c.Close()
 	ts.rec.wait(t, conntest.Key(c))
@@ -153,7 +155,7 @@ func TestNoSpinTrickle(t *testing.T) {
 	checkFDs(t)
 	ts, kernels := countedServer(t, 1, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
 	c := ts.dial(t)
-	k := kernels()[0]
+	k := kernels()[1]
 	before := k.waits.Load()
 	const n = 50
 	for range n {
@@ -181,7 +183,7 @@ func TestNoSpinResetMidWrite(t *testing.T) {
 	c.Close()
 	info := ts.rec.wait(t, conntest.Key(c))
 	conntest.CheckInfo(t, info, conntest.WantInfo{Reason: sockfsm.ReasonPeerReset, Aborted: true, Err: sockfsm.ErrPeerReset, BytesRead: 3, BytesWritten: -1})
-	expectQuiet(t, kernels()[0], "after a reset in the middle of a write")
+	expectQuiet(t, kernels()[1], "after a reset in the middle of a write")
 }
 
 // TestNoSpinHalfCloseAtOnce: a peer that connects and half-closes at once,
@@ -193,7 +195,7 @@ func TestNoSpinHalfCloseAtOnce(t *testing.T) {
 	c := ts.dial(t)
 	conntest.CloseWrite(t, c)
 	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonPeerClosed, PeerFIN: true, BytesRead: 0, BytesWritten: 0})
-	expectQuiet(t, kernels()[0], "after a peer half-closed at once")
+	expectQuiet(t, kernels()[1], "after a peer half-closed at once")
 	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 		t.Errorf("client read = %d, %v; want EOF", n, err)
 	}
@@ -217,14 +219,14 @@ func TestNoSpinLingering(t *testing.T) {
 		t.Fatalf("client read %d bytes, want the %d of the response", len(got), len(resp))
 	}
 	conntest.WaitUntil(t, "the server to linger", func() bool { return ts.rec.saw(conntest.Key(c), fsm.FINSent) })
-	expectQuiet(t, kernels()[0], "lingering after our FIN")
+	expectQuiet(t, kernels()[1], "lingering after our FIN")
 	conntest.CloseWrite(t, c)
 	conntest.CheckInfo(t, ts.rec.wait(t, conntest.Key(c)), conntest.WantInfo{Reason: sockfsm.ReasonHandlerClose, Linger: sockfsm.LingerEndPeerFIN, PeerFIN: true,
 		BytesRead: 2, BytesWritten: int64(len(resp))})
 }
 
 // TestConnectionsSpreadAcrossLoops: accepted connections are handed out to
-// every loop, round-robin.
+// every serving loop, round-robin; the accepting loop serves none.
 func TestConnectionsSpreadAcrossLoops(t *testing.T) {
 	checkFDs(t)
 	ts, kernels := countedServer(t, 4, sockfsm.Config{}, conntest.Always(sockfsm.Echo{}))
@@ -234,11 +236,13 @@ func TestConnectionsSpreadAcrossLoops(t *testing.T) {
 		conntest.MustWrite(t, c, []byte("x"))
 		conntest.ReadFull(t, c, 1)
 	}
-	for i, k := range kernels() {
-		// Each loop registers its connections; the accepting one its
-		// listener too.
-		if got := k.adds.Load(); got < n/4 || got > n/4+1 {
-			t.Errorf("loop %d registered %d descriptors, want %d connections (and maybe the listener)", i, got, n/4)
+	ks := kernels()
+	if got := ks[0].adds.Load(); got != 1 {
+		t.Errorf("the accepting loop registered %d descriptors, want 1 (the listener)", got)
+	}
+	for i, k := range ks[1:] {
+		if got := k.adds.Load(); got != n/4 {
+			t.Errorf("serving loop %d registered %d descriptors, want %d connections", i, got, n/4)
 		}
 	}
 }
