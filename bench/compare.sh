@@ -59,7 +59,7 @@
 #
 # Settings (environment): ROUNDS (5), DURATION (6s, echo and churn),
 # MODES ("echo churn idle": which loads to run, and report), SERVERS (all
-# of the above that can run), ECHO_CONNS (32), ECHO_SIZE (64), CHURN_CONNS
+# of the above that can run, but sockfsm-loop-tcp), ECHO_CONNS (32), ECHO_SIZE (64), CHURN_CONNS
 # (16), IDLE_CONNS (19000: with the server and loadgen each limited to
 # 20,000 open files), IDLE_SOURCES (127.0.0.2-127.0.0.5: one address has
 # about 28,000 ephemeral ports), IDLE_DURATION (3s), GNET_LOOPS (1),
@@ -160,7 +160,7 @@ start_server() {
 		launch "$1" "$2" "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info "${drv[@]}"
 		;;
 	sockfsm-loop) launch "$1" "$2" "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info -driver loop ;;
-	sockfsm-loop-tcp) launch "$1" "$2" env GODEBUG=multipathtcp=0 "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info -driver loop ;;
+	sockfsm-loop-tcp) launch "$1" "$2" env GODEBUG="${GODEBUG:+$GODEBUG,}multipathtcp=0" "$OUT/bin/server" -addr 127.0.0.1:0 -log-level info -driver loop ;;
 	plain) launch "$1" "$2" "$OUT/bin/plainecho" -addr 127.0.0.1:0 ;;
 	minimal) launch "$1" "$2" "$OUT/bin/minimal" -addr 127.0.0.1:0 ;;
 	gnet) launch "$1" "$2" "$OUT/bin/gnetecho" -addr 127.0.0.1:0 -loops "$GNET_LOOPS" ;;
@@ -199,14 +199,14 @@ run_one() {
 	echo | churn)
 		awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$ops" 'BEGIN { printf "%.6f\n", (n > 0 ? t * 1e6 / hz / n : 0) }' >>"$OUT/$name.$mode.cpu"
 		kv p99_us "$line" >>"$OUT/$name.$mode.p99"
-		say "$(printf '%-12s %-5s round %d: %8s ops, server CPU %5s ticks, %s µs/op, p99 %s µs' \
+		say "$(printf '%-16s %-5s round %d: %8s ops, server CPU %5s ticks, %s µs/op, p99 %s µs' \
 			"$name" "$mode" "$round" "$ops" "$ticks" "$(tail -n 1 "$OUT/$name.$mode.cpu")" "$(kv p99_us "$line")")"
 		;;
 	idle)
 		kv kib_per_conn "$line" >>"$OUT/$name.idle.kib"
 		kv shutdown_ms "$line" >>"$OUT/$name.idle.shut"
 		kv resets "$line" >>"$OUT/$name.idle.rst"
-		say "$(printf '%-12s %-5s round %d: %8s conns, RSS %s -> %s KiB, %s KiB/conn; SIGTERM: %s FIN, %s RST in %s ms' \
+		say "$(printf '%-16s %-5s round %d: %8s conns, RSS %s -> %s KiB, %s KiB/conn; SIGTERM: %s FIN, %s RST in %s ms' \
 			"$name" "$mode" "$round" "$ops" "$(kv rss_before_kib "$line")" "$(kv rss_after_kib "$line")" "$(kv kib_per_conn "$line")" \
 			"$(kv eofs "$line")" "$(kv resets "$line")" "$(kv shutdown_ms "$line")")"
 		;;

@@ -13,8 +13,9 @@ import (
 	"github.com/sockfsm/sockfsm/internal/conntest"
 )
 
-// fakeServer returns a server of one serving loop on a fake kernel in w,
-// with an acceptor on the fake listener, not yet settled.
+// fakeServer returns a server on a fake kernel in w as Serve lays it out:
+// an accepting loop holding an acceptor on the fake listener, and one
+// serving loop, returned; not yet settled.
 func fakeServer(t *testing.T, w *world, cfg sockfsm.Config) (*Server, *eventLoop, *acceptor) {
 	t.Helper()
 	cfg.Logger = discardLogger
@@ -29,28 +30,32 @@ func fakeServer(t *testing.T, w *world, cfg sockfsm.Config) (*Server, *eventLoop
 	st.nacceptors++
 	st.mu.Unlock()
 	a := &acceptor{fd: listenFD, tcp: true, laddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}, done: make(chan error, 1)}
-	// The acceptor goes to the one serving loop, which then accepts and
-	// serves, as any loop can: one loop to turn. (Serve gives it to the
-	// accepting loop, st.loops[0], which stays idle here.)
-	l := st.serving[0]
-	l.postAcceptor(a)
-	return srv, l, a
+	st.loops[0].postAcceptor(a)
+	return srv, st.serving[0], a
 }
 
-// settleLoop turns l until its epoll_wait would block, within a bound.
+// accepting returns the accepting loop's fake kernel of l's server.
+func accepting(l *eventLoop) *fakeKernel { return l.s.loops[0].k.(*fakeKernel) }
+
+// settleLoop turns every loop of l's server until each one's epoll_wait
+// would block, within a bound.
 func settleLoop(t *testing.T, l *eventLoop) {
 	t.Helper()
-	k := l.k.(*fakeKernel)
 	for range maxSettleTurns {
-		l.turn()
-		if len(k.w.problems) > 0 {
-			t.Fatalf("the loop did what no kernel allows: %q", k.w.problems)
+		idle := true
+		for _, x := range l.s.loops {
+			x.turn()
+			k := x.k.(*fakeKernel)
+			if len(k.w.problems) > 0 {
+				t.Fatalf("the loop did what no kernel allows: %q", k.w.problems)
+			}
+			idle = idle && k.idle
 		}
-		if k.idle {
+		if idle {
 			return
 		}
 	}
-	t.Fatalf("the loop did not settle in %d turns", maxSettleTurns)
+	t.Fatalf("the loops did not settle in %d turns", maxSettleTurns)
 }
 
 // TestAcceptBackoff: EMFILE and ENFILE from accept stop accepting (the
@@ -61,7 +66,7 @@ func TestAcceptBackoff(t *testing.T) {
 	w := newWorld()
 	var acceptErrs []error
 	_, l, _ := fakeServer(t, w, sockfsm.Config{OnAcceptError: func(err error) { acceptErrs = append(acceptErrs, err) }})
-	k := l.k.(*fakeKernel)
+	k := accepting(l)
 	connect := func() *fsock {
 		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
 		w.nextFD++
@@ -100,8 +105,7 @@ func TestAcceptBackoff(t *testing.T) {
 	if k.interest[listenFD] != 0 {
 		t.Fatal("the listener is still watched during the back-off")
 	}
-	// The loop's first timer is the back-off, unless the connection's
-	// idle timer (60 s) came first.
+	// The accepting loop's only timer is the back-off.
 	if k.lastWait != 5*time.Millisecond {
 		t.Fatalf("after a success the back-off is %v, want 5ms", k.lastWait)
 	}
@@ -136,7 +140,7 @@ func TestMaxConnsPausesListener(t *testing.T) {
 	var waits []time.Duration
 	_, l, _ := fakeServer(t, w, sockfsm.Config{MaxConns: 1, IdleTimeout: 10 * time.Millisecond, LingerTimeout: 10 * time.Millisecond,
 		OnMaxConnsWait: func(d time.Duration) { waits = append(waits, d) }})
-	k := l.k.(*fakeKernel)
+	k, ak := l.k.(*fakeKernel), accepting(l)
 	for range 2 {
 		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
 		w.nextFD++
@@ -147,7 +151,7 @@ func TestMaxConnsPausesListener(t *testing.T) {
 	if l.n != 1 || len(w.backlog) != 1 {
 		t.Fatalf("%d connections open, %d in the backlog; want 1 and 1", l.n, len(w.backlog))
 	}
-	if k.interest[listenFD] != 0 {
+	if ak.interest[listenFD] != 0 {
 		t.Fatal("the listener is watched at MaxConns")
 	}
 	// The first connection idles out, half-closes, lingers out, closes.
@@ -160,6 +164,9 @@ func TestMaxConnsPausesListener(t *testing.T) {
 	}
 	if len(w.backlog) != 0 || l.n != 1 {
 		t.Fatalf("after the first closed: %d open, %d in the backlog; want the second accepted", l.n, len(w.backlog))
+	}
+	if ak.interest[listenFD] != 0 {
+		t.Fatal("the listener is watched at MaxConns again")
 	}
 	// The idle timeout (10ms) and the linger timeout (10ms) of the first.
 	if len(waits) != 1 || waits[0] != 20*time.Millisecond {

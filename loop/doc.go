@@ -20,12 +20,18 @@
 // (level-triggered), and accept4 hands each new connection out,
 // round-robin, to a serving loop, through that loop's mailbox and eventfd,
 // as gnet's main reactor does. The accepting loop is a loop like the
-// others that serves nothing. It costs a goroutine and three descriptors,
-// and nothing while no one connects (it parks, see below). It pays for
-// itself even with one serving loop on one CPU: accepts batch up while the
-// serving loop works, and the serving loop sleeps less often. Against one
-// loop that both accepted and served, the churn load's CPU per connection
-// fell by about 6% (docs/performance.md). SO_REUSEPORT, with a listener
+// others that serves nothing. It costs a goroutine, three descriptors and
+// its events array (no read buffer: a loop makes one at its first
+// connection), and nothing while no one connects (it parks, see below).
+// It pays for itself even with one serving loop on one CPU: accepts batch
+// up while the serving loop works, and the serving loop sleeps less
+// often. Against one loop that both accepted and served, the churn load's
+// CPU per connection fell by 5 to 14% (about 8%; docs/performance.md). The
+// price is the scheduler's: with one CPU, a connection that arrives while
+// the serving loop is busy waits for the runtime to hand the CPU to the
+// accepting loop, as with gnet's acceptor. Measured under an echo load,
+// new connections' median latency rose (0.45 to 1.0 ms in one comparison)
+// while their p99 fell (16–19 ms to 11 ms). SO_REUSEPORT, with a listener
 // per loop, would spread the accepts in the kernel instead, but it must be
 // set before bind, on sockets Serve does not create; and, measured with
 // two loops on two CPUs, it cost no less than the one acceptor
@@ -90,7 +96,7 @@
 // when events are ready, with its first timer as the read deadline; it
 // then holds no P, and to the scheduler it is an ordinary parked
 // goroutine. The distinction matters: a goroutine blocked in a system
-// call keeps its P until sysmon takes it back, and with a P per loop, or
+// call keeps its P until sysmon takes it back, and with a loop per P, or
 // one CPU, the process's other goroutines wait meanwhile. While a loop is
 // busy, goroutines that are runnable run at each of its waits (the
 // Gosched), and those waiting for the network or a timer are found by the

@@ -60,7 +60,7 @@ type kernel interface {
 // How a loop waits is a trade between its own cost and the rest of the
 // process. A goroutine blocked in epoll_wait keeps its P until the
 // runtime's sysmon takes it back, which can take up to 10 ms, and
-// meanwhile, with GOMAXPROCS loops or a server pinned to one CPU, the
+// meanwhile, with a loop per P or a server pinned to one CPU, the
 // process's other goroutines (those that push to connections, Shutdown,
 // timers, a metrics endpoint) wait. A goroutine parked in the runtime's
 // network poller frees its P, but each park and wake-up costs a trip

@@ -131,18 +131,20 @@ type mailbox struct {
 
 // eventLoop is one event loop: a goroutine around epoll_wait.
 type eventLoop struct {
-	s      *serverState
-	k      kernel
-	wakefd int32
-	epoch  time.Time // the loop's clock reads nanoseconds since epoch
-	buf    []byte    // the read buffer, shared by the loop's connections
-	events []unix.EpollEvent
-	conns  []*conn // by descriptor
-	n      int     // open connections
-	timers timerHeap
-	runq   []*conn // connections with work left from their last turn
-	spare  []*conn // the run queue's other slice
-	accs   []*acceptor
+	s       *serverState
+	k       kernel
+	wakefd  int32
+	epoch   time.Time // the loop's clock reads nanoseconds since epoch
+	buf     []byte    // the read buffer, shared by the loop's connections; made at the first (the accepting loop has none)
+	bufSize int
+	events  []unix.EpollEvent
+	conns   []*conn // by descriptor
+	n       int     // open connections
+	timers  timerHeap
+	runq    []*conn // connections with work left from their last turn
+	spare   []*conn // the run queue's other slice
+	accs    []*acceptor
+	naccs   atomic.Int32 // len(accs), for other goroutines: see serverState.connGone
 
 	stopped, closing, killing, exit bool
 	acceptMore                      bool // a listener had more than acceptBudget waiting
@@ -157,12 +159,12 @@ type eventLoop struct {
 
 func newEventLoop(s *serverState, k kernel, bufSize int) *eventLoop {
 	return &eventLoop{
-		s:      s,
-		k:      k,
-		wakefd: k.wakeFD(),
-		epoch:  k.now(),
-		buf:    make([]byte, bufSize),
-		events: make([]unix.EpollEvent, maxEvents),
+		s:       s,
+		k:       k,
+		wakefd:  k.wakeFD(),
+		epoch:   k.now(),
+		bufSize: bufSize,
+		events:  make([]unix.EpollEvent, maxEvents),
 	}
 }
 
@@ -661,6 +663,9 @@ func (l *eventLoop) kill() {
 
 // register adds a connection to the loop, starts its engine and drives it.
 func (l *eventLoop) register(c *conn) {
+	if l.buf == nil {
+		l.buf = make([]byte, l.bufSize)
+	}
 	if err := l.k.ctl(unix.EPOLL_CTL_ADD, c.fd, interestRead); err != nil {
 		// It cannot be watched: it is aborted before it starts.
 		c.e.Abort(errors.Join(sockfsm.ErrIO, os.NewSyscallError("epoll_ctl", err)))
@@ -709,6 +714,7 @@ const (
 
 func (l *eventLoop) addAcceptor(a *acceptor) {
 	l.accs = append(l.accs, a)
+	l.naccs.Add(1)
 	if a.tcp && !l.k.listenNoDelay(a.fd) {
 		a.nodelay = nodelayEach // see noDelay
 	}
@@ -744,6 +750,7 @@ func (l *eventLoop) closeAcceptor(a *acceptor, err error) {
 		return
 	}
 	l.accs = slices.Delete(l.accs, i, i+1)
+	l.naccs.Add(-1)
 	l.unwatch(a)
 	if a.paused {
 		l.unpause(a) // a wait at MaxConns ends with the server's stop

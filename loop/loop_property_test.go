@@ -107,10 +107,14 @@ func newHarness(t *rapid.T) *harness {
 	h.st.nacceptors++
 	h.st.mu.Unlock()
 	h.acc = &acceptor{fd: listenFD, tcp: true, laddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}, done: make(chan error, 1)}
-	// Serve gives the listener to loops[0], which serves nothing; given
-	// to a serving loop, that loop accepts and serves (itself among the
-	// loops it hands connections to). Both are drawn.
-	h.st.loops[rapid.IntRange(0, len(h.st.loops)-1).Draw(t, "acceptingLoop")].postAcceptor(h.acc)
+	// Serve gives the listener to loops[0], which serves nothing: drawn
+	// half the time. Given to a serving loop, that loop accepts and
+	// serves (itself among the loops it hands connections to).
+	accepting := 0
+	if !rapid.Bool().Draw(t, "acceptorOnTheAcceptingLoop") {
+		accepting = rapid.IntRange(1, len(h.st.loops)-1).Draw(t, "acceptingLoop")
+	}
+	h.st.loops[accepting].postAcceptor(h.acc)
 	return h
 }
 

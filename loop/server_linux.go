@@ -224,8 +224,13 @@ func (st *serverState) connGone(r sockfsm.Reason) {
 	if st.maxConns > 0 {
 		st.slots.Add(-1)
 		if st.paused.Load() > 0 {
+			// To the loops that hold a listener (Serve's: the
+			// accepting loop), which are the only ones that can be
+			// paused: a listener is added (naccs) before it can pause.
 			for _, l := range st.loops {
-				l.postCmd(cmdResume)
+				if l.naccs.Load() > 0 {
+					l.postCmd(cmdResume)
+				}
 			}
 		}
 	}

@@ -144,6 +144,7 @@ func TestNoSpinFloodWithoutReading(t *testing.T) {
 		t.Fatal("the server never echoed")
 	}
 	expectQuiet(t, kernels()[1], "a peer that floods and does not read")
+	expectQuiet(t, kernels()[0], "the accepting loop, with nothing to accept")
 	c.(*net.TCPConn).SetLinger(0)
 	c.Close()
 	ts.rec.wait(t, conntest.Key(c))
