@@ -26,7 +26,7 @@
 // It pays for itself even with one serving loop on one CPU: accepts batch
 // up while the serving loop works, and the serving loop sleeps less
 // often. Against one loop that both accepted and served, the churn load's
-// CPU per connection fell by 5 to 14% (about 8%; docs/performance.md). The
+// CPU per connection fell by 5 to 14% (about 9%; docs/performance.md). The
 // price is the scheduler's: with one CPU, a connection that arrives while
 // the serving loop is busy waits for the runtime to hand the CPU to the
 // accepting loop, as with gnet's acceptor. Measured under an echo load,
