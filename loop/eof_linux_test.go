@@ -4,30 +4,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/internal/conntest"
 )
-
-// gatedEcho is an echo handler whose OnOpen waits until the test has sent
-// everything, so that the loop's first read finds the whole request and
-// the peer's FIN already in the socket.
-type gatedEcho struct {
-	sockfsm.Echo
-	sent <-chan struct{}
-}
-
-func (h gatedEcho) OnOpen(*sockfsm.Conn) {
-	select {
-	case <-h.sent:
-	case <-time.After(conntest.Deadline):
-	}
-}
 
 // TestUnixDescriptorsMidRequest: on a Unix socket a read ends early at a
 // message that carries descriptors (SCM_RIGHTS), so a short read there
@@ -37,12 +20,8 @@ func (h gatedEcho) OnOpen(*sockfsm.Conn) {
 // EOF, never ECONNRESET, which closing with input unread would give it.
 func TestUnixDescriptorsMidRequest(t *testing.T) {
 	checkFDs(t)
-	sent := make(chan struct{})
-	var once sync.Once
-	release := func() { once.Do(func() { close(sent) }) }
-	t.Cleanup(release)
-	ts := startServer(t, "unix", filepath.Join(t.TempDir(), "s"), 1, sockfsm.Config{},
-		func(sockfsm.ConnInfo) sockfsm.Handler { return gatedEcho{sent: sent} })
+	gated, release := conntest.GatedEcho(t)
+	ts := startServer(t, "unix", filepath.Join(t.TempDir(), "s"), 1, sockfsm.Config{}, gated)
 	c := ts.dial(t).(*net.UnixConn)
 	f, err := os.Open(os.DevNull)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -160,6 +161,33 @@ func BigHandler(resp []byte) sockfsm.Handler {
 		}
 		c.Write(p)
 	})
+}
+
+// GatedEcho returns a NewHandler whose echo handlers wait in OnOpen until
+// release is called, or Deadline passes, and release. A test sends its
+// whole request, and its FIN, then releases: the server's first read finds
+// all of it in the socket. release is idempotent and is called at the
+// test's cleanup too, so that a failure before it does not hold the
+// server.
+func GatedEcho(t *testing.T) (newHandler func(sockfsm.ConnInfo) sockfsm.Handler, release func()) {
+	sent := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(sent) }) }
+	t.Cleanup(release)
+	return Always(openGate{sent: sent}), release
+}
+
+// openGate is GatedEcho's handler.
+type openGate struct {
+	sockfsm.Echo
+	sent <-chan struct{}
+}
+
+func (h openGate) OnOpen(*sockfsm.Conn) {
+	select {
+	case <-h.sent:
+	case <-time.After(Deadline):
+	}
 }
 
 // WantInfo is what CheckInfo expects of a CloseInfo.

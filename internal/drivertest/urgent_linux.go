@@ -2,31 +2,14 @@ package drivertest
 
 import (
 	"net"
-	"sync"
 	"syscall"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/internal/conntest"
 )
-
-// openGate is an echo handler whose OnOpen waits until the test has sent
-// everything, so that the server's first read finds the whole stream, its
-// urgent mark and the peer's FIN already there.
-type openGate struct {
-	sockfsm.Echo
-	sent <-chan struct{}
-}
-
-func (h openGate) OnOpen(*sockfsm.Conn) {
-	select {
-	case <-h.sent:
-	case <-time.After(conntest.Deadline):
-	}
-}
 
 // testUrgentData: a peer sends urgent data (TCP's out-of-band byte, as
 // telnet's interrupt does) in the middle of its request, then its FIN.
@@ -35,11 +18,8 @@ func (h openGate) OnOpen(*sockfsm.Conn) {
 // The client gets the echo of the in-band bytes, exactly, and the server's
 // FIN, never a reset (which closing with the rest unread would send).
 func testUrgentData(t *testing.T, f Factory) {
-	sent := make(chan struct{})
-	var once sync.Once
-	release := func() { once.Do(func() { close(sent) }) }
-	t.Cleanup(release) // a failure before the release must not hold the server
-	s := start(t, f, sockfsm.Config{}, func(sockfsm.ConnInfo) sockfsm.Handler { return openGate{sent: sent} })
+	gated, release := conntest.GatedEcho(t)
+	s := start(t, f, sockfsm.Config{}, gated)
 	c := dial(t, s.addr)
 	conntest.MustWrite(t, c, []byte("this is "))
 	oob(t, c, '!')
