@@ -30,11 +30,12 @@
 // price is the scheduler's: with one CPU, a connection that arrives while
 // the serving loop is busy waits for the runtime to hand the CPU to the
 // accepting loop, as with gnet's acceptor. Measured under an echo load,
-// new connections' median latency rose (0.45 to 1.0 ms in one comparison)
-// while their p99 fell (16–19 ms to 11 ms). SO_REUSEPORT, with a listener
-// per loop, would spread the accepts in the kernel instead, but it must be
-// set before bind, on sockets Serve does not create; and, measured with
-// two loops on two CPUs, it cost no less than the one acceptor
+// new connections' median latency rose (from 0.3–1 ms to 1–1.9 ms in the
+// steady rounds) while their p99 steadied (10.6–13.1 ms against 8–68 ms).
+// SO_REUSEPORT, with a listener per loop, would spread the accepts in the
+// kernel instead, but it must be set before bind, on sockets Serve does
+// not create; and, measured with two loops on two CPUs (when a serving
+// loop still accepted), it cost no less than the one acceptor
 // (docs/performance.md). At Config.MaxConns open connections the accepting
 // loop stops watching the listener until one closes; on EMFILE, ENFILE and
 // the other temporary accept errors it stops for a back-off of 5 ms
