@@ -34,34 +34,18 @@ const (
 	// that a driver that hangs (a Shutdown that never returns, say) fails
 	// with the stacks that show where, not at go test's -timeout.
 	testBound = 2 * time.Minute
-	// fdSettle bounds how long the descriptor check waits, at the end of a
-	// test, for the descriptors the test opened to be closed. Closes that
-	// are merely slow still pass.
-	fdSettle = 2 * time.Second
 )
 
 // ---- the checks every test ends with ------------------------------------------
-
-// initPoller makes the runtime open the descriptors it keeps for the life of
-// the process (the network poller's epoll instance and its wake-up eventfd)
-// before any baseline is taken, so that the first test does not count them
-// as leaked.
-var initPoller sync.Once
-
-// openFDs returns the number of open file descriptors of the process (the
-// descriptor of the listing itself included, at both ends of a test).
-func openFDs() (int, error) {
-	ents, err := os.ReadDir("/proc/self/fd")
-	return len(ents), err
-}
 
 // check arms a test's watchdog and registers its final checks: when the
 // test ends, after its other cleanups (which close its clients and shut
 // its servers down), no goroutine started during the test may be left,
 // and the number of open descriptors must be back to what it was, within
-// fdSettle. The tolerance is zero: the runtime's own descriptors are
-// opened before the first baseline (initPoller), and the few the race
-// detector's runtime opens for a moment are waited for, not tolerated.
+// testutil.FDSettle (testutil.CheckFDs). The tolerance is zero: the
+// runtime's own descriptors are opened before the first baseline, and the
+// few the race detector's runtime opens for a moment are waited for, not
+// tolerated.
 func check(t *testing.T) {
 	t.Helper()
 	name := t.Name()
@@ -80,34 +64,7 @@ func check(t *testing.T) {
 		}
 	})
 
-	if runtime.GOOS != "linux" {
-		return
-	}
-	if _, err := os.Stat("/proc/self/fd"); err != nil {
-		return
-	}
-	initPoller.Do(func() {
-		if ln, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
-			ln.Close()
-		}
-	})
-	base, err := openFDs()
-	if err != nil {
-		t.Fatalf("reading /proc/self/fd: %v", err)
-	}
-	t.Cleanup(func() {
-		deadline := time.Now().Add(fdSettle)
-		n, err := openFDs()
-		for err == nil && n > base && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-			n, err = openFDs()
-		}
-		if err != nil {
-			t.Errorf("reading /proc/self/fd: %v", err)
-		} else if n > base {
-			t.Errorf("file descriptors leaked: %d open at the start of the test, %d at the end", base, n)
-		}
-	})
+	testutil.CheckFDs(t)
 }
 
 // ---- what the server reports ---------------------------------------------------
