@@ -135,7 +135,7 @@ type eventLoop struct {
 	k       kernel
 	wakefd  int32
 	epoch   time.Time // the loop's clock reads nanoseconds since epoch
-	buf     []byte    // the read buffer, shared by the loop's connections; made at the first (the accepting loop has none)
+	buf     []byte    // the read buffer, shared by the loop's connections; made at its first connection (the accepting loop has none)
 	bufSize int
 	events  []unix.EpollEvent
 	conns   []*conn // by descriptor
