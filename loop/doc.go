@@ -73,7 +73,9 @@
 // errors. Accepted TCP connections get TCP_NODELAY, as net's do: on a
 // plain TCP listener it is set once, on the listener, which Linux copies
 // to the sockets it accepts (checked until one is seen with it), and on an
-// MPTCP listener (net's default since Go 1.24) on each connection. No
+// MPTCP listener (net's default since Go 1.24) on each connection, before
+// its second write: until then Nagle's algorithm holds nothing back, so a
+// connection that writes once costs no setsockopt. No
 // keep-alive is set (IdleTimeout and the linger bounds end dead peers).
 //
 // # Timers

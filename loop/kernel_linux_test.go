@@ -27,11 +27,12 @@ func (k *noDelayCounter) setNoDelay(fd int32) error { k.sets++; return k.kernel.
 func (k *noDelayCounter) noDelay(fd int32) (bool, error) { k.asks++; return k.kernel.noDelay(fd) }
 
 // TestAcceptedConnsHaveNoDelay: on the real kernel, every TCP connection
-// the loop accepts has TCP_NODELAY, as net's accepted connections have it.
-// On a plain TCP listener, which Linux copies it from, it costs one
-// getsockopt for the first connection and no system call for the others;
-// on net's default listener (MPTCP where the kernel has it) it is set on
-// each.
+// the loop accepts has TCP_NODELAY by its second write, as net's accepted
+// connections have it (Nagle's algorithm holds nothing back before then;
+// see noDelay). On a plain TCP listener, which Linux copies it from, it
+// costs one getsockopt for the first connection and no system call for
+// the others; on net's default listener (MPTCP where the kernel has it) it
+// is set on each before its second write, and not before.
 func TestAcceptedConnsHaveNoDelay(t *testing.T) {
 	plain := net.ListenConfig{}
 	plain.SetMultipathTCP(false)
@@ -77,15 +78,33 @@ func TestAcceptedConnsHaveNoDelay(t *testing.T) {
 				if key, _, ok := ipKey(sa); !ok || key.String() != "127.0.0.1" {
 					t.Errorf("accept %d: peer %v, want 127.0.0.1", i, sa)
 				}
-				l.noDelay(a, fd)
-				if on, err := real.noDelay(fd); err != nil || !on {
-					t.Errorf("connection %d: TCP_NODELAY %v (%v), want set", i, on, err)
+				lc := &conn{fd: fd}
+				if l.noDelay(a, fd) {
+					lc.flags = fNagle
+				}
+				sets := k.sets
+				for w := range 2 {
+					l.beforeWrite(lc)
+					if w == 1 {
+						if on, err := real.noDelay(fd); err != nil || !on {
+							t.Errorf("connection %d, second write: TCP_NODELAY %v (%v), want set", i, on, err)
+						}
+					}
+					if _, err := k.write(fd, []byte("x")); err != nil {
+						t.Fatalf("connection %d, write %d: %v", i, w, err)
+					}
+					if w == 0 && k.sets != sets {
+						t.Errorf("connection %d: setsockopt before the first write, want none until the second", i)
+					}
 				}
 			}
 			proto, _ := unix.GetsockoptInt(int(a.fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
 			t.Logf("listener protocol %d: %d getsockopt, %d setsockopt for %d connections", proto, k.asks, k.sets, conns)
 			if tc.plain && (k.asks != 1 || k.sets != 0) {
 				t.Errorf("plain TCP listener: %d getsockopt and %d setsockopt for %d connections, want 1 and 0 (inherited from the listener)", k.asks, k.sets, conns)
+			}
+			if proto == unix.IPPROTO_MPTCP && (k.asks != 0 || k.sets != conns) {
+				t.Errorf("MPTCP listener: %d getsockopt and %d setsockopt for %d connections, want 0 and one each (at its second write)", k.asks, k.sets, conns)
 			}
 			if _, _, err := k.accept(a.fd); err != unix.EAGAIN {
 				t.Errorf("accept with an empty queue: %v, want EAGAIN", err)

@@ -87,6 +87,11 @@ const (
 	// fEOF: a short read emptied the socket after fCleanFIN: the next
 	// read would return zero, and is not made (see read).
 	fEOF
+	// fNagle: a TCP connection without TCP_NODELAY yet; it is set before
+	// its second write (see noDelay).
+	fNagle
+	// fWrote: a write was made (with fNagle only).
+	fWrote
 )
 
 // conn is one connection of a loop: its engine (by value: one allocation
@@ -390,6 +395,7 @@ func (l *eventLoop) read(c *conn, now time.Time) bool {
 // false if the socket was full (EAGAIN): the connection waits for EPOLLOUT,
 // armed now if it was not.
 func (l *eventLoop) write(c *conn, now time.Time, p []byte) bool {
+	l.beforeWrite(c)
 	n, err := l.k.write(c.fd, p)
 	switch {
 	case err == unix.EAGAIN:
@@ -676,7 +682,7 @@ func (l *eventLoop) register(c *conn) {
 	}
 	l.conns[c.fd] = c
 	l.n++
-	c.flags = fWritable
+	c.flags |= fWritable
 	if l.closing {
 		c.e.Close()
 	}
@@ -793,32 +799,57 @@ func (l *eventLoop) accept(a *acceptor) {
 			s.unreserve()
 			continue
 		}
-		if a.tcp {
-			l.noDelay(a, fd) // not for a connection refused at once
-		}
-		l.newConn(fd, sa, a)
+		nagle := a.tcp && l.noDelay(a, fd) // not for a connection refused at once
+		l.newConn(fd, sa, a, nagle)
 	}
 	l.acceptMore = true
 }
 
-// noDelay turns Nagle's algorithm off on a TCP connection accepted on a,
-// as net does. Linux copies TCP_NODELAY from a plain TCP listener, which
+// noDelay sees to Nagle's algorithm on a TCP connection accepted on a,
+// which net turns off on every connection it accepts: it reports whether
+// the connection must have TCP_NODELAY set before its second write
+// (fNagle). Linux copies TCP_NODELAY from a plain TCP listener, which
 // addAcceptor set it on, to the sockets it accepts afterwards: once one
 // accepted socket is seen with it, the others cost no system call. Until
-// then each is asked, and set; after nodelayTries that were not, or for a
-// listener whose children may not inherit it, each is set.
-func (l *eventLoop) noDelay(a *acceptor, fd int32) {
+// then each is asked; after nodelayTries that were not, or for a listener
+// whose children may not inherit it (MPTCP), none is asked.
+//
+// Setting it waits for the second write because until then Nagle's
+// algorithm holds nothing back: it delays a small segment only while a
+// small segment sent earlier is unacknowledged (Linux's tcp_nagle_check,
+// with Minshall's rule, tcp_minshall_check), and on an accepted
+// connection our first write is the first data we send. (Under TCP Fast
+// Open the SYN-ACK may still be unacknowledged then: the tail of that
+// write waits for the handshake's last ACK, no longer.) Our FIN is never
+// held (tcp_send_fin pushes with Nagle off). A connection that writes
+// once, a request answered and closed, so costs no setsockopt at all;
+// one that writes more pays the one net pays at its accept.
+func (l *eventLoop) noDelay(a *acceptor, fd int32) bool {
 	switch {
 	case a.nodelay == nodelayInherited:
-		return
+		return false
 	case a.nodelay < nodelayTries:
 		if on, err := l.k.noDelay(fd); err == nil && on {
 			a.nodelay = nodelayInherited
-			return
+			return false
 		}
 		a.nodelay++
 	}
-	l.k.setNoDelay(fd)
+	return true
+}
+
+// beforeWrite sets TCP_NODELAY on c before its second write if the
+// accept left it to the writes (see noDelay).
+func (l *eventLoop) beforeWrite(c *conn) {
+	if c.flags&fNagle == 0 {
+		return
+	}
+	if c.flags&fWrote == 0 {
+		c.flags |= fWrote
+		return
+	}
+	c.flags &^= fNagle | fWrote
+	l.k.setNoDelay(c.fd)
 }
 
 // admitIP counts the connection accepted on fd under its source address
@@ -921,7 +952,8 @@ func (l *eventLoop) resumeAccepting() {
 }
 
 // newConn sets up the connection accepted on fd and hands it to a loop.
-func (l *eventLoop) newConn(fd int32, sa syscall.Sockaddr, a *acceptor) {
+// With nagle, TCP_NODELAY is set before its second write (see noDelay).
+func (l *eventLoop) newConn(fd int32, sa syscall.Sockaddr, a *acceptor, nagle bool) {
 	s := l.s
 	target := s.pick()
 	c, info, err := l.makeConn(fd, sa, a, target)
@@ -939,6 +971,9 @@ func (l *eventLoop) newConn(fd int32, sa syscall.Sockaddr, a *acceptor) {
 		return
 	}
 	s.nconns.Add(1)
+	if nagle {
+		c.flags = fNagle
+	}
 	if target == l {
 		l.register(c)
 	} else {

@@ -50,6 +50,8 @@ var loopMutantCases = []struct {
 	{"budget-ends-at-close", "TestBudgetEndsAtClose", "NumConns 1"},
 	{"nodelay-assumed-inherited", "TestLoopProperties", "Nagle's algorithm on"},
 	{"nodelay-mptcp-trusted", "TestLoopProperties", "Nagle's algorithm on"},
+	{"nodelay-never-set", "TestLoopProperties", "Nagle's algorithm on"},
+	{"nagle-flag-dropped", "TestLoopProperties", "Nagle's algorithm on"},
 	{"idle-never-parks", "TestIdleLoopsPark", "idle loops parked"},
 	{"busy-wait-ignores-timer", "TestBusyTimeout", "busyTimeout.*want"},
 	{"eof-at-urgent-mark", "TestDrivers", "echo = .*want|reset"},
