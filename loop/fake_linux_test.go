@@ -150,7 +150,7 @@ type fakeKernel struct {
 	wfd      int32
 
 	mu     sync.Mutex // post is called from other goroutines
-	posted bool
+	posted bool       // an edge of the eventfd the next wait reports
 
 	waits    int           // calls to wait: the loop's turns
 	lastWait time.Duration // how long the last wait would have slept: -1 without limit, 0 not at all
@@ -225,9 +225,10 @@ func (k *fakeKernel) wait(events []unix.EpollEvent, block bool, until time.Time)
 	}
 	n := 0
 	k.mu.Lock()
-	if k.posted {
+	if k.posted { // an edge: reported once per post, as the eventfd is
 		events[n] = unix.EpollEvent{Events: unix.EPOLLIN, Fd: k.wfd}
 		n++
+		k.posted = false
 	}
 	k.mu.Unlock()
 	if k.interest[listenFD] != 0 && len(k.w.backlog) > 0 { // level-triggered
@@ -265,12 +266,6 @@ func (k *fakeKernel) wakeFD() int32 { return k.wfd }
 func (k *fakeKernel) post() {
 	k.mu.Lock()
 	k.posted = true
-	k.mu.Unlock()
-}
-
-func (k *fakeKernel) clearPost() {
-	k.mu.Lock()
-	k.posted = false
 	k.mu.Unlock()
 }
 

@@ -3,6 +3,7 @@ package loop
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"net"
 	"runtime"
 	"syscall"
@@ -232,5 +233,62 @@ func TestBusyTimeout(t *testing.T) {
 		if got := busyTimeout(tc.d); got != tc.want {
 			t.Errorf("busyTimeout(%v) = %d, want %d", tc.d, got, tc.want)
 		}
+	}
+}
+
+// TestPostIsAnEdge: on the real kernel, the loop's eventfd, which it never
+// reads, makes each wait report it once per post made after the last wait
+// that reported it; a post with the counter full (2^64-2 posts) still
+// makes one.
+func TestPostIsAnEdge(t *testing.T) {
+	kk, err := newEpollKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kk.shutdown()
+	k := kk.(*epollKernel)
+	events := make([]unix.EpollEvent, 4)
+	woken := func() bool {
+		t.Helper()
+		n, err := k.wait(events, false, time.Time{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ev := range events[:n] {
+			if ev.Fd == k.wakeFD() {
+				return true
+			}
+		}
+		return false
+	}
+	if woken() {
+		t.Fatal("a wait reported the eventfd before any post")
+	}
+	for i := range 3 {
+		k.post()
+		if !woken() {
+			t.Fatalf("post %d: the next wait did not report it", i+1)
+		}
+		if woken() {
+			t.Fatalf("post %d: a second wait reported it again", i+1)
+		}
+	}
+	k.post()
+	k.post()
+	if !woken() || woken() {
+		t.Error("two posts before a wait: want it reported by one wait")
+	}
+	// Fill the counter: 5 posts so far, and it holds at most 2^64-2.
+	full := binary.NativeEndian.AppendUint64(nil, 1<<64-2-5)
+	if _, err := unix.Write(k.evfd, full); err != nil {
+		t.Fatal(err)
+	}
+	woken() // that write was an edge too
+	if _, err := unix.Write(k.evfd, one); err != unix.EAGAIN {
+		t.Fatalf("a write to the full counter: %v, want EAGAIN", err)
+	}
+	k.post()
+	if !woken() {
+		t.Error("a post with the counter full: the next wait did not report it")
 	}
 }

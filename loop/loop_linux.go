@@ -594,10 +594,9 @@ func (l *eventLoop) postLocked() {
 	}
 }
 
-// readMail takes the loop's mail and acts on it. The eventfd is cleared
-// before the mail is taken: a post after that writes it again.
+// readMail takes the loop's mail and acts on it. A post after it took the
+// mail writes the eventfd again, which the next wait reports (see post).
 func (l *eventLoop) readMail() {
-	l.k.clearPost()
 	l.mu.Lock()
 	m := l.mail
 	l.mail = mailbox{woken: l.spareW[:0], incoming: l.spareI[:0]}

@@ -303,7 +303,11 @@ func (h *harness) run() {
 	h.settle()
 	steps := rapid.IntRange(1, 60).Draw(t, "steps")
 	for range steps {
-		h.act()
+		// A burst of actions between turns: edges and wake-ups reported
+		// by the same wait.
+		for range rapid.IntRange(1, 3).Draw(t, "burst") {
+			h.act()
+		}
 		h.settle()
 	}
 	h.finish()
