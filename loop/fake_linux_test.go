@@ -37,6 +37,9 @@ type world struct {
 func (w *world) connect(s *fsock) {
 	s.nodelay = w.listenerNoDelay && !w.noInherit && (!w.mptcp || s.fd%2 == 0)
 	w.backlog = append(w.backlog, s)
+	for _, k := range w.kernels {
+		k.listenEdge = true
+	}
 }
 
 // listenFD is the fake listener's descriptor.
@@ -152,6 +155,8 @@ type fakeKernel struct {
 	mu     sync.Mutex // post is called from other goroutines
 	posted bool       // an edge of the eventfd the next wait reports
 
+	listenEdge bool // a connection arrived since the listener was last reported
+
 	waits    int           // calls to wait: the loop's turns
 	lastWait time.Duration // how long the last wait would have slept: -1 without limit, 0 not at all
 	idle     bool          // the last wait had nothing to report and would have blocked
@@ -183,6 +188,7 @@ func (k *fakeKernel) ctl(op int, fd int32, events uint32) error {
 		switch op {
 		case unix.EPOLL_CTL_ADD:
 			k.interest[fd] = events
+			k.listenEdge = true // ep_insert reports it ready at once
 		case unix.EPOLL_CTL_DEL:
 			delete(k.interest, fd)
 		}
@@ -231,9 +237,12 @@ func (k *fakeKernel) wait(events []unix.EpollEvent, block bool, until time.Time)
 		k.posted = false
 	}
 	k.mu.Unlock()
-	if k.interest[listenFD] != 0 && len(k.w.backlog) > 0 { // level-triggered
+	// Reported while its queue holds a connection; edge-triggered, only
+	// after an arrival since the last report.
+	if in := k.interest[listenFD]; in != 0 && len(k.w.backlog) > 0 && (in&unix.EPOLLET == 0 || k.listenEdge) {
 		events[n] = unix.EpollEvent{Events: unix.EPOLLIN, Fd: listenFD}
 		n++
+		k.listenEdge = false
 	}
 	fds := make([]int32, 0, len(k.edged))
 	for fd := range k.edged {

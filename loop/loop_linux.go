@@ -29,8 +29,8 @@ const (
 	// its loop; one that still has work is queued for the next turn, so
 	// that a peer that floods cannot keep the loop from the others.
 	stepBudget = 32
-	// acceptBudget is how many connections a turn accepts at most per
-	// listener.
+	// acceptBudget is how many accept calls a turn makes at most per
+	// listener (see accept).
 	acceptBudget     = 64
 	acceptBackoffMin = 5 * time.Millisecond
 	acceptBackoffMax = time.Second
@@ -707,6 +707,7 @@ type acceptor struct {
 	pausedAt time.Time // when it paused, for Config.OnMaxConnsWait
 	watched  bool      // in the epoll set
 	nodelay  uint8     // how its TCP connections get TCP_NODELAY; see noDelay
+	batch    uint8     // how many accept calls its next turn makes; see accept
 }
 
 // acceptor.nodelay: below nodelayTries, how many accepted sockets were
@@ -765,10 +766,17 @@ func (l *eventLoop) closeAcceptor(a *acceptor, err error) {
 	l.s.acceptorGone()
 }
 
-// accept accepts what is waiting on a, up to acceptBudget connections.
+// accept accepts what is waiting on a. The listener is level-triggered:
+// while a connection waits in its queue, every wait reports it. So a turn
+// need not accept until EAGAIN, which costs a failed accept4 per turn: it
+// makes a.batch calls, one at first, as nginx does by default. A turn
+// that makes them all doubles the batch (a queue is building), up to
+// acceptBudget, and an EAGAIN sets it back to one. Connections that come
+// one at a time cost one accept4 each, and a burst a few turns.
 func (l *eventLoop) accept(a *acceptor) {
 	s := l.s
-	for range acceptBudget {
+	n := max(int(a.batch), 1)
+	for range n {
 		if !s.reserve() {
 			l.pause(a)
 			return
@@ -778,6 +786,7 @@ func (l *eventLoop) accept(a *acceptor) {
 			s.unreserve()
 			switch {
 			case err == unix.EAGAIN:
+				a.batch = 1
 				return
 			case err == unix.EINTR || err == unix.ECONNABORTED:
 				continue // as net does: the next one
@@ -801,7 +810,10 @@ func (l *eventLoop) accept(a *acceptor) {
 		nagle := a.tcp && l.noDelay(a, fd) // not for a connection refused at once
 		l.newConn(fd, sa, a, nagle)
 	}
-	l.acceptMore = true
+	a.batch = uint8(min(2*n, acceptBudget))
+	if n == acceptBudget {
+		l.acceptMore = true
+	}
 }
 
 // noDelay sees to Nagle's algorithm on a TCP connection accepted on a,

@@ -204,6 +204,11 @@ func (h *harness) settle() {
 func (h *harness) checkIdle() {
 	for _, l := range h.st.loops {
 		k := h.kernel(l)
+		// A connection waits to be accepted: the loop sleeps only if it
+		// is at MaxConns or backing off.
+		if len(h.w.backlog) > 0 && slices.Contains(l.accs, h.acc) && !h.acc.paused && h.acc.resumeAt == 0 {
+			h.t.Fatalf("the listener's queue holds %d connections, the server accepts, and the loop sleeps", len(h.w.backlog))
+		}
 		for _, c := range l.conns {
 			if c == nil {
 				continue
@@ -251,8 +256,11 @@ func (h *harness) nextTimer() time.Duration {
 }
 
 // advance lets d pass, waking the loops at each of their timers on the
-// way, as their epoll_wait timeouts would.
+// way, as their epoll_wait timeouts would. The loops first take what the
+// actions before it in a burst left them: a woken loop runs before time
+// passes, and its timers are known only once it has waited.
 func (h *harness) advance(d time.Duration) {
+	h.settle()
 	for d > 0 {
 		step := d
 		if n := h.nextTimer(); n > 0 && n < step {

@@ -50,6 +50,7 @@ var loopMutantCases = []struct {
 	{"wakefd-level-triggered", "TestPostIsAnEdge", "reported it again"},
 	{"post-when-full-lost", "TestPostIsAnEdge", "counter full"},
 	{"mail-missed-among-events", "TestLoopProperties", "with a request pending|the socket has room|the engine's deadline|no loop has a timer|and the loop sleeps|the server is not drained|never opened"},
+	{"listener-edge-triggered", "TestLoopProperties", "the listener's queue holds"},
 	{"budget-ends-at-close", "TestBudgetEndsAtClose", "NumConns 1"},
 	{"nodelay-assumed-inherited", "TestLoopProperties", "Nagle's algorithm on"},
 	{"nodelay-mptcp-trusted", "TestLoopProperties", "Nagle's algorithm on"},
