@@ -58,6 +58,49 @@ func settleLoop(t *testing.T, l *eventLoop) {
 	t.Fatalf("the loops did not settle in %d turns", maxSettleTurns)
 }
 
+// TestAcceptCalls: connections that come one at a time cost one accept4
+// each, none failing with EAGAIN; a burst is taken in a few turns of the
+// accepting loop (its batch doubles while the queue builds), with one
+// EAGAIN at most.
+func TestAcceptCalls(t *testing.T) {
+	w := newWorld()
+	_, l, _ := fakeServer(t, w, sockfsm.Config{})
+	k := accepting(l)
+	connect := func() {
+		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
+		w.nextFD++
+		w.socks[s.fd] = s
+		w.connect(s)
+	}
+	settleLoop(t, l)
+	const single = 10
+	for range single {
+		connect()
+		settleLoop(t, l)
+	}
+	if l.n != single || k.accepts != single {
+		t.Errorf("%d connections one at a time: %d open after %d accept calls, want %d and %d", single, l.n, k.accepts, single, single)
+	}
+	const burst, maxTurns = 100, 8 // 1+2+4+...+64 = 127 in 7 turns
+	for range burst {
+		connect()
+	}
+	before, turns := k.accepts, 0
+	for ; len(w.backlog) > 0 && turns < burst; turns++ {
+		l.s.loops[0].turn()
+	}
+	settleLoop(t, l)
+	if l.n != single+burst {
+		t.Fatalf("after a burst of %d: %d open, want %d", burst, l.n, single+burst)
+	}
+	if got := k.accepts - before; got > burst+1 {
+		t.Errorf("a burst of %d: %d accept calls, want at most %d", burst, got, burst+1)
+	}
+	if turns > maxTurns {
+		t.Errorf("a burst of %d took %d turns of the accepting loop, want at most %d", burst, turns, maxTurns)
+	}
+}
+
 // TestAcceptBackoff: EMFILE and ENFILE from accept stop accepting (the
 // listener leaves the epoll set, so the loop does not spin on it) for 5 ms,
 // doubling on each consecutive error; then accepting resumes, and a

@@ -13,13 +13,20 @@
 //
 // Server runs Loops event loops that serve connections
 // (runtime.GOMAXPROCS(0) by default) and one more that accepts them. Each
-// is a goroutine with an epoll instance, an eventfd for wake-ups, a
-// timerfd for its tick while it is busy, a timer heap and one read buffer
+// is a goroutine with an epoll instance, an eventfd for wake-ups (in the
+// epoll set edge-triggered, and the loop never reads it: each write is an
+// edge, so a wake-up is one system call), a timerfd for its tick while it
+// is busy, a timer heap and one read buffer
 // of Config.ReadBufferSize shared by its connections. Each listener given
 // to Serve is duplicated into the accepting loop's epoll set
 // (level-triggered), and accept4 hands each new connection out,
 // round-robin, to a serving loop, through that loop's mailbox and eventfd,
-// as gnet's main reactor does. The accepting loop is a loop like the
+// as gnet's main reactor does. A turn does not accept until EAGAIN, which
+// would cost a failed accept4 per turn: the listener, level-triggered, is
+// reported while connections wait, so a turn makes one accept4 (as nginx
+// accepts one per event by default), or, right after a turn that made all
+// its calls (a queue is building), twice as many, up to 64. The accepting
+// loop is a loop like the
 // others that serves nothing. It costs a goroutine, three descriptors and
 // its events array (no read buffer: a loop makes one at its first
 // connection), and nothing while no one connects (it parks, see below).

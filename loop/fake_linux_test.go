@@ -156,6 +156,7 @@ type fakeKernel struct {
 	posted bool       // an edge of the eventfd the next wait reports
 
 	listenEdge bool // a connection arrived since the listener was last reported
+	accepts    int  // accept calls
 
 	waits    int           // calls to wait: the loop's turns
 	lastWait time.Duration // how long the last wait would have slept: -1 without limit, 0 not at all
@@ -283,6 +284,7 @@ func (k *fakeKernel) accept(lfd int32) (int32, syscall.Sockaddr, error) {
 		k.w.problem("accept on fd %d", lfd)
 		return -1, nil, unix.EBADF
 	}
+	k.accepts++
 	if len(k.w.backlog) == 0 {
 		return -1, nil, unix.EAGAIN
 	}

@@ -37,13 +37,19 @@ func (k *noDelayCounter) noDelay(fd int32) (bool, error) { k.asks++; return k.ke
 func TestAcceptedConnsHaveNoDelay(t *testing.T) {
 	plain := net.ListenConfig{}
 	plain.SetMultipathTCP(false)
+	var mptcp net.Dialer
+	mptcp.SetMultipathTCP(true)
 	for _, tc := range []struct {
 		name  string
 		lc    net.ListenConfig
+		d     net.Dialer
 		plain bool
 	}{
-		{"plain TCP", plain, true},
-		{"net's default", net.ListenConfig{}, false},
+		{"plain TCP", plain, net.Dialer{}, true},
+		// A TCP client of an MPTCP listener gets a plain TCP socket, an
+		// MPTCP client an MPTCP one.
+		{"net's default", net.ListenConfig{}, net.Dialer{}, false},
+		{"net's default, MPTCP clients", net.ListenConfig{}, mptcp, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ln, err := tc.lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
@@ -66,7 +72,7 @@ func TestAcceptedConnsHaveNoDelay(t *testing.T) {
 			l.addAcceptor(a)
 			const conns = 4
 			for i := range conns {
-				c, err := net.Dial("tcp", ln.Addr().String())
+				c, err := tc.d.Dial("tcp", ln.Addr().String())
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -78,6 +84,10 @@ func TestAcceptedConnsHaveNoDelay(t *testing.T) {
 				defer k.close(fd)
 				if key, _, ok := ipKey(sa); !ok || key.String() != "127.0.0.1" {
 					t.Errorf("accept %d: peer %v, want 127.0.0.1", i, sa)
+				}
+				if i == 0 {
+					p, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+					t.Logf("the first accepted socket's protocol: %d", p)
 				}
 				lc := &conn{fd: fd}
 				if l.noDelay(a, fd) {

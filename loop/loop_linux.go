@@ -152,7 +152,8 @@ type eventLoop struct {
 	naccs   atomic.Int32 // len(accs), for other goroutines: see serverState.connGone
 
 	stopped, closing, killing, exit bool
-	acceptMore                      bool // a listener had more than acceptBudget waiting
+	acceptMore                      bool   // a listener had more than acceptBudget waiting
+	turns                           uint64 // turns taken, for accept
 
 	mu       sync.Mutex
 	posted   bool // the eventfd was written and the loop has not read its mail yet
@@ -208,6 +209,7 @@ func (l *eventLoop) close() {
 // turn is one turn of the loop: wait, then handle the events, the mail, the
 // timers and the run queue.
 func (l *eventLoop) turn() {
+	l.turns++
 	block, until := l.waitUntil()
 	n, err := l.k.wait(l.events, block, until)
 	if err != nil {
@@ -707,7 +709,8 @@ type acceptor struct {
 	pausedAt time.Time // when it paused, for Config.OnMaxConnsWait
 	watched  bool      // in the epoll set
 	nodelay  uint8     // how its TCP connections get TCP_NODELAY; see noDelay
-	batch    uint8     // how many accept calls its next turn makes; see accept
+	batch    uint8     // the accept calls of the last turn that made them all; see accept
+	fullAt   uint64    // that turn (eventLoop.turns); 0: none
 }
 
 // acceptor.nodelay: below nodelayTries, how many accepted sockets were
@@ -769,13 +772,17 @@ func (l *eventLoop) closeAcceptor(a *acceptor, err error) {
 // accept accepts what is waiting on a. The listener is level-triggered:
 // while a connection waits in its queue, every wait reports it. So a turn
 // need not accept until EAGAIN, which costs a failed accept4 per turn: it
-// makes a.batch calls, one at first, as nginx does by default. A turn
-// that makes them all doubles the batch (a queue is building), up to
-// acceptBudget, and an EAGAIN sets it back to one. Connections that come
-// one at a time cost one accept4 each, and a burst a few turns.
+// makes one accept4, as nginx does by default, unless the turn before
+// also accepted on a and made all its calls: a queue is building, and the
+// turn makes twice as many, up to acceptBudget. Connections that come one
+// at a time cost one accept4 each; a burst of n, about log2(n) turns and
+// one EAGAIN.
 func (l *eventLoop) accept(a *acceptor) {
 	s := l.s
-	n := max(int(a.batch), 1)
+	n := 1
+	if a.fullAt != 0 && a.fullAt+1 == l.turns {
+		n = min(2*int(a.batch), acceptBudget)
+	}
 	for range n {
 		if !s.reserve() {
 			l.pause(a)
@@ -786,7 +793,6 @@ func (l *eventLoop) accept(a *acceptor) {
 			s.unreserve()
 			switch {
 			case err == unix.EAGAIN:
-				a.batch = 1
 				return
 			case err == unix.EINTR || err == unix.ECONNABORTED:
 				continue // as net does: the next one
@@ -810,7 +816,13 @@ func (l *eventLoop) accept(a *acceptor) {
 		nagle := a.tcp && l.noDelay(a, fd) // not for a connection refused at once
 		l.newConn(fd, sa, a, nagle)
 	}
-	a.batch = uint8(min(2*n, acceptBudget))
+	a.batch, a.fullAt = uint8(n), l.turns
+	if !s.belowMax() {
+		// At MaxConns now: the listener leaves the epoll set at once, as
+		// it would at the next call's reserve.
+		l.pause(a)
+		return
+	}
 	if n == acceptBudget {
 		l.acceptMore = true
 	}
@@ -829,12 +841,16 @@ func (l *eventLoop) accept(a *acceptor) {
 // algorithm holds nothing back: it delays a small segment only while a
 // small segment sent earlier is unacknowledged (Linux's tcp_nagle_check,
 // with Minshall's rule, tcp_minshall_check), and on an accepted
-// connection our first write is the first data we send. (Under TCP Fast
-// Open the SYN-ACK may still be unacknowledged then: the tail of that
-// write waits for the handshake's last ACK, no longer.) Our FIN is never
-// held (tcp_send_fin pushes with Nagle off). A connection that writes
-// once, a request answered and closed, so costs no setsockopt at all;
-// one that writes more pays the one net pays at its accept.
+// connection our first write is the first data we send. One exception: a
+// first write larger than the peer's receive window, whose edge falls
+// inside a segment, sends a piece smaller than a segment there, and that
+// piece may hold back the write's own tail until it is acknowledged (with
+// TCP_NODELAY the tail would go as soon as the window opens; the ACK that
+// opens it usually acknowledges the piece too). Our FIN is never held
+// (tcp_send_fin pushes with Nagle off). A connection that writes once, a
+// request answered and closed, so costs no setsockopt at all; one that
+// writes more pays the one net pays at its accept, and setting it pushes
+// whatever the first write left queued.
 func (l *eventLoop) noDelay(a *acceptor, fd int32) bool {
 	switch {
 	case a.nodelay == nodelayInherited:

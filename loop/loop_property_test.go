@@ -312,7 +312,8 @@ func (h *harness) run() {
 	steps := rapid.IntRange(1, 60).Draw(t, "steps")
 	for range steps {
 		// A burst of actions between turns: edges and wake-ups reported
-		// by the same wait.
+		// by the same wait (a step of time lets the loops turn first:
+		// see advance).
 		for range rapid.IntRange(1, 3).Draw(t, "burst") {
 			h.act()
 		}
