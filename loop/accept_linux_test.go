@@ -66,12 +66,7 @@ func TestAcceptCalls(t *testing.T) {
 	w := newWorld()
 	_, l, _ := fakeServer(t, w, sockfsm.Config{})
 	k := accepting(l)
-	connect := func() {
-		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
-		w.nextFD++
-		w.socks[s.fd] = s
-		w.connect(s)
-	}
+	connect := func() { w.dial(64, 64) }
 	settleLoop(t, l)
 	const single = 10
 	for range single {
@@ -110,13 +105,7 @@ func TestAcceptBackoff(t *testing.T) {
 	var acceptErrs []error
 	_, l, _ := fakeServer(t, w, sockfsm.Config{OnAcceptError: func(err error) { acceptErrs = append(acceptErrs, err) }})
 	k := accepting(l)
-	connect := func() *fsock {
-		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
-		w.nextFD++
-		w.socks[s.fd] = s
-		w.connect(s)
-		return s
-	}
+	connect := func() *fsock { return w.dial(64, 64) }
 	s1 := connect()
 	w.acceptErrs = []error{unix.EMFILE, unix.ENFILE, unix.EMFILE}
 	var waits []time.Duration
@@ -185,10 +174,7 @@ func TestMaxConnsPausesListener(t *testing.T) {
 		OnMaxConnsWait: func(d time.Duration) { waits = append(waits, d) }})
 	k, ak := l.k.(*fakeKernel), accepting(l)
 	for range 2 {
-		s := &fsock{fd: w.nextFD, rcvCap: 64, sndCap: 64}
-		w.nextFD++
-		w.socks[s.fd] = s
-		w.connect(s)
+		w.dial(64, 64)
 	}
 	settleLoop(t, l)
 	if l.n != 1 || len(w.backlog) != 1 {
@@ -229,10 +215,7 @@ func TestBudgetEndsAtClose(t *testing.T) {
 		k, eintr := i/2+1, i%2 == 1
 		w := newWorld()
 		srv, l, _ := fakeServer(t, w, sockfsm.Config{ReadBufferSize: 1})
-		s := &fsock{fd: w.nextFD, rcvCap: 1 << 10, sndCap: 1 << 10}
-		w.nextFD++
-		w.socks[s.fd] = s
-		w.connect(s)
+		s := w.dial(1<<10, 1<<10)
 		settleLoop(t, l)
 		s.eintr = eintr
 		w.send(s, bytes.Repeat([]byte("x"), k))

@@ -42,6 +42,16 @@ func (w *world) connect(s *fsock) {
 	}
 }
 
+// dial makes a peer's socket with the given buffer sizes and queues it on
+// the listener (see connect).
+func (w *world) dial(rcvCap, sndCap int) *fsock {
+	s := &fsock{fd: w.nextFD, rcvCap: rcvCap, sndCap: sndCap}
+	w.nextFD++
+	w.socks[s.fd] = s
+	w.connect(s)
+	return s
+}
+
 // listenFD is the fake listener's descriptor.
 const listenFD = 3
 

@@ -334,10 +334,7 @@ func (h *harness) act() {
 	}
 	switch rapid.IntRange(0, 13).Draw(t, "action") {
 	case 0, 1: // a peer connects
-		s := &fsock{fd: h.w.nextFD, rcvCap: rapid.IntRange(1, 256).Draw(t, "rcvCap"), sndCap: rapid.IntRange(1, 256).Draw(t, "sndCap")}
-		h.w.nextFD++
-		h.w.socks[s.fd] = s
-		h.w.connect(s)
+		s := h.w.dial(rapid.IntRange(1, 256).Draw(t, "rcvCap"), rapid.IntRange(1, 256).Draw(t, "sndCap"))
 		tc := &tconn{s: s, refuse: rapid.IntRange(0, 15).Draw(t, "refuse") == 0}
 		h.conns = append(h.conns, tc)
 		h.byFD[s.fd] = tc
