@@ -246,6 +246,45 @@ func TestBusyTimeout(t *testing.T) {
 	}
 }
 
+// TestBusyWaitEndsAtTimer: on the real kernel, a busy loop whose first
+// timer is due before its tick waits for the timer, not for the tick: the
+// wait returns at the timer (never before it) with the loop still busy. A
+// wait that slept until the tick would have seen a tick period with
+// nothing in it and left the loop idle, its timer up to a tick late. The
+// tick is restarted for each try; a try whose wait the tick still beat (a
+// test machine that did not run it for most of a tick period) is tried
+// again.
+func TestBusyWaitEndsAtTimer(t *testing.T) {
+	kk, err := newEpollKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kk.shutdown()
+	k := kk.(*epollKernel)
+	events := make([]unix.EpollEvent, 4)
+	const tries = 5
+	for try := 1; ; try++ {
+		k.setBusy(true)
+		if !k.busy {
+			t.Fatal("setBusy(true) left the loop idle: no tick")
+		}
+		until := time.Now().Add(2 * time.Millisecond)
+		n, err := k.wait(events, true, until)
+		if err != nil || n != 0 {
+			t.Fatalf("wait: %d events, %v; want 0, nil (nothing is registered)", n, err)
+		}
+		if now := time.Now(); now.Before(until) {
+			t.Fatalf("wait returned %v before its timer", until.Sub(now))
+		}
+		if k.busy {
+			return
+		}
+		if try == tries {
+			t.Fatalf("in %d tries, a busy wait with its timer due in 2ms (tick %v) always ended at the tick, leaving the loop idle", tries, tickPeriod)
+		}
+	}
+}
+
 // TestPostIsAnEdge: on the real kernel, the loop's eventfd, which it never
 // reads, makes each wait report it once per post made after the last wait
 // that reported it; a post with the counter full (2^64-2 posts) still

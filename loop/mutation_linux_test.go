@@ -60,6 +60,7 @@ var loopMutantCases = []struct {
 	{"nagle-flag-dropped", "TestLoopProperties", "Nagle's algorithm on"},
 	{"idle-never-parks", "TestIdleLoopsPark", "idle loops parked"},
 	{"busy-wait-ignores-timer", "TestBusyTimeout", "busyTimeout.*want"},
+	{"busy-wait-sleeps-to-tick", "TestBusyWaitEndsAtTimer", "always ended at the tick"},
 	{"eof-at-urgent-mark", "TestDrivers", "echo = .*want|reset"},
 	{"no-epollpri", "TestDrivers", "echo = .*want|reset"},
 	{"eof-on-unix", "TestUnixDescriptorsMidRequest", "echo = .*want|reset"},
