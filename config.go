@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"runtime/debug"
 	"time"
 
 	"github.com/sockfsm/sockfsm/fsm"
@@ -326,4 +327,43 @@ func (c Config) LifetimeBound() (time.Duration, bool) {
 		return 0, false
 	}
 	return l.lifetime + 2*l.write + l.lingerTime, true
+}
+
+// RunPrelude calls c.Prelude on conn as Server does, for a driver of its
+// own: a panic, a nil connection, or an error that matches none of
+// ErrProxyHeader, ErrTooManyConnsFromIP and ErrPrelude, becomes an error
+// matching ErrPrelude (a panic's carries a *PanicError). The caller sets
+// conn's deadline (PreludeTimeout) and closes conn on an error.
+func (c Config) RunPrelude(conn net.Conn) (nc net.Conn, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			nc, err = nil, fmt.Errorf("%w: %w", ErrPrelude, &PanicError{Value: r, Stack: debug.Stack()})
+		}
+	}()
+	nc, err = c.Prelude(conn)
+	switch {
+	case err == nil && nc == nil:
+		err = fmt.Errorf("%w: Prelude returned no connection", ErrPrelude)
+	case err != nil && !errors.Is(err, ErrProxyHeader) && !errors.Is(err, ErrTooManyConnsFromIP) && !errors.Is(err, ErrPrelude):
+		err = fmt.Errorf("%w: %w", ErrPrelude, err)
+	}
+	return nc, err
+}
+
+// Readdressed is implemented by a connection that a Config.Prelude returns
+// in place of the connection it was given when it is that connection under
+// other addresses, as proxy.Prelude's are (the client's address from the
+// PROXY header): its reads and writes are the given connection's, and the
+// prelude read nothing from it beyond its own bytes, so the rest of the
+// peer's data is still in the socket. Base returns the connection the
+// prelude was given.
+//
+// The event-loop driver (package loop) serves the socket itself, not the
+// connection a Prelude returns, with that connection's addresses: it
+// takes a Prelude's result only if it is the connection given or a
+// Readdressed of it, and refuses any other (with ErrPrelude), since data a
+// wrapper buffered or transformed would not reach the handler.
+type Readdressed interface {
+	net.Conn
+	Base() net.Conn
 }

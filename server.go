@@ -3,7 +3,6 @@ package sockfsm
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -286,7 +285,7 @@ func (s *Server) startPrelude(c net.Conn, log *slog.Logger, stop <-chan struct{}
 
 // prelude is the goroutine of startPrelude.
 func (s *Server) prelude(c net.Conn, log *slog.Logger, stop <-chan struct{}, then func(net.Conn)) {
-	nc, err := s.runPrelude(c)
+	nc, err := s.Config.RunPrelude(c)
 	s.mu.Lock()
 	delete(s.preluding, c)
 	cut := s.closing
@@ -315,24 +314,6 @@ func (s *Server) cutPreludesLocked() {
 	for c := range s.preluding {
 		c.SetDeadline(past)
 	}
-}
-
-// runPrelude calls Config.Prelude, and turns a panic, a nil connection or
-// an error without a reason of its own into a reason for OnRefuse.
-func (s *Server) runPrelude(c net.Conn) (nc net.Conn, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			nc, err = nil, fmt.Errorf("%w: %w", ErrPrelude, &PanicError{Value: r, Stack: debug.Stack()})
-		}
-	}()
-	nc, err = s.Config.Prelude(c)
-	switch {
-	case err == nil && nc == nil:
-		err = fmt.Errorf("%w: Prelude returned no connection", ErrPrelude)
-	case err != nil && !errors.Is(err, ErrProxyHeader) && !errors.Is(err, ErrTooManyConnsFromIP) && !errors.Is(err, ErrPrelude):
-		err = fmt.Errorf("%w: %w", ErrPrelude, err)
-	}
-	return nc, err
 }
 
 // admit serves c unless its source address is at MaxConnsPerIP.

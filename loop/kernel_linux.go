@@ -360,7 +360,10 @@ func (k *epollKernel) shutdownWrite(fd int32) error { return unix.Shutdown(int(f
 
 func (k *epollKernel) close(fd int32) error { return unix.Close(int(fd)) }
 
-func (k *epollKernel) abort(fd int32) error {
+func (k *epollKernel) abort(fd int32) error { return abortFD(fd) }
+
+// abortFD closes the socket fd with RST: SO_LINGER 0, then close.
+func abortFD(fd int32) error {
 	// Unix sockets accept SO_LINGER and ignore it: their close is their
 	// abort (transport.Unix says the same).
 	lerr := unix.SetsockoptLinger(int(fd), unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})

@@ -809,6 +809,10 @@ func (l *eventLoop) accept(a *acceptor) {
 			return
 		}
 		a.backoff = 0
+		if s.cfg.Prelude != nil {
+			l.startPrelude(fd, sa, a) // see prelude_linux.go
+			continue
+		}
 		if !l.admitIP(fd, sa) {
 			s.unreserve()
 			continue
@@ -1012,22 +1016,29 @@ func (l *eventLoop) newConn(fd int32, sa syscall.Sockaddr, a *acceptor, nagle bo
 // ConnInfo, its handler and its engine. The connection's memory is this
 // one allocation and its waker's closure.
 func (l *eventLoop) makeConn(fd int32, sa syscall.Sockaddr, a *acceptor, target *eventLoop) (*conn, sockfsm.ConnInfo, error) {
-	s := l.s
 	c := &conn{fd: fd}
 	info := sockfsm.ConnInfo{ID: connIDs.Add(1), LocalAddr: a.laddr, RemoteAddr: c.remoteAddr(sa, a)}
 	if info.LocalAddr == nil {
 		info.LocalAddr = l.localAddr(fd)
 	}
-	h, err := s.newHandler(info)
+	if err := l.s.initConn(c, info, target); err != nil {
+		return nil, info, err
+	}
+	return c, info, nil
+}
+
+// initConn makes c's handler and engine, for the loop target.
+func (st *serverState) initConn(c *conn, info sockfsm.ConnInfo, target *eventLoop) error {
+	h, err := st.newHandler(info)
 	if err == nil {
-		err = c.e.Init(s.cfg, h, info)
+		err = c.e.Init(st.cfg, h, info)
 	}
 	if err != nil {
-		return nil, info, err
+		return err
 	}
 	// The engine's waker: a request from any goroutine needs the loop.
 	c.e.SetWaker(func(sockfsm.Op) { target.postWake(c) })
-	return c, info, nil
+	return nil
 }
 
 func addrString(a net.Addr) string {

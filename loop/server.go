@@ -21,7 +21,8 @@ type Server struct {
 	// Config holds the connections' timeouts and limits and MaxConns.
 	Config sockfsm.Config
 	// NewHandler returns the handler of a new connection. It is called on
-	// the accepting loop and must not block.
+	// the accepting loop (with a Config.Prelude, on the prelude's
+	// goroutine) and must not block.
 	NewHandler func(sockfsm.ConnInfo) sockfsm.Handler
 	// Loops is the number of event loops that serve connections; 0 means
 	// runtime.GOMAXPROCS(0). One more loop accepts them (see the package
@@ -62,11 +63,6 @@ func (s *Server) check(ln net.Listener) error {
 	}
 	if s.Loops < 0 {
 		return fmt.Errorf("%w: Loops %d is negative", sockfsm.ErrInvalidConfig, s.Loops)
-	}
-	if s.Config.Prelude != nil {
-		// A prelude reads from a net.Conn, blocking: it has no place on
-		// a loop.
-		return fmt.Errorf("%w: the loop driver does not run Config.Prelude (the PROXY protocol); use sockfsm.Server", sockfsm.ErrInvalidConfig)
 	}
 	return checkListener(ln)
 }

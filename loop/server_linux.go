@@ -27,10 +27,11 @@ type serverState struct {
 	loops      []*eventLoop // made by the first Serve; never changed after: loops[0] accepts, the others serve
 	serving    []*eventLoop // loops[1:]: the loops new connections go to
 	listeners  map[*acceptor]net.Listener
-	nacceptors int  // acceptors not yet closed by their loop
-	closing    bool // Shutdown or Close was called
-	graceful   bool // Shutdown was called
-	killing    bool // the connections are being aborted
+	nacceptors int                   // acceptors not yet closed by their loop
+	preluding  map[net.Conn]struct{} // connections in Config.Prelude (see prelude_linux.go)
+	closing    bool                  // Shutdown or Close was called
+	graceful   bool                  // Shutdown was called
+	killing    bool                  // the connections are being aborted
 	drained    chan struct{}
 	isDrained  bool
 	exitOnce   sync.Once
@@ -66,6 +67,7 @@ func (st *serverState) initLocked(s *Server) {
 	st.maxConns = int64(s.Config.MaxConns)
 	st.perIP = admit.New(s.Config.MaxConnsPerIP)
 	st.listeners = map[*acceptor]net.Listener{}
+	st.preluding = map[net.Conn]struct{}{}
 	st.drained = make(chan struct{})
 }
 
@@ -215,25 +217,33 @@ func (st *serverState) pick() *eventLoop {
 	return st.serving[int(st.rr.Add(1)-1)%len(st.serving)]
 }
 
+// freeSlot gives back the MaxConns slot of a connection that ended, or
+// of one whose prelude failed, off the accepting loop, and wakes a
+// listener paused at MaxConns.
+func (st *serverState) freeSlot() {
+	if st.maxConns == 0 {
+		return
+	}
+	st.slots.Add(-1)
+	if st.paused.Load() > 0 {
+		// To the loops that hold a listener (Serve's: the accepting
+		// loop), which are the only ones that can be paused: a listener
+		// is added (naccs) before it can pause.
+		for _, l := range st.loops {
+			if l.naccs.Load() > 0 {
+				l.postCmd(cmdResume)
+			}
+		}
+	}
+}
+
 // connGone counts a connection that ended.
 func (st *serverState) connGone(r sockfsm.Reason) {
 	if r == sockfsm.ReasonShutdownDeadline {
 		st.aborted.Add(1) // before nconns: Shutdown reads it once drained
 	}
 	st.nconns.Add(-1)
-	if st.maxConns > 0 {
-		st.slots.Add(-1)
-		if st.paused.Load() > 0 {
-			// To the loops that hold a listener (Serve's: the
-			// accepting loop), which are the only ones that can be
-			// paused: a listener is added (naccs) before it can pause.
-			for _, l := range st.loops {
-				if l.naccs.Load() > 0 {
-					l.postCmd(cmdResume)
-				}
-			}
-		}
-	}
+	st.freeSlot()
 	if st.closingFlag.Load() {
 		st.checkDrained()
 	}
@@ -255,9 +265,9 @@ func (st *serverState) checkDrained() {
 
 // checkDrainedLocked closes drained once the server is closing and nothing
 // is open: no listener (none can be added once closing) and so no new
-// connection, and no connection.
+// connection, no prelude, and no connection.
 func (st *serverState) checkDrainedLocked() {
-	if st.closing && !st.isDrained && st.nacceptors == 0 && st.nconns.Load() == 0 {
+	if st.closing && !st.isDrained && st.nacceptors == 0 && len(st.preluding) == 0 && st.nconns.Load() == 0 {
 		st.isDrained = true
 		close(st.drained)
 	}
@@ -310,6 +320,7 @@ func (st *serverState) stopLocked(s *Server, graceful bool) {
 	for _, ln := range st.listeners {
 		ln.Close()
 	}
+	st.cutPreludesLocked()
 }
 
 // kill tells the loops to abort every connection.

@@ -371,13 +371,12 @@ func TestTLSListenerRefused(t *testing.T) {
 }
 
 // TestBadConfig: Serve refuses an invalid Config, a nil NewHandler, and a
-// Config.Prelude, which the loop cannot run.
+// negative Loops.
 func TestBadConfig(t *testing.T) {
 	for _, srv := range []*Server{
 		{Config: sockfsm.Config{WriteTimeout: -1}, NewHandler: conntest.Always(sockfsm.Echo{})},
 		{},
 		{NewHandler: conntest.Always(sockfsm.Echo{}), Loops: -1},
-		{NewHandler: conntest.Always(sockfsm.Echo{}), Config: sockfsm.Config{Prelude: func(c net.Conn) (net.Conn, error) { return c, nil }}},
 	} {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {

@@ -141,9 +141,11 @@ func (s *server) infoFor(t *testing.T, client string) (sockfsm.ConnInfo, bool) {
 	return sockfsm.ConnInfo{}, false
 }
 
-func TestBehindHAProxy(t *testing.T) {
+func TestBehindHAProxy(t *testing.T) { forDrivers(t, testBehindHAProxy) }
+
+func testBehindHAProxy(t *testing.T, d driver) {
 	testutil.Tool(t, "haproxy", "haproxy")
-	s := startServer(t, proxy.Required, sockfsm.Config{MaxConnsPerIP: 1})
+	s := startServer(t, d, proxy.Required, sockfsm.Config{MaxConnsPerIP: 1})
 	v2, v1 := startHAProxy(t, s.addr)
 
 	for _, fe := range []struct{ name, addr, src string }{{"send-proxy-v2", v2, "127.0.0.5"}, {"send-proxy", v1, "127.0.0.6"}} {

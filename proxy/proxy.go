@@ -4,8 +4,8 @@
 // the load balancer: ConnInfo.RemoteAddr, the handler's logs and
 // Config.MaxConnsPerIP all use the client's address from the header.
 //
-// Use it as the Config.Prelude of a sockfsm.Server or a sockfsm.Listener
-// (for net/http and the like):
+// Use it as the Config.Prelude of a sockfsm.Server, a loop.Server (the
+// event-loop driver) or a sockfsm.Listener (for net/http and the like):
 //
 //	srv.Config.Prelude = proxy.Prelude(proxy.Required)
 //
@@ -28,8 +28,10 @@
 // v1 (a text line) in the largest reads the grammar allows and then byte by
 // byte to its CRLF. So nothing of the client's data is read ahead, and the
 // connection served is the TCP connection itself, with its addresses
-// replaced and its zero-copy lazy reads kept (transport.LazyReader). The
-// bytes read are parsed and checked by github.com/pires/go-proxyproto.
+// replaced and its zero-copy lazy reads kept (transport.LazyReader). It is
+// a sockfsm.Readdressed, so the event-loop driver serves its socket
+// directly. The bytes read are parsed and checked by
+// github.com/pires/go-proxyproto.
 //
 // # Modes
 //
@@ -166,7 +168,7 @@ func apply(c net.Conn, h *proxyproto.Header) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	pc := &conn{Stream: s, local: h.DestinationAddr, remote: h.SourceAddr}
+	pc := &conn{Stream: s, base: c, local: h.DestinationAddr, remote: h.SourceAddr}
 	if lr, ok := s.(transport.LazyReader); ok {
 		return &lazyConn{conn: pc, LazyReader: lr}, nil
 	}
@@ -175,13 +177,19 @@ func apply(c net.Conn, h *proxyproto.Header) (net.Conn, error) {
 
 // conn is a connection with the addresses of its PROXY header: the
 // client's as RemoteAddr, the one the client connected to as LocalAddr.
+// It is a sockfsm.Readdressed: the header was read exactly, so the loop
+// driver may serve its socket directly.
 type conn struct {
 	transport.Stream
+	base          net.Conn // the connection the prelude was given
 	local, remote net.Addr
 }
 
 func (c *conn) LocalAddr() net.Addr  { return c.local }
 func (c *conn) RemoteAddr() net.Addr { return c.remote }
+
+// Base implements sockfsm.Readdressed.
+func (c *conn) Base() net.Conn { return c.base }
 
 // lazyConn is a conn over a transport that reads lazily (TCP on Unix).
 type lazyConn struct {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/sockfsm/sockfsm"
 	"github.com/sockfsm/sockfsm/internal/testutil"
+	"github.com/sockfsm/sockfsm/loop"
 	"github.com/sockfsm/sockfsm/proxy"
 )
 
@@ -26,11 +27,40 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // deadline bounds every wait of these tests.
 const deadline = 10 * time.Second
 
-// server is a sockfsm echo Server with a PROXY prelude, recording each
+// driver is a server of either driver: sockfsm.Server, which serves the
+// connection the prelude returns, or loop.Server, which serves the socket
+// itself with that connection's addresses.
+type driver struct {
+	name string
+	new  func(cfg sockfsm.Config, nh func(sockfsm.ConnInfo) sockfsm.Handler) serverAPI
+}
+
+type serverAPI interface {
+	Serve(net.Listener) error
+	Shutdown(context.Context) error
+}
+
+var drivers = []driver{
+	{"goroutine", func(cfg sockfsm.Config, nh func(sockfsm.ConnInfo) sockfsm.Handler) serverAPI {
+		return &sockfsm.Server{Config: cfg, NewHandler: nh}
+	}},
+	{"loop", func(cfg sockfsm.Config, nh func(sockfsm.ConnInfo) sockfsm.Handler) serverAPI {
+		return &loop.Server{Config: cfg, NewHandler: nh, Loops: 2}
+	}},
+}
+
+// forDrivers runs test on each driver.
+func forDrivers(t *testing.T, test func(*testing.T, driver)) {
+	for _, d := range drivers {
+		t.Run(d.name, func(t *testing.T) { test(t, d) })
+	}
+}
+
+// server is a sockfsm echo server with a PROXY prelude, recording each
 // connection's ConnInfo and each refusal.
 type server struct {
 	addr string
-	srv  *sockfsm.Server
+	srv  serverAPI
 	logs *testutil.SyncBuffer
 
 	mu      sync.Mutex
@@ -43,7 +73,7 @@ type refusal struct {
 	reason error
 }
 
-func startServer(t *testing.T, mode proxy.Mode, cfg sockfsm.Config) *server {
+func startServer(t *testing.T, d driver, mode proxy.Mode, cfg sockfsm.Config) *server {
 	t.Helper()
 	s := &server{logs: &testutil.SyncBuffer{}}
 	cfg.Prelude = proxy.Prelude(mode)
@@ -53,12 +83,12 @@ func startServer(t *testing.T, mode proxy.Mode, cfg sockfsm.Config) *server {
 		defer s.mu.Unlock()
 		s.refused = append(s.refused, refusal{remote, reason})
 	}
-	s.srv = &sockfsm.Server{Config: cfg, NewHandler: func(ci sockfsm.ConnInfo) sockfsm.Handler {
+	s.srv = d.new(cfg, func(ci sockfsm.ConnInfo) sockfsm.Handler {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		s.infos = append(s.infos, ci)
 		return sockfsm.Echo{}
-	}}
+	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -150,7 +180,9 @@ func tutorial(t *testing.T, c net.Conn, pre []byte, msg string) {
 // TestHeaderGivesClientAddress: with a v1 or v2 header in the same segment
 // as the data, ConnInfo has the header's addresses and the data is echoed
 // whole.
-func TestHeaderGivesClientAddress(t *testing.T) {
+func TestHeaderGivesClientAddress(t *testing.T) { forDrivers(t, testHeaderGivesClientAddress) }
+
+func testHeaderGivesClientAddress(t *testing.T, d driver) {
 	for _, tc := range []struct {
 		name     string
 		version  byte
@@ -163,7 +195,7 @@ func TestHeaderGivesClientAddress(t *testing.T) {
 	} {
 		for _, mode := range []proxy.Mode{proxy.Required, proxy.Optional} {
 			t.Run(tc.name+" "+mode.String(), func(t *testing.T) {
-				s := startServer(t, mode, sockfsm.Config{})
+				s := startServer(t, d, mode, sockfsm.Config{})
 				c := dial(t, s.addr)
 				tutorial(t, c, header(t, tc.version, tc.src, tc.dst), "this is a test")
 				ci := s.lastInfo(t)
@@ -180,9 +212,11 @@ func TestHeaderGivesClientAddress(t *testing.T) {
 
 // TestHeaderInPieces: a header that arrives a few bytes at a time is read
 // whole, and not a byte further.
-func TestHeaderInPieces(t *testing.T) {
+func TestHeaderInPieces(t *testing.T) { forDrivers(t, testHeaderInPieces) }
+
+func testHeaderInPieces(t *testing.T, d driver) {
 	for _, version := range []byte{1, 2} {
-		s := startServer(t, proxy.Required, sockfsm.Config{})
+		s := startServer(t, d, proxy.Required, sockfsm.Config{})
 		c := dial(t, s.addr)
 		h := header(t, version, "203.0.113.9:5000", "198.51.100.1:80")
 		for i := 0; i < len(h); i += 3 {
@@ -200,14 +234,16 @@ func TestHeaderInPieces(t *testing.T) {
 
 // TestLocalAndUnknownKeepPeer: a v2 LOCAL header (a proxy's health check)
 // and a v1 UNKNOWN one leave the peer's own address.
-func TestLocalAndUnknownKeepPeer(t *testing.T) {
+func TestLocalAndUnknownKeepPeer(t *testing.T) { forDrivers(t, testLocalAndUnknownKeepPeer) }
+
+func testLocalAndUnknownKeepPeer(t *testing.T, d driver) {
 	local := &proxyproto.Header{Version: 2, Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
 	lb, err := local.Format()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for name, h := range map[string][]byte{"v2 LOCAL": lb, "v1 UNKNOWN": []byte("PROXY UNKNOWN\r\n")} {
-		s := startServer(t, proxy.Required, sockfsm.Config{})
+		s := startServer(t, d, proxy.Required, sockfsm.Config{})
 		c := dial(t, s.addr)
 		tutorial(t, c, h, "health")
 		if got, want := s.lastInfo(t).RemoteAddr.String(), c.LocalAddr().String(); got != want {
@@ -219,8 +255,10 @@ func TestLocalAndUnknownKeepPeer(t *testing.T) {
 // TestRequiredRefuses: without a valid header, a connection is closed
 // unserved, reported once with ErrProxyHeader, and logged once; a
 // connection served meanwhile is not affected.
-func TestRequiredRefuses(t *testing.T) {
-	s := startServer(t, proxy.Required, sockfsm.Config{PreludeTimeout: 300 * time.Millisecond})
+func TestRequiredRefuses(t *testing.T) { forDrivers(t, testRequiredRefuses) }
+
+func testRequiredRefuses(t *testing.T, d driver) {
+	s := startServer(t, d, proxy.Required, sockfsm.Config{PreludeTimeout: 300 * time.Millisecond})
 	good := dial(t, s.addr)
 	if _, err := good.Write(header(t, 2, "203.0.113.1:1", "198.51.100.1:2")); err != nil {
 		t.Fatal(err)
@@ -280,8 +318,10 @@ func (s *server) waitRefusals(t *testing.T, n int) []refusal {
 // begins like a signature. (Data that is a signature's strict prefix and
 // then pauses, "P" or "PROX" here, waits for PreludeTimeout: only more
 // bytes can tell it from a header.)
-func TestOptionalWithoutHeader(t *testing.T) {
-	s := startServer(t, proxy.Optional, sockfsm.Config{PreludeTimeout: 200 * time.Millisecond})
+func TestOptionalWithoutHeader(t *testing.T) { forDrivers(t, testOptionalWithoutHeader) }
+
+func testOptionalWithoutHeader(t *testing.T, d driver) {
+	s := startServer(t, d, proxy.Optional, sockfsm.Config{PreludeTimeout: 200 * time.Millisecond})
 	for _, msg := range []string{"this is a test", "PING", "PROX", "\r\nnot v2", "P"} {
 		c := dial(t, s.addr)
 		tutorial(t, c, nil, msg)
@@ -296,8 +336,10 @@ func TestOptionalWithoutHeader(t *testing.T) {
 
 // TestMaxConnsPerIPUsesHeader: the per-address limit counts the header's
 // client address, not the proxy's.
-func TestMaxConnsPerIPUsesHeader(t *testing.T) {
-	s := startServer(t, proxy.Required, sockfsm.Config{MaxConnsPerIP: 1})
+func TestMaxConnsPerIPUsesHeader(t *testing.T) { forDrivers(t, testMaxConnsPerIPUsesHeader) }
+
+func testMaxConnsPerIPUsesHeader(t *testing.T, d driver) {
+	s := startServer(t, d, proxy.Required, sockfsm.Config{MaxConnsPerIP: 1})
 	a := dial(t, s.addr)
 	if _, err := a.Write(append(header(t, 2, "203.0.113.50:1000", "198.51.100.1:80"), "a"...)); err != nil {
 		t.Fatal(err)

@@ -30,11 +30,12 @@
 // -driver chooses how connections are driven: loop serves them on event
 // loops (package github.com/sockfsm/sockfsm/loop: epoll on Linux; about
 // 0.7 KiB per idle connection), goroutine on a goroutine each. The default,
-// auto, is loop on Linux, except with TLS or -proxy-protocol, which the
-// loop does not serve: then, and on other systems, goroutine. An explicit
-// -driver loop with TLS or -proxy-protocol fails at start with the loop's
-// error; elsewhere than Linux it logs that it serves with the goroutine
-// driver, and does.
+// auto, is loop on Linux, except with TLS, which the loop does not serve:
+// then, and on other systems, goroutine. -proxy-protocol runs on either
+// (the loop reads each header on a goroutine of its own, then serves the
+// socket). An explicit -driver loop with TLS fails at start with the
+// loop's error; elsewhere than Linux it logs that it serves with the
+// goroutine driver, and does.
 //
 // Durations and byte limits follow the engine's scheme: 0 means the
 // engine's default, a negative value turns the bound off (not allowed for
@@ -108,7 +109,7 @@ func parse(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.cfg.MaxConns, "max-conns", 0, "stop accepting at this many open connections (0: unlimited)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.verbose, "v", false, "tell each connection's story on stdout, as the tutorial does")
-	fs.StringVar(&o.driver, "driver", "auto", "`auto` (loop on Linux, except with TLS or -proxy-protocol; goroutine otherwise), loop (event loops; on systems other than Linux it serves with the goroutine driver and logs so) or goroutine (a goroutine per connection)")
+	fs.StringVar(&o.driver, "driver", "auto", "`auto` (loop on Linux, except with TLS; goroutine otherwise), loop (event loops; on systems other than Linux it serves with the goroutine driver and logs so) or goroutine (a goroutine per connection)")
 	addDeployFlags(fs, &o.deployOptions)
 	o.ops.register(fs)
 	admissionFlags(fs, &o)
@@ -271,14 +272,13 @@ type server interface {
 	Close() error
 }
 
-// chooseDriver resolves -driver auto: the loop on Linux, unless TLS or the
-// PROXY protocol is on (the loop serves neither); the goroutine driver
-// otherwise.
+// chooseDriver resolves -driver auto: the loop on Linux, unless TLS is on
+// (the loop does not serve it); the goroutine driver otherwise.
 func chooseDriver(o options) string {
 	if o.driver != "auto" {
 		return o.driver
 	}
-	if runtime.GOOS != "linux" || o.tlsCert != "" || o.tlsKey != "" || o.proxy != proxy.Off {
+	if runtime.GOOS != "linux" || o.tlsCert != "" || o.tlsKey != "" {
 		return "goroutine"
 	}
 	return "loop"

@@ -192,14 +192,28 @@ func TestVerboseStory(t *testing.T) {
 
 // TestDriverLoop: with -driver loop, the tutorial's exchange is served on
 // the event loops (on Linux) with the same story, and the server exits 0
-// on a signal.
+// on a signal; with -proxy-protocol required too, each client's PROXY
+// header is read first, and the data after it is echoed whole.
 func TestDriverLoop(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		header string
+	}{
+		{"plain", nil, ""},
+		{"proxy-protocol", []string{"-proxy-protocol", "required"}, "PROXY TCP4 203.0.113.7 198.51.100.1 40000 27015\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testDriverLoop(t, tc.args, tc.header) })
+	}
+}
+
+func testDriverLoop(t *testing.T, args []string, header string) {
 	var stdout, stderr syncBuffer
 	sigs := make(chan os.Signal, 1)
 	ready := make(chan net.Addr, 1)
 	done := make(chan int, 1)
 	go func() {
-		done <- run([]string{"-addr", "127.0.0.1:0", "-v", "-driver", "loop"}, &stdout, &stderr, sigs, ready)
+		done <- run(append([]string{"-addr", "127.0.0.1:0", "-v", "-driver", "loop"}, args...), &stdout, &stderr, sigs, ready)
 	}()
 	var addr net.Addr
 	select {
@@ -211,7 +225,7 @@ func TestDriverLoop(t *testing.T) {
 	}
 	const msg = "this is a test"
 	for range 3 {
-		got, err := exchange(addr.String(), []byte(msg))
+		got, err := exchange(addr.String(), []byte(header+msg))
 		if err != nil || string(got) != msg {
 			t.Errorf("exchange: %q, %v; want %q then EOF", got, err, msg)
 		}
@@ -231,6 +245,9 @@ func TestDriverLoop(t *testing.T) {
 		if n := strings.Count(story, want); n != 3 {
 			t.Errorf("the story has %q %d times, want 3:\n%s", want, n, story)
 		}
+	}
+	if runtime.GOOS == "linux" && !strings.Contains(stderr.String(), "driver=loop") {
+		t.Errorf("no log line says the loop serves:\n%s", stderr.String())
 	}
 	if runtime.GOOS != "linux" && !strings.Contains(stderr.String(), "goroutine driver") {
 		t.Errorf("no log line says the loop driver fell back:\n%s", stderr.String())
@@ -547,9 +564,9 @@ func isReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
-// TestChooseDriver: -driver auto is the loop on Linux, except with TLS or
-// the PROXY protocol, which only the goroutine driver serves; an explicit
-// choice stands.
+// TestChooseDriver: -driver auto is the loop on Linux, except with TLS,
+// which only the goroutine driver serves; the PROXY protocol runs on
+// either; an explicit choice stands.
 func TestChooseDriver(t *testing.T) {
 	loopHere := "goroutine"
 	if runtime.GOOS == "linux" {
@@ -561,10 +578,11 @@ func TestChooseDriver(t *testing.T) {
 	}{
 		{nil, loopHere},
 		{[]string{"-tls-cert", "c.pem", "-tls-key", "k.pem"}, "goroutine"},
-		{[]string{"-proxy-protocol", "required"}, "goroutine"},
+		{[]string{"-proxy-protocol", "required"}, loopHere},
 		{[]string{"-proxy-protocol", "off"}, loopHere},
 		{[]string{"-driver", "goroutine"}, "goroutine"},
 		{[]string{"-driver", "loop", "-proxy-protocol", "required"}, "loop"},
+		{[]string{"-driver", "goroutine", "-proxy-protocol", "required"}, "goroutine"},
 	} {
 		o, err := parse(tc.args, io.Discard)
 		if err != nil {
