@@ -145,7 +145,8 @@ type Config struct {
 	// reads the PROXY protocol header. It returns the connection to serve:
 	// c itself, or a net.Conn wrapping c whose RemoteAddr and LocalAddr
 	// become ConnInfo's (a transport.Stream keeps the TCP adapter's lazy
-	// reads). Server runs it on a goroutine of its own, never on the
+	// reads). The event-loop driver (package loop), which serves the
+	// socket itself, takes only c or a Readdressed of c (see Readdressed). Server runs it on a goroutine of its own, never on the
 	// accepting one, so a slow peer delays only itself, with c's deadline
 	// set PreludeTimeout ahead and cleared after. If it returns an error,
 	// c is closed at once and the connection refused through OnRefuse with
@@ -352,18 +353,20 @@ func (c Config) RunPrelude(conn net.Conn) (nc net.Conn, err error) {
 
 // Readdressed is implemented by a connection that a Config.Prelude returns
 // in place of the connection it was given when it is that connection under
-// other addresses, as proxy.Prelude's are (the client's address from the
-// PROXY header): its reads and writes are the given connection's, and the
-// prelude read nothing from it beyond its own bytes, so the rest of the
-// peer's data is still in the socket. Base returns the connection the
-// prelude was given.
+// other addresses, as proxy.Prelude's are (with the client's address from
+// the PROXY header): its reads and writes are the given connection's, it
+// holds nothing of its own, and the prelude read nothing from the given
+// connection beyond its own bytes, so the rest of the peer's data is still
+// in the socket. Readdressed returns the connection the prelude was given
+// (or another Readdressed of it, for a prelude that wraps another's).
 //
 // The event-loop driver (package loop) serves the socket itself, not the
-// connection a Prelude returns, with that connection's addresses: it
-// takes a Prelude's result only if it is the connection given or a
-// Readdressed of it, and refuses any other (with ErrPrelude), since data a
+// connection a Prelude returns, with that connection's addresses; it
+// closes the connection the prelude was given, never the one returned.
+// So it takes a Prelude's result only if it is the connection given or a
+// Readdressed of it, and refuses any other with ErrPrelude, since data a
 // wrapper buffered or transformed would not reach the handler.
 type Readdressed interface {
 	net.Conn
-	Base() net.Conn
+	Readdressed() net.Conn
 }

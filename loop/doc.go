@@ -83,7 +83,9 @@
 // MPTCP listener (net's default since Go 1.24) on each connection, before
 // its second write: until then Nagle's algorithm holds nothing back, so a
 // connection that writes once costs no setsockopt. No
-// keep-alive is set (IdleTimeout and the linger bounds end dead peers).
+// keep-alive is set (IdleTimeout and the linger bounds end dead peers),
+// except on the connections of a Config.Prelude, which net.FileConn gives
+// net's keep-alive (below).
 //
 // # Timers
 //
@@ -121,7 +123,8 @@
 //
 // The Handler's callbacks, Conn.Do's functions and Config's hooks
 // (OnStateChange, OnClose) run on the connection's loop goroutine, and
-// NewHandler on the accepting loop's. A callback that blocks stalls every
+// NewHandler and OnAccept on the accepting loop's; with a Config.Prelude,
+// on the goroutine of the connection's prelude, so concurrently. A callback that blocks stalls every
 // connection of its loop: hand blocking work to another goroutine, which
 // may use the Conn at any time (Write, CloseWrite, Close, Abort, Do,
 // PauseRead, ResumeRead wake the loop through its eventfd), exactly as with
@@ -131,7 +134,8 @@
 //
 // Every field of sockfsm.Config means what it means to sockfsm.Server:
 // the engine's timeouts and limits, MaxConns, MaxConnsPerIP (refused at
-// accept, through OnRefuse), the hooks (OnAccept, OnStateChange, OnClose,
+// accept, or after a Config.Prelude by the address it gave, through
+// OnRefuse), the hooks (OnAccept, OnStateChange, OnClose,
 // OnAcceptError, OnMaxConnsWait, OnRefuse), and Prelude with
 // PreludeTimeout (the PROXY protocol: package proxy).
 //
@@ -143,15 +147,26 @@
 // addresses: so it takes the result only if it is the connection the
 // prelude was given or a sockfsm.Readdressed of it (proxy.Prelude's are:
 // they read the header exactly and leave the rest in the socket), and
-// refuses any other with ErrPrelude. During its prelude a connection holds
-// its MaxConns slot and is not in NumConns; Shutdown and Close cut
-// preludes short (closed, not refused) and wait for them. The goroutine
-// lasts as long as the prelude: a connection past its header costs what
-// any other costs on the loop. The hand-over costs 19 system calls per
-// connection, counted with strace: net.FileConn's duplicate of the socket
-// (with os.NewFile's poller registration), its type, addresses and socket
-// options (TCP_NODELAY and keep-alive), and the duplicate the loop takes
-// back, with the closes and the wake-up. The header's own reads are
+// refuses any other with ErrPrelude (and logs the first such refusal at
+// Error: every connection will be refused alike).
+//
+// During its prelude a connection holds its MaxConns slot and is not in
+// NumConns. Shutdown and Close cut preludes short and wait for them; a
+// prelude that fails so is closed, not refused (proxy's Optional mode
+// takes a cut for a missing header: its connection is served, and closed
+// as the others are). A connection accepted when no descriptor is left for
+// the poller's (EMFILE, ENFILE) is held, with its slot, while the
+// accepting loop backs off as for a failed accept, and starts when the
+// back-off ends.
+//
+// The goroutine lasts as long as the prelude: a connection past its
+// header costs what any other costs on the loop. The hand-over costs 19
+// system calls per connection, counted with strace: the loop's duplicate
+// of the socket, net.FileConn's own of that duplicate (with the runtime
+// poller's registrations), its type, addresses and socket options
+// (TCP_NODELAY and keep-alive), the closes, and the wake-up of the serving
+// loop; the descriptor accept4 gave is kept for the loop, so nothing needs
+// a new descriptor once the prelude is done. The header's own reads are
 // package proxy's, the same on either driver.
 //
 // # What is not supported

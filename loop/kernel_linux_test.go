@@ -252,8 +252,8 @@ func TestBusyTimeout(t *testing.T) {
 // wait that slept until the tick would have seen a tick period with
 // nothing in it and left the loop idle, its timer up to a tick late. The
 // tick is restarted for each try; a try whose wait the tick still beat (a
-// test machine that did not run it for most of a tick period) is tried
-// again.
+// test machine that did not run it for half a tick period), or that a
+// signal ended early (EINTR: the runtime's preemption), is tried again.
 func TestBusyWaitEndsAtTimer(t *testing.T) {
 	kk, err := newEpollKernel()
 	if err != nil {
@@ -268,19 +268,16 @@ func TestBusyWaitEndsAtTimer(t *testing.T) {
 		if !k.busy {
 			t.Fatal("setBusy(true) left the loop idle: no tick")
 		}
-		until := time.Now().Add(2 * time.Millisecond)
+		until := time.Now().Add(tickPeriod / 2)
 		n, err := k.wait(events, true, until)
 		if err != nil || n != 0 {
 			t.Fatalf("wait: %d events, %v; want 0, nil (nothing is registered)", n, err)
 		}
-		if now := time.Now(); now.Before(until) {
-			t.Fatalf("wait returned %v before its timer", until.Sub(now))
-		}
-		if k.busy {
+		if k.busy && !time.Now().Before(until) {
 			return
 		}
 		if try == tries {
-			t.Fatalf("in %d tries, a busy wait with its timer due in 2ms (tick %v) always ended at the tick, leaving the loop idle", tries, tickPeriod)
+			t.Fatalf("in %d tries, a busy wait with its timer due in %v (tick %v) always ended at the tick, leaving the loop idle, or early", tries, tickPeriod/2, tickPeriod)
 		}
 	}
 }

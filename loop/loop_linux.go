@@ -481,7 +481,7 @@ func (l *eventLoop) fireTimers() {
 		if a.resumeAt != 0 && a.resumeAt <= now {
 			a.resumeAt = 0
 			if !a.paused {
-				l.watch(a)
+				l.rewatch(a)
 			}
 		}
 	}
@@ -711,6 +711,12 @@ type acceptor struct {
 	nodelay  uint8     // how its TCP connections get TCP_NODELAY; see noDelay
 	batch    uint8     // the accept calls of the last turn that made them all; see accept
 	fullAt   uint64    // that turn (eventLoop.turns); 0: none
+
+	// A connection accepted for Config.Prelude that could not start for
+	// want of a descriptor, with its MaxConns slot (see startPrelude).
+	holding bool
+	held    int32
+	heldSA  syscall.Sockaddr
 }
 
 // acceptor.nodelay: below nodelayTries, how many accepted sockets were
@@ -745,6 +751,15 @@ func (l *eventLoop) watch(a *acceptor) {
 	a.watched = true
 }
 
+// rewatch watches a again after a back-off or a wait at MaxConns, and
+// starts the connection it holds, if any (see startPrelude).
+func (l *eventLoop) rewatch(a *acceptor) {
+	l.watch(a)
+	if a.holding {
+		l.accept(a)
+	}
+}
+
 func (l *eventLoop) unwatch(a *acceptor) {
 	if a.watched {
 		a.watched = false
@@ -764,6 +779,11 @@ func (l *eventLoop) closeAcceptor(a *acceptor, err error) {
 	if a.paused {
 		l.unpause(a) // a wait at MaxConns ends with the server's stop
 	}
+	if a.holding {
+		l.k.close(a.held) // as the connections in the listen queue are
+		a.holding = false
+		l.s.freeSlot()
+	}
 	l.k.close(a.fd)
 	a.done <- err
 	l.s.acceptorGone()
@@ -779,6 +799,13 @@ func (l *eventLoop) closeAcceptor(a *acceptor, err error) {
 // one EAGAIN.
 func (l *eventLoop) accept(a *acceptor) {
 	s := l.s
+	if a.holding {
+		fd, sa := a.held, a.heldSA
+		a.holding, a.heldSA = false, nil
+		if !l.startPrelude(fd, sa, a) {
+			return
+		}
+	}
 	n := 1
 	if a.fullAt != 0 && a.fullAt+1 == l.turns {
 		n = min(2*int(a.batch), acceptBudget)
@@ -810,7 +837,9 @@ func (l *eventLoop) accept(a *acceptor) {
 		}
 		a.backoff = 0
 		if s.cfg.Prelude != nil {
-			l.startPrelude(fd, sa, a) // see prelude_linux.go
+			if !l.startPrelude(fd, sa, a) { // see prelude_linux.go
+				return
+			}
 			continue
 		}
 		if !l.admitIP(fd, sa) {
@@ -976,7 +1005,7 @@ func (l *eventLoop) resumeAccepting() {
 		if a.paused && l.s.belowMax() {
 			l.unpause(a)
 			if a.resumeAt == 0 {
-				l.watch(a)
+				l.rewatch(a)
 			}
 		}
 	}

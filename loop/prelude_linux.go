@@ -14,27 +14,52 @@ import (
 )
 
 // Config.Prelude (the PROXY protocol) on the loop; the package doc says
-// what it promises and costs. The accepting loop makes each accepted
-// socket a net.Conn of the runtime's poller (net.FileConn); a goroutine of
-// its own runs the prelude on it, with its deadline PreludeTimeout ahead,
-// in serverState.preluding meanwhile (Shutdown and Close cut it short, and
-// wait for it); then a duplicate of the socket goes to a serving loop, with
-// the addresses of the connection the prelude returned.
+// what it promises and costs. The accepting loop makes a duplicate of
+// each accepted socket a net.Conn of the runtime's poller (net.FileConn);
+// a goroutine of its own runs the prelude on it, with its deadline
+// PreludeTimeout ahead, in serverState.preluding meanwhile (Shutdown and
+// Close cut it short, and wait for it); then the descriptor accept4 gave,
+// kept meanwhile, goes to a serving loop, with the addresses of the
+// connection the prelude returned.
 
 // past is a deadline in the past: it cuts a prelude short.
 var past = time.Unix(1, 0)
 
 // startPrelude starts Config.Prelude on the connection the accepting loop
-// l accepted as fd from sa on a. It owns fd from now on.
-func (l *eventLoop) startPrelude(fd int32, sa syscall.Sockaddr, a *acceptor) {
+// l accepted as fd from sa on a; it owns fd from then on. The prelude runs
+// on a net.Conn of a duplicate of fd, and fd is kept for the loop that
+// will serve the socket: so nothing needs a descriptor once the prelude
+// is done. It reports false if it could not start, for want of a
+// descriptor (EMFILE, ENFILE, ...): then a holds fd, with its MaxConns
+// slot, and backs off, as for a failed accept, and accept hands fd back
+// here when the back-off ends, so that the connection waits as one in the
+// listen queue would.
+func (l *eventLoop) startPrelude(fd int32, sa syscall.Sockaddr, a *acceptor) bool {
 	st := l.s
-	f := os.NewFile(uintptr(fd), "")
-	c, err := net.FileConn(f) // a duplicate
-	f.Close()
+	// net.FileConn takes a duplicate of its own; ours is given to it, so
+	// that fd stays ours if it fails.
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	var c net.Conn
 	if err != nil {
+		err = os.NewSyscallError("fcntl", err)
+	} else {
+		f := os.NewFile(uintptr(dup), "")
+		c, err = net.FileConn(f)
+		f.Close()
+	}
+	if err != nil {
+		if temporary(err) {
+			a.holding, a.held, a.heldSA = true, fd, sa
+			if f := st.cfg.OnAcceptError; f != nil {
+				st.callHook("OnAcceptError", func() { f(err) })
+			}
+			l.backOff(a, err)
+			return false
+		}
 		st.log.Error("sockfsm/loop: cannot run Config.Prelude; connection closed", "err", err)
+		l.k.close(fd)
 		st.freeSlot()
-		return
+		return true
 	}
 	timeout := st.cfg.PreludeTimeout
 	if timeout == 0 {
@@ -47,25 +72,27 @@ func (l *eventLoop) startPrelude(fd int32, sa syscall.Sockaddr, a *acceptor) {
 	if st.closing {
 		st.mu.Unlock()
 		c.Close()
+		l.k.close(fd)
 		st.freeSlot()
-		return
+		return true
 	}
 	st.preluding[c] = struct{}{}
 	st.mu.Unlock()
-	go st.prelude(c, sa, a)
+	go st.prelude(c, fd, sa, a)
+	return true
 }
 
 // prelude is the goroutine of startPrelude: it runs the prelude on c and
-// hands the socket to a serving loop, or refuses it.
-func (st *serverState) prelude(c net.Conn, sa syscall.Sockaddr, a *acceptor) {
+// hands the socket, fd, to a serving loop, or refuses it.
+func (st *serverState) prelude(c net.Conn, fd int32, sa syscall.Sockaddr, a *acceptor) {
 	defer st.preludeDone(c)
 	nc, err := st.cfg.RunPrelude(c)
-	fd := int32(-1)
 	if err == nil {
-		fd, err = socketOf(c, nc)
+		err = st.readdressed(c, nc)
 	}
-	c.Close() // the socket lives on in fd, if it was taken
+	c.Close() // the socket lives on in fd
 	if err != nil {
+		unix.Close(int(fd))
 		st.mu.Lock()
 		cut := st.closing
 		st.mu.Unlock()
@@ -118,32 +145,30 @@ func (st *serverState) cutPreludesLocked() {
 	}
 }
 
-// socketOf returns a new descriptor of the socket of c, the connection a
-// prelude was given, if nc, the connection it returned, is c or a
-// sockfsm.Readdressed of c; any other connection is refused with
-// ErrPrelude, since what it buffered or transformed would not reach the
-// handler.
-func socketOf(c, nc net.Conn) (int32, error) {
-	if nc != c {
-		if r, ok := nc.(sockfsm.Readdressed); !ok || r.Base() != c {
-			return -1, fmt.Errorf("%w: the loop driver serves the socket itself, and Prelude returned a %T, neither the connection it was given nor a sockfsm.Readdressed of it", sockfsm.ErrPrelude, nc)
+// maxReaddressed bounds a chain of sockfsm.Readdressed.
+const maxReaddressed = 8
+
+// readdressed checks that nc, what a prelude given c returned, is c, or a
+// sockfsm.Readdressed of c (through a chain of them), whose socket the
+// loop may serve; any other connection is refused with ErrPrelude, since
+// what it buffered or transformed would not reach the handler. The first
+// such refusal is also logged at Error: each connection will be refused
+// alike.
+func (st *serverState) readdressed(c, nc net.Conn) error {
+	got := nc
+	for range maxReaddressed {
+		if nc == c {
+			return nil
 		}
+		r, ok := nc.(sockfsm.Readdressed)
+		if !ok {
+			break
+		}
+		nc = r.Readdressed()
 	}
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return -1, fmt.Errorf("%w: a %T has no descriptor", sockfsm.ErrPrelude, c)
+	err := fmt.Errorf("%w: the loop driver serves the socket itself, and Config.Prelude returned a %T, neither the connection it was given nor a sockfsm.Readdressed of it", sockfsm.ErrPrelude, got)
+	if st.badPrelude.CompareAndSwap(false, true) {
+		st.log.Error("sockfsm/loop: Config.Prelude returned a connection the loop cannot serve: every connection it returns so is refused", "err", err)
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	var derr error
-	if err := rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return -1, err
-	}
-	if derr != nil {
-		return -1, os.NewSyscallError("fcntl", derr)
-	}
-	return int32(fd), nil
+	return err
 }

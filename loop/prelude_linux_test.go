@@ -38,7 +38,7 @@ var ports atomic.Int32
 func (r readdressed) RemoteAddr() net.Addr {
 	return &net.TCPAddr{IP: net.IPv4(203, 0, 113, 7), Port: r.port}
 }
-func (r readdressed) Base() net.Conn { return r.base }
+func (r readdressed) Readdressed() net.Conn { return r.base }
 
 // headerPrelude reads hdr exactly and returns c readdressed, or c itself
 // if bare.
@@ -235,5 +235,30 @@ func TestShutdownCutsPreludes(t *testing.T) {
 	}
 	if got := r.list(); len(got) != 0 {
 		t.Errorf("refusals %v, want none: a prelude cut short by Shutdown is not refused", got)
+	}
+}
+
+// TestPreludeNewHandlerFails: a connection whose NewHandler fails after
+// its prelude is aborted (RST), and gives back its MaxConns slot and its
+// MaxConnsPerIP count: the next connection from the same address is
+// served.
+func TestPreludeNewHandlerFails(t *testing.T) {
+	checkFDs(t)
+	var n atomic.Int32
+	ts := startServer(t, "tcp", "127.0.0.1:0", 1, sockfsm.Config{MaxConns: 1, MaxConnsPerIP: 1, Prelude: headerPrelude(true)},
+		func(sockfsm.ConnInfo) sockfsm.Handler {
+			if n.Add(1) == 1 {
+				return nil // ErrNoHandler
+			}
+			return sockfsm.Echo{}
+		})
+	c := ts.dial(t)
+	conntest.MustWrite(t, c, []byte(hdr+"first"))
+	conntest.WantReset(t, c, nil)
+	c = ts.dial(t)
+	conntest.MustWrite(t, c, []byte(hdr+"second"))
+	conntest.CloseWrite(t, c)
+	if got := conntest.ReadToEOF(t, c); string(got) != "second" {
+		t.Fatalf("the second client received %q", got)
 	}
 }

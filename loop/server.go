@@ -21,8 +21,8 @@ type Server struct {
 	// Config holds the connections' timeouts and limits and MaxConns.
 	Config sockfsm.Config
 	// NewHandler returns the handler of a new connection. It is called on
-	// the accepting loop (with a Config.Prelude, on the prelude's
-	// goroutine) and must not block.
+	// the accepting loop, or, with a Config.Prelude, on the goroutine of
+	// the connection's prelude, so concurrently; it must not block.
 	NewHandler func(sockfsm.ConnInfo) sockfsm.Handler
 	// Loops is the number of event loops that serve connections; 0 means
 	// runtime.GOMAXPROCS(0). One more loop accepts them (see the package

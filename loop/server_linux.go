@@ -45,6 +45,7 @@ type serverState struct {
 	perIP    *admit.Limiter // MaxConnsPerIP; nil when unlimited
 
 	closingFlag atomic.Bool  // closing, for connGone
+	badPrelude  atomic.Bool  // a prelude's result was refused: see readdressed
 	nconns      atomic.Int64 // open connections, from accept to close
 	slots       atomic.Int64 // MaxConns slots taken (accepting, or open)
 	paused      atomic.Int32 // acceptors paused at MaxConns

@@ -188,8 +188,8 @@ type conn struct {
 func (c *conn) LocalAddr() net.Addr  { return c.local }
 func (c *conn) RemoteAddr() net.Addr { return c.remote }
 
-// Base implements sockfsm.Readdressed.
-func (c *conn) Base() net.Conn { return c.base }
+// Readdressed implements sockfsm.Readdressed.
+func (c *conn) Readdressed() net.Conn { return c.base }
 
 // lazyConn is a conn over a transport that reads lazily (TCP on Unix).
 type lazyConn struct {

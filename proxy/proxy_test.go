@@ -38,6 +38,7 @@ type driver struct {
 type serverAPI interface {
 	Serve(net.Listener) error
 	Shutdown(context.Context) error
+	NumConns() int
 }
 
 var drivers = []driver{
@@ -335,7 +336,8 @@ func testOptionalWithoutHeader(t *testing.T, d driver) {
 }
 
 // TestMaxConnsPerIPUsesHeader: the per-address limit counts the header's
-// client address, not the proxy's.
+// client address, not the proxy's, and releases it when the connection
+// closes.
 func TestMaxConnsPerIPUsesHeader(t *testing.T) { forDrivers(t, testMaxConnsPerIPUsesHeader) }
 
 func testMaxConnsPerIPUsesHeader(t *testing.T, d driver) {
@@ -361,6 +363,14 @@ func testMaxConnsPerIPUsesHeader(t *testing.T, d driver) {
 		t.Errorf("refusals %v, want one, ErrTooManyConnsFromIP from 203.0.113.50:1001", r)
 	}
 	tutorial(t, a, nil, "first")
+	for end := time.Now().Add(deadline); time.Now().Before(end) && s.srv.NumConns() != 0; {
+		time.Sleep(time.Millisecond)
+	}
+	again := dial(t, s.addr) // 203.0.113.50 again, its first connection closed
+	tutorial(t, again, header(t, 1, "203.0.113.50:1002", "198.51.100.1:80"), "again")
+	if r := s.refusals(); len(r) != 1 {
+		t.Errorf("refusals %v, want only the first one", r)
+	}
 }
 
 func TestParseMode(t *testing.T) {

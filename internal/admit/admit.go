@@ -44,6 +44,8 @@ func Key(remote net.Addr) (netip.Addr, bool) {
 		ip = a.IP
 	case *net.IPAddr:
 		ip = a.IP
+	case *net.UnixAddr:
+		return netip.Addr{}, false // whatever its name: a path may read as an address
 	default:
 		if remote == nil {
 			return netip.Addr{}, false
