@@ -246,6 +246,18 @@ func TestBusyTimeout(t *testing.T) {
 	}
 }
 
+// epollKernelForTest returns a real epoll kernel, shut down when the test
+// ends, and an events array for its waits.
+func epollKernelForTest(t *testing.T) (*epollKernel, []unix.EpollEvent) {
+	t.Helper()
+	k, err := newEpollKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(k.shutdown)
+	return k.(*epollKernel), make([]unix.EpollEvent, 4)
+}
+
 // TestBusyWaitEndsAtTimer: on the real kernel, a busy loop whose first
 // timer is due before its tick waits for the timer, not for the tick: the
 // wait returns at the timer (never before it) with the loop still busy. A
@@ -255,13 +267,7 @@ func TestBusyTimeout(t *testing.T) {
 // test machine that did not run it for half a tick period), or that a
 // signal ended early (EINTR: the runtime's preemption), is tried again.
 func TestBusyWaitEndsAtTimer(t *testing.T) {
-	kk, err := newEpollKernel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer kk.shutdown()
-	k := kk.(*epollKernel)
-	events := make([]unix.EpollEvent, 4)
+	k, events := epollKernelForTest(t)
 	const tries = 5
 	for try := 1; ; try++ {
 		k.setBusy(true)
@@ -287,13 +293,7 @@ func TestBusyWaitEndsAtTimer(t *testing.T) {
 // that reported it; a post with the counter full (2^64-2 posts) still
 // makes one.
 func TestPostIsAnEdge(t *testing.T) {
-	kk, err := newEpollKernel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer kk.shutdown()
-	k := kk.(*epollKernel)
-	events := make([]unix.EpollEvent, 4)
+	k, events := epollKernelForTest(t)
 	woken := func() bool {
 		t.Helper()
 		n, err := k.wait(events, false, time.Time{})
