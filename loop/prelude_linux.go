@@ -1,6 +1,7 @@
 package loop
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -48,15 +49,23 @@ func (l *eventLoop) startPrelude(fd int32, sa syscall.Sockaddr, a *acceptor) boo
 		f.Close()
 	}
 	if err != nil {
-		if temporary(err) {
+		var errno unix.Errno
+		errors.As(err, &errno)
+		switch errno {
+		case unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM:
 			a.holding, a.held, a.heldSA = true, fd, sa
 			if f := st.cfg.OnAcceptError; f != nil {
 				st.callHook("OnAcceptError", func() { f(err) })
 			}
 			l.backOff(a, err)
 			return false
+		case unix.ENOTCONN, unix.ECONNRESET, unix.ECONNABORTED:
+			// The peer is gone already (getpeername fails on a reset
+			// socket): nothing to serve, and nothing wrong here.
+			st.log.Debug("sockfsm/loop: connection gone before its prelude", "err", err)
+		default:
+			st.log.Error("sockfsm/loop: cannot run Config.Prelude; connection closed", "err", err)
 		}
-		st.log.Error("sockfsm/loop: cannot run Config.Prelude; connection closed", "err", err)
 		l.k.close(fd)
 		st.freeSlot()
 		return true
