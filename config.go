@@ -146,7 +146,8 @@ type Config struct {
 	// c itself, or a net.Conn wrapping c whose RemoteAddr and LocalAddr
 	// become ConnInfo's (a transport.Stream keeps the TCP adapter's lazy
 	// reads). The event-loop driver (package loop), which serves the
-	// socket itself, takes only c or a Readdressed of c (see Readdressed). Server runs it on a goroutine of its own, never on the
+	// socket itself, takes only c or a Readdressed of c (see
+	// Readdressed). Server runs it on a goroutine of its own, never on the
 	// accepting one, so a slow peer delays only itself, with c's deadline
 	// set PreludeTimeout ahead and cleared after. If it returns an error,
 	// c is closed at once and the connection refused through OnRefuse with
@@ -170,8 +171,9 @@ type Config struct {
 	// OnAccept, if set, is called once per connection as it enters
 	// Accepted, its first state: when its Engine is initialized (NewEngine,
 	// Engine.Init), before any other hook, on the goroutine that
-	// initializes it (Server's and Listener's accepting goroutine;
-	// ServeConn's caller). Every connection OnAccept saw leaves Accepted
+	// initializes it (Server's and Listener's accepting goroutine, or,
+	// with a Prelude, the connection's prelude goroutine; ServeConn's
+	// caller). Every connection OnAccept saw leaves Accepted
 	// through OnStateChange and ends with one OnClose once its driver runs
 	// it to Closed, so OnAccept, OnStateChange and OnClose together count
 	// the connections open in each state exactly, including those still in
@@ -192,8 +194,11 @@ type Config struct {
 	// Accept returned, temporary or not, except the ones that follow the
 	// server's own Shutdown or Close (a closed listener is not a fault).
 	// Server's accept loop calls it before its back-off; Listener.Accept
-	// calls it before returning the error. It is called on the accepting
-	// goroutine and must not block.
+	// calls it before returning the error. The event-loop driver (package
+	// loop) also calls it when an accepted connection cannot get the
+	// descriptor its Prelude needs (EMFILE and the like), before the same
+	// back-off. It is called on the accepting goroutine and must not
+	// block.
 	OnAcceptError func(err error)
 	// OnMaxConnsWait, if set, is called each time an accept loop that
 	// waited at MaxConns open connections stops waiting, with how long it

@@ -426,10 +426,12 @@ func (s *Server) connDone(d *driver) {
 	if counted {
 		delete(s.ipKeys, d)
 	}
+	// Before the connection leaves NumConns: a client that saw it gone
+	// may connect again at once.
+	s.releaseIP(key)
 	delete(s.conns, d)
 	s.notifyLocked()
 	s.mu.Unlock()
-	s.releaseIP(key)
 	s.release()
 }
 

@@ -268,7 +268,7 @@ func epollKernelForTest(t *testing.T) (*epollKernel, []unix.EpollEvent) {
 // signal ended early (EINTR: the runtime's preemption), is tried again.
 func TestBusyWaitEndsAtTimer(t *testing.T) {
 	k, events := epollKernelForTest(t)
-	const tries = 5
+	const tries = 3
 	for try := 1; ; try++ {
 		k.setBusy(true)
 		if !k.busy {

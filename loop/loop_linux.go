@@ -477,11 +477,16 @@ func (l *eventLoop) runQueue() {
 func (l *eventLoop) fireTimers() {
 	nowT := l.k.now()
 	now := l.ns(nowT)
-	for _, a := range l.accs {
+	// By index: rewatch may close a, which leaves l.accs.
+	for i := 0; i < len(l.accs); i++ {
+		a := l.accs[i]
 		if a.resumeAt != 0 && a.resumeAt <= now {
 			a.resumeAt = 0
 			if !a.paused {
 				l.rewatch(a)
+				if i < len(l.accs) && l.accs[i] != a {
+					i--
+				}
 			}
 		}
 	}
@@ -1001,11 +1006,16 @@ func (l *eventLoop) unpause(a *acceptor) {
 // resumeAccepting watches the loop's paused listeners again if the
 // server is below MaxConns.
 func (l *eventLoop) resumeAccepting() {
-	for _, a := range l.accs {
+	// By index: rewatch may close a, which leaves l.accs.
+	for i := 0; i < len(l.accs); i++ {
+		a := l.accs[i]
 		if a.paused && l.s.belowMax() {
 			l.unpause(a)
 			if a.resumeAt == 0 {
 				l.rewatch(a)
+				if i < len(l.accs) && l.accs[i] != a {
+					i--
+				}
 			}
 		}
 	}

@@ -59,10 +59,6 @@ func (l *eventLoop) startPrelude(fd int32, sa syscall.Sockaddr, a *acceptor) boo
 			}
 			l.backOff(a, err)
 			return false
-		case unix.ENOTCONN, unix.ECONNRESET, unix.ECONNABORTED:
-			// The peer is gone already (getpeername fails on a reset
-			// socket): nothing to serve, and nothing wrong here.
-			st.log.Debug("sockfsm/loop: connection gone before its prelude", "err", err)
 		default:
 			st.log.Error("sockfsm/loop: cannot run Config.Prelude; connection closed", "err", err)
 		}
@@ -95,6 +91,11 @@ func (l *eventLoop) startPrelude(fd int32, sa syscall.Sockaddr, a *acceptor) boo
 // hands the socket, fd, to a serving loop, or refuses it.
 func (st *serverState) prelude(c net.Conn, fd int32, sa syscall.Sockaddr, a *acceptor) {
 	defer st.preludeDone(c)
+	cn := &conn{fd: fd}
+	// The socket's own peer, from accept4: net.FileConn has none for a
+	// peer gone already. It also says whether the socket is TCP (see
+	// fCleanFIN).
+	peer := cn.remoteAddr(sa, a)
 	nc, err := st.cfg.RunPrelude(c)
 	if err == nil {
 		err = st.readdressed(c, nc)
@@ -106,12 +107,18 @@ func (st *serverState) prelude(c net.Conn, fd int32, sa syscall.Sockaddr, a *acc
 		cut := st.closing
 		st.mu.Unlock()
 		if !cut {
-			admit.Refuse(st.log, st.cfg.OnRefuse, c.RemoteAddr(), err)
+			admit.Refuse(st.log, st.cfg.OnRefuse, peer, err)
 		}
 		st.freeSlot()
 		return
 	}
 	info := sockfsm.ConnInfo{ID: connIDs.Add(1), LocalAddr: nc.LocalAddr(), RemoteAddr: nc.RemoteAddr()}
+	if info.RemoteAddr == nil {
+		info.RemoteAddr = peer
+	}
+	if info.LocalAddr == nil {
+		info.LocalAddr = a.laddr
+	}
 	key, counted := admit.Key(info.RemoteAddr)
 	counted = counted && st.perIP != nil
 	if counted && !st.perIP.Acquire(key) {
@@ -120,8 +127,6 @@ func (st *serverState) prelude(c net.Conn, fd int32, sa syscall.Sockaddr, a *acc
 		st.freeSlot()
 		return
 	}
-	cn := &conn{fd: fd}
-	cn.remoteAddr(sa, a) // the socket's own peer: it says whether it is TCP (see fCleanFIN)
 	target := st.pick()
 	if err := st.initConn(cn, info, target); err != nil {
 		st.log.Error("NewHandler failed; connection aborted", "conn", info.ID, "remote", addrString(info.RemoteAddr), "err", err)

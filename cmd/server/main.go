@@ -29,7 +29,7 @@
 //
 // -driver chooses how connections are driven: loop serves them on event
 // loops (package github.com/sockfsm/sockfsm/loop: epoll on Linux; about
-// 0.7 KiB per idle connection), goroutine on a goroutine each. The default,
+// 0.6 KiB per idle connection), goroutine on a goroutine each. The default,
 // auto, is loop on Linux, except with TLS, which the loop does not serve:
 // then, and on other systems, goroutine. -proxy-protocol runs on either
 // (the loop reads each header on a goroutine of its own, then serves the
