@@ -64,6 +64,7 @@ var loopMutantCases = []struct {
 	{"prelude-not-cut", "TestShutdownCutsPreludes", "gave up waiting for Shutdown's return"},
 	{"prelude-slot-not-resumed", "TestPreludeHoldsItsSlot", "the waiting client|client read"},
 	{"prelude-wrapper-trusted", "TestPreludeRefusals/wrapper", "the refused client read"},
+	{"prelude-chain-not-followed", "TestPreludeServesTheSocket/tcp_readdressed_twice", "client read|client received"},
 	{"prelude-emfile-drops", "TestDriversWithPrelude/EMFILE", "connection [0-9]+: "},
 	{"eof-at-urgent-mark", "TestDrivers", "echo = .*want|reset"},
 	{"no-epollpri", "TestDrivers", "echo = .*want|reset"},

@@ -79,21 +79,33 @@ func (r *refusals) list() []error {
 // TestPreludeServesTheSocket: the bytes that came with the header in one
 // segment, and the peer's FIN, reach the handler on the loop: the tutorial's
 // exchange is whole, on TCP and on a Unix socket, with the address of the
-// connection the prelude returned (the connection itself, or a
-// Readdressed of it).
+// connection the prelude returned (the connection itself, a Readdressed
+// of it, or a Readdressed of that: a prelude that wraps another's).
 func TestPreludeServesTheSocket(t *testing.T) {
 	checkFDs(t)
 	for _, tc := range []struct {
-		network string
-		bare    bool
-	}{{"tcp", false}, {"tcp", true}, {"unix", false}} {
-		t.Run(tc.network+map[bool]string{true: " bare", false: " readdressed"}[tc.bare], func(t *testing.T) {
+		network     string
+		bare, twice bool
+	}{{"tcp", false, false}, {"tcp", true, false}, {"unix", false, false}, {"tcp", false, true}} {
+		name := tc.network + map[bool]string{true: " bare", false: " readdressed"}[tc.bare] + map[bool]string{true: " twice"}[tc.twice]
+		prelude := headerPrelude(tc.bare)
+		if tc.twice {
+			inner := prelude
+			prelude = func(c net.Conn) (net.Conn, error) {
+				nc, err := inner(c)
+				if err != nil {
+					return nil, err
+				}
+				return readdressed{Conn: nc, base: nc, port: int(ports.Add(1))}, nil
+			}
+		}
+		t.Run(name, func(t *testing.T) {
 			addr := "127.0.0.1:0"
 			if tc.network == "unix" {
 				addr = filepath.Join(t.TempDir(), "s")
 			}
 			infos := make(chan sockfsm.ConnInfo, 4)
-			ts := startServer(t, tc.network, addr, 2, sockfsm.Config{Prelude: headerPrelude(tc.bare)}, func(ci sockfsm.ConnInfo) sockfsm.Handler {
+			ts := startServer(t, tc.network, addr, 2, sockfsm.Config{Prelude: prelude}, func(ci sockfsm.ConnInfo) sockfsm.Handler {
 				infos <- ci
 				return sockfsm.Echo{}
 			})
