@@ -543,3 +543,60 @@ func TestOnCloseHookReportsTheReason(t *testing.T) {
 		t.Fatalf("order %v", order)
 	}
 }
+
+// TestDebugLevelFollowsLevelVar: the engine asks the logger's level anew in
+// every step that has something to log (debugOn), so a level changed at run
+// time through a slog.LevelVar takes effect at the connection's next step,
+// in both directions, for the transitions and for the close.
+func TestDebugLevelFollowsLevelVar(t *testing.T) {
+	var out strings.Builder
+	var lv slog.LevelVar // Info
+	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: &lv}))
+	e, err := NewEngine(Config{Logger: log}, Echo{}, ConnInfo{ID: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1_700_000_000, 0)
+	e.Start(now)
+	if a := e.Next(now); a.Op != OpRead {
+		t.Fatalf("first op %v, want read", a.Op)
+	}
+	exchange := func() string {
+		t.Helper()
+		out.Reset()
+		if !echoExchange(e, now) {
+			t.Fatalf("no echo: state %v", e.State())
+		}
+		return out.String()
+	}
+	if got := exchange(); got != "" {
+		t.Errorf("at Info, an exchange logged:\n%s", got)
+	}
+	lv.Set(slog.LevelDebug)
+	got := exchange()
+	for _, want := range []string{"from=receiving to=sending", "from=sending to=receiving"} {
+		if !strings.Contains(got, "state change") || !strings.Contains(got, want) {
+			t.Errorf("at Debug, the exchange's log lacks %q:\n%s", want, got)
+		}
+	}
+	lv.Set(slog.LevelInfo)
+	if got := exchange(); got != "" {
+		t.Errorf("back at Info, an exchange logged:\n%s", got)
+	}
+	lv.Set(slog.LevelDebug)
+	out.Reset()
+	e.ReadDone(now, nil, ResultEOF, io.EOF)
+	for a := e.Next(now); a.Op != OpDone; a = e.Next(now) {
+		switch a.Op {
+		case OpCloseWrite:
+			e.CloseWriteDone(now, ResultOK, nil)
+		case OpClose:
+			e.CloseDone(now)
+		default:
+			t.Fatalf("closing: engine asked for %v", a.Op)
+		}
+	}
+	if got := out.String(); !strings.Contains(got, "connection closed") || !strings.Contains(got, "conn=7") {
+		t.Errorf("at Debug, the graceful close's log lacks \"connection closed\" tagged conn=7:\n%s", got)
+	}
+}

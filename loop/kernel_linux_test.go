@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
 	"runtime"
 	"syscall"
 	"testing"
@@ -336,5 +340,76 @@ func TestPostIsAnEdge(t *testing.T) {
 	k.post()
 	if !woken() {
 		t.Error("a post with the counter full: the next wait did not report it")
+	}
+}
+
+// TestKernelClock: the real kernel's clock, which reads the wall clock
+// only once a second (epollKernel.now), is the system's. On the monotonic
+// clock, every reading falls between the time.Now before it and the one
+// after it, readings never go back, and they advance with the time slept;
+// the wall clock stays within a second of the system's.
+func TestKernelClock(t *testing.T) {
+	k, _ := epollKernelForTest(t)
+	var prev time.Time
+	for i := range 200 {
+		before := k.now() // the first reads the wall clock
+		t0 := time.Now()
+		got := k.now()
+		t1 := time.Now()
+		if got.Before(t0) || got.After(t1) {
+			t.Fatalf("reading %d: now() = %v, outside [%v, %v] on the monotonic clock", i, got, t0, t1)
+		}
+		if got.Before(before) || got.Before(prev) {
+			t.Fatalf("reading %d: now() went back", i)
+		}
+		if d := got.Round(0).Sub(t0.Round(0)); d < -time.Second || d > time.Second {
+			t.Fatalf("reading %d: wall clock %v off the system's by %v", i, got.Round(0), d)
+		}
+		prev = got
+		if i%50 == 49 {
+			time.Sleep(300 * time.Millisecond) // past the wall clock's refresh, over the run
+		}
+	}
+}
+
+// TestNoSIGPIPE: a write to a socket whose peer has gone fails with EPIPE
+// and raises no SIGPIPE (the loop's writes are send(2) with MSG_NOSIGNAL),
+// so a program that asked os/signal for SIGPIPE is not sent one for every
+// peer that hangs up on a response. A Unix stream socket raises it at the
+// first write after the peer's close. The check is exact, with no waiting
+// on a clock: the signal would be raised in the write, before the
+// connection's OnClose; afterwards the test sends itself SIGALRM, and
+// os/signal hands pending signals over lowest number first (SIGPIPE is 13,
+// SIGALRM 14), so a SIGPIPE would come before it.
+func TestNoSIGPIPE(t *testing.T) {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGPIPE, syscall.SIGALRM)
+	defer signal.Stop(sigs)
+	gated, release := conntest.GatedEcho(t)
+	ts := startServer(t, "unix", filepath.Join(t.TempDir(), "s"), 1, sockfsm.Config{}, gated)
+	c := ts.dial(t)
+	key := conntest.Key(c)
+	conntest.MustWrite(t, c, []byte("hello"))
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	release() // the echo's write finds the peer gone
+	info := ts.rec.wait(t, key)
+	if !errors.Is(info.Err, syscall.EPIPE) {
+		t.Fatalf("CloseInfo.Err = %v, want EPIPE (the write after the peer's close)", info.Err)
+	}
+	if err := syscall.Kill(os.Getpid(), syscall.SIGALRM); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case s := <-sigs:
+			if s == syscall.SIGPIPE {
+				t.Fatal("the loop's write raised SIGPIPE")
+			}
+			return // SIGALRM, with no SIGPIPE before it
+		case <-time.After(conntest.Deadline):
+			t.Fatal("SIGALRM never arrived")
+		}
 	}
 }

@@ -61,6 +61,8 @@ var loopMutantCases = []struct {
 	{"idle-never-parks", "TestIdleLoopsPark", "idle loops parked"},
 	{"busy-wait-ignores-timer", "TestBusyTimeout", "busyTimeout.*want"},
 	{"busy-wait-sleeps-to-tick", "TestBusyWaitEndsAtTimer", "always ended at the tick"},
+	{"clock-stale", "TestKernelClock", "outside"},
+	{"sigpipe-raised", "TestNoSIGPIPE", "raised SIGPIPE"},
 	{"prelude-not-cut", "TestShutdownCutsPreludes", "gave up waiting for Shutdown's return"},
 	{"prelude-slot-not-resumed", "TestPreludeHoldsItsSlot", "the waiting client|client read"},
 	{"prelude-wrapper-trusted", "TestPreludeRefusals/wrapper", "the refused client read"},
