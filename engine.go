@@ -203,11 +203,8 @@ type Engine struct {
 	full        bool // a Write was refused for lack of room: OnDrain is owed
 	notified    bool // OnClose was called
 	lastTasks   bool // the tasks run for the last time: Do refuses more
+	debug       bool // the logger logs transitions: see debugEnabled
 	hookOff     bool // Config.OnStateChange panicked: it is not called again
-
-	// debug is whether the logger logs at debug level, read once per step
-	// at most: see debugOn.
-	debug debugLevel
 
 	pending atomic.Bool // a request waits for the driver's next step
 
@@ -333,6 +330,7 @@ func (e *Engine) Init(cfg Config, h Handler, info ConnInfo) error {
 		e.caps |= capFlush
 	}
 	e.info = info
+	e.debug = e.debugEnabled()
 	if cfg.OnAccept != nil {
 		e.callOnAccept(cfg.OnAccept)
 	}
@@ -396,32 +394,9 @@ func (e *Engine) logger() *slog.Logger {
 // discardLogger logs nothing.
 var discardLogger = slog.New(discardHandler{})
 
-// debugLevel is what a step knows of the logger's debug level.
-type debugLevel uint8
-
-const (
-	debugUnread debugLevel = iota // not asked yet in this step
-	debugNo                       // asked: it does not
-	debugYes                      // asked: it does
-)
-
-// debugOn reports whether the logger logs at debug level. The logger's
-// level can change at run time (slog.LevelVar), so it is asked anew in
-// each step, but only once, and only by a step that has something to log:
-// most steps (every Next, a read that changes no state) fire no
-// transition, and asking costs two interface calls (Logger.Enabled, then
-// the handler's Leveler).
-func (e *Engine) debugOn() bool {
-	if e.debug == debugUnread {
-		e.debug = debugNo
-		if e.debugEnabled() {
-			e.debug = debugYes
-		}
-	}
-	return e.debug == debugYes
-}
-
-// debugEnabled asks the logger whether it logs at debug level.
+// debugEnabled reports whether the logger logs at debug level. Each step
+// asks it once, rather than fire once per transition: the logger's level
+// can change at run time (slog.LevelVar).
 //
 //go:noinline
 func (e *Engine) debugEnabled() bool {
@@ -465,7 +440,7 @@ func (e *Engine) beginStep(now time.Time) {
 	}
 	e.now = now.Sub(e.start)
 	e.op = 0
-	e.debug = debugUnread
+	e.debug = e.debugEnabled()
 }
 
 // endStep applies the state-triggered rules and ends the step.
@@ -691,7 +666,7 @@ func (e *Engine) fire(ev fsm.Event) bool {
 	if e.sh.onChange != nil && !e.hookOff {
 		e.notifyChange(from, to, ev)
 	}
-	if e.debugOn() {
+	if e.debug {
 		e.logTransition(from, to, ev)
 	}
 	return true
@@ -1363,7 +1338,7 @@ func (e *Engine) logClose() {
 		e.logger().LogAttrs(ctx, slog.LevelInfo, "connection aborted",
 			slog.String("reason", info.Reason.String()), slog.Any("err", info.Err),
 			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten))
-	case e.debugOn():
+	case e.debug:
 		e.logger().LogAttrs(ctx, slog.LevelDebug, "connection closed",
 			slog.String("reason", info.Reason.String()), slog.String("linger", info.Linger.String()),
 			slog.Int64("read", info.BytesRead), slog.Int64("written", info.BytesWritten),

@@ -544,10 +544,10 @@ func TestOnCloseHookReportsTheReason(t *testing.T) {
 	}
 }
 
-// TestDebugLevelFollowsLevelVar: the engine asks the logger's level anew in
-// every step that has something to log (debugOn), so a level changed at run
-// time through a slog.LevelVar takes effect at the connection's next step,
-// in both directions, for the transitions and for the close.
+// TestDebugLevelFollowsLevelVar: the engine asks the logger's level anew at
+// every step (beginStep), so a level changed at run time through a
+// slog.LevelVar takes effect at the connection's next step, in both
+// directions, for the transitions and for the close.
 func TestDebugLevelFollowsLevelVar(t *testing.T) {
 	var out strings.Builder
 	var lv slog.LevelVar // Info

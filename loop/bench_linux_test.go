@@ -297,6 +297,14 @@ func BenchmarkSocketCalls(b *testing.B) {
 		{"read-write",
 			func(fd int32, p []byte) (int, error) { return unix.Read(int(fd), p) },
 			func(fd int32, p []byte) (int, error) { return unix.Write(int(fd), p) }},
+		{"xsys-recvfrom-sendmsg",
+			func(fd int32, p []byte) (int, error) {
+				n, _, err := unix.Recvfrom(int(fd), p, unix.MSG_DONTWAIT)
+				return n, err
+			},
+			func(fd int32, p []byte) (int, error) {
+				return unix.SendmsgN(int(fd), p, nil, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+			}},
 	}
 	for _, c := range calls {
 		b.Run(c.name, func(b *testing.B) {
@@ -307,6 +315,9 @@ func BenchmarkSocketCalls(b *testing.B) {
 			defer ln.Close()
 			wfd := rawDial(b, ln.Addr().(*net.TCPAddr))
 			defer unix.Close(wfd)
+			if err := unix.SetsockoptInt(wfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+				b.Fatal(err) // as the loop's sockets have it
+			}
 			nc, err := ln.Accept()
 			if err != nil {
 				b.Fatal(err)
@@ -331,4 +342,25 @@ func BenchmarkSocketCalls(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkClock is one reading of the loop's clock (epollKernel.now: the
+// monotonic clock, and the wall clock once a second) against time.Now,
+// which reads both clocks every time, each a vDSO call:
+//
+//	go test -run '^$' -bench Clock -count 5 ./loop
+func BenchmarkClock(b *testing.B) {
+	var sink time.Time
+	b.Run("loop", func(b *testing.B) {
+		var k epollKernel
+		for b.Loop() {
+			sink = k.now()
+		}
+	})
+	b.Run("time.Now", func(b *testing.B) {
+		for b.Loop() {
+			sink = time.Now()
+		}
+	})
+	_ = sink
 }

@@ -73,7 +73,13 @@
 // EOF without one. This saves a system call on every connection whose
 // request comes with its FIN, as the tutorial's client sends it. (Not on
 // Unix sockets, where a read also ends early at a message that carries
-// descriptors.) Our FIN is
+// descriptors.) Reads and writes are recv(2) and send(2), which skip the
+// file layer that read(2) and write(2) go through, with MSG_DONTWAIT;
+// the writes pass MSG_NOSIGNAL, so a write that fails with EPIPE (on a
+// Unix socket, any write after the peer's close) raises no SIGPIPE: a
+// program that asked os/signal for SIGPIPE is not sent one by the loop's
+// writes. (net's connections, and so the goroutine driver's and a
+// Config.Prelude's, write with write(2), which raises it.) Our FIN is
 // shutdown(SHUT_WR); an abort is SO_LINGER {1, 0} then close, which sends
 // RST; ECONNRESET, EPIPE, ECONNABORTED and ENOTCONN are reported to the
 // engine as the peer's reset (sockfsm.Classify), other errors as I/O
@@ -93,7 +99,8 @@
 // A loop keeps them in a binary heap: arming a later deadline than the one
 // in the heap leaves the heap alone (the entry fires early, and is moved
 // then), so a busy connection touches the heap about once per IdleTimeout,
-// not once per read. Time is read from the monotonic clock.
+// not once per read. Time is read from the monotonic clock (the wall
+// clock once a second: nothing on the loop reads it).
 //
 // A loop first takes what is ready with a non-blocking epoll_wait. When
 // nothing is, how it waits depends on its load. A busy loop yields once to

@@ -50,7 +50,7 @@ type kernel interface {
 	close(fd int32) error
 	// abort closes fd with RST: SO_LINGER {1, 0}, then close.
 	abort(fd int32) error
-	// now reads the clock.
+	// now reads the clock; the loop's goroutine alone calls it.
 	now() time.Time
 	// shutdown releases the poller.
 	shutdown()
@@ -357,17 +357,22 @@ func (k *epollKernel) noDelay(fd int32) (bool, error) {
 
 // read and write are recv(2) and send(2), not read(2) and write(2): on a
 // socket they do the same, and skip the file layer above the socket's
-// (see package sockcall), which on the machine measured was about 2% of a
-// 64-byte write and the read that takes it over loopback
-// (BenchmarkSocketCalls, docs/performance.md). write passes MSG_NOSIGNAL:
-// a write to a socket whose peer has gone fails with EPIPE and raises no
-// SIGPIPE, which the runtime would otherwise take and drop at each such
-// write, and which a program that asked os/signal for SIGPIPE would
-// receive.
-func (k *epollKernel) read(fd int32, p []byte) (int, error) { return sockcall.Recv(int(fd), p, 0) }
+// (see package sockcall), which on the machine measured saved about 2% of
+// a 64-byte write and the read that takes it over loopback
+// (BenchmarkSocketCalls; docs/performance.md). Both pass MSG_DONTWAIT, so
+// they never block even if a Config.Prelude left the socket's file
+// description (which its net.Conn shares) in blocking mode. write passes
+// MSG_NOSIGNAL: a write that fails with EPIPE (on TCP, one after the
+// socket was reset and the reset reported, or after our FIN; on a Unix
+// socket, any write after the peer's close) raises no SIGPIPE, which the
+// runtime would otherwise take and drop, and which a program that asked
+// os/signal for SIGPIPE would receive.
+func (k *epollKernel) read(fd int32, p []byte) (int, error) {
+	return sockcall.Recv(int(fd), p, unix.MSG_DONTWAIT)
+}
 
 func (k *epollKernel) write(fd int32, p []byte) (int, error) {
-	return sockcall.Send(int(fd), p, unix.MSG_NOSIGNAL)
+	return sockcall.Send(int(fd), p, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
 }
 
 func (k *epollKernel) shutdownWrite(fd int32) error { return unix.Shutdown(int(fd), unix.SHUT_WR) }
@@ -387,14 +392,18 @@ func abortFD(fd int32) error {
 	return lerr
 }
 
-// now reads the monotonic clock, and the wall clock once a second.
-// time.Now reads both, each a vDSO call, which on a virtual machine whose
-// clock is paravirtualized costs about 20 ns (60 ns a time.Now against 40
-// here); the loop reads the clock at every engine step, three times or
-// more per echo exchange. Nothing on the loop reads a time's wall clock:
-// the engines and the timers subtract times, which uses the monotonic
-// one. The wall clock is still kept within a second of the system's, for
-// whoever prints an engine's deadline.
+// now reads the monotonic clock, and the wall clock once a second: it
+// adds the monotonic clock's advance to an anchor, a time.Now taken anew
+// when the anchor is a second old. time.Now reads both clocks, each a vDSO
+// call (BenchmarkClock: about 60 ns against 40 on the machine measured,
+// whose clock source is kvm-clock), and the loop reads the clock at every
+// engine step, three times or more per echo exchange. Nothing on the loop
+// reads a time's wall clock: the engines and the timers subtract times,
+// which uses the monotonic readings. The wall clock of a reading follows
+// the system's as the monotonic clock does, so after the system's clock
+// is stepped (settimeofday, an NTP step, a resumed VM) it is off by the
+// step for up to a second; it is kept only for whoever prints an engine's
+// deadline. now keeps state: the loop's goroutine alone calls it.
 func (k *epollKernel) now() time.Time {
 	if d := time.Since(k.clock); d < time.Second {
 		return k.clock.Add(d)
