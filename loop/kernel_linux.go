@@ -357,7 +357,7 @@ func (k *epollKernel) noDelay(fd int32) (bool, error) {
 
 // read and write are recv(2) and send(2), not read(2) and write(2): on a
 // socket they do the same, and skip the file layer above the socket's
-// (see package sockcall), which on the machine measured saved about 2% of
+// (see package sockcall), which on the machine measured saved about 3% of
 // a 64-byte write and the read that takes it over loopback
 // (BenchmarkSocketCalls; docs/performance.md). Both pass MSG_DONTWAIT, so
 // they never block even if a Config.Prelude left the socket's file
