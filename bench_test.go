@@ -52,17 +52,25 @@ func echoExchange(e *Engine, now time.Time) bool {
 	return e.Next(now).Op == OpRead
 }
 
-func benchEngineEchoExchange(b *testing.B, log *slog.Logger) {
-	b.ReportAllocs()
-	e, err := NewEngine(Config{Logger: log}, Echo{}, ConnInfo{ID: 1})
+// newEchoEngine returns an Echo engine with log as its Logger, started on a
+// virtual clock and waiting for its first read, and the clock's time.
+func newEchoEngine(tb testing.TB, log *slog.Logger, id uint64) (*Engine, time.Time) {
+	tb.Helper()
+	e, err := NewEngine(Config{Logger: log}, Echo{}, ConnInfo{ID: id})
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
 	now := time.Unix(1_700_000_000, 0)
 	e.Start(now)
 	if a := e.Next(now); a.Op != OpRead {
-		b.Fatalf("first op %v, want read", a.Op)
+		tb.Fatalf("first op %v, want read", a.Op)
 	}
+	return e, now
+}
+
+func benchEngineEchoExchange(b *testing.B, log *slog.Logger) {
+	b.ReportAllocs()
+	e, now := newEchoEngine(b, log, 1)
 	if !echoExchange(e, now) { // warm up: the output buffer is allocated once
 		b.Fatal("the engine did not echo")
 	}

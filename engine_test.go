@@ -552,15 +552,7 @@ func TestDebugLevelFollowsLevelVar(t *testing.T) {
 	var out strings.Builder
 	var lv slog.LevelVar // Info
 	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: &lv}))
-	e, err := NewEngine(Config{Logger: log}, Echo{}, ConnInfo{ID: 7})
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Unix(1_700_000_000, 0)
-	e.Start(now)
-	if a := e.Next(now); a.Op != OpRead {
-		t.Fatalf("first op %v, want read", a.Op)
-	}
+	e, now := newEchoEngine(t, log, 7)
 	exchange := func() string {
 		t.Helper()
 		out.Reset()

@@ -276,15 +276,16 @@ func BenchmarkChurn(b *testing.B) {
 
 // BenchmarkSocketCalls is one 64-byte write and the read that takes it,
 // over a loopback TCP connection, made with the loop's calls (recv and send
-// with MSG_NOSIGNAL: epollKernel.read and write) and with read(2) and
-// write(2) (unix.Read and unix.Write), which the loop used before. Both
+// with MSG_DONTWAIT and MSG_NOSIGNAL: epollKernel.read and write), with
+// read(2) and write(2) (unix.Read and unix.Write), which the loop used
+// before, and with x/sys's nearest pair (Recvfrom and SendmsgN). Both
 // sides run in the benchmark's goroutine, so the figure is the kernel's
 // work for the pair: the write delivers the segment to the reading
 // socket. Run them interleaved, pinned, for a comparison that the
 // machine's drift does not decide:
 //
 //	go test -c -o /tmp/loop.test ./loop
-//	for i in 1 2 3 4 5 6 7 8; do for b in recv-send read-write; do
+//	for i in 1 2 3 4 5 6; do for b in recv-send read-write xsys-recvfrom-sendmsg; do
 //	  taskset -c 0 /tmp/loop.test -test.run '^$' -test.bench "SocketCalls/$b\$" -test.benchtime 100000x -test.cpu 1
 //	done; done
 func BenchmarkSocketCalls(b *testing.B) {
